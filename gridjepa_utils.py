@@ -1,0 +1,1764 @@
+"""GridJEPA: a JEPA world model that learns a small isometric grid world from pixels and actions.
+
+One module shared by the five notebooks, in their order:
+
+    1. world & data      (notebook 01)  World, layouts, rendering from a sprite atlas, datasets
+    2. model             (notebook 02)  Encoder (ViT + BatchNorm projector), AdaLN-zero predictor, SIGReg
+    3. training          (notebook 03)  Config profiles, train(), checkpoints, collapse detection
+    4. analysis          (notebook 04)  encodings of every cell, linear probes scored honestly, PCA
+    5. planning          (notebook 05)  batched MPC: greedy probe planner, CEM, exhaustive and graph search
+
+Shape vocabulary used in comments:  B batch, T frames per sequence, D latent dim, W width,
+G grid side, N = G*G cells, A = 4 actions, P start->goal pairs, S sampled action sequences, H horizon.
+Positions are (col, row) with (0, 0) at the top corner of the iso board; a cell index is row * G + col.
+
+Command line (the main job):  python gridjepa_utils.py --profile cpu
+Multi-GPU:                     torchrun --nproc_per_node=8 gridjepa_utils.py --profile full
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+
+ACTIONS = ("up", "down", "left", "right")
+ACTION_DELTAS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # (dcol, drow) per action
+REPO_ROOT = Path(__file__).resolve().parent
+ASSETS = REPO_ROOT / "assets"
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 1. World & data (notebook 01)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+LAYOUTS = {  # named 5x5 obstacle layouts, '#' = wall; rows top to bottom
+    "open": [".....", ".....", ".....", ".....", "....."],
+    # a wall down the middle with one door: greedy Manhattan planning walks into the wall
+    "two_rooms": ["..#..", "..#..", ".....", "..#..", "..#.."],
+    # a cup open to the bottom: from inside it, every move that shortens the distance to a goal above is blocked
+    "u_trap": [".....", ".###.", ".#.#.", ".....", "....."],
+    "maze": ["...#.", "##.#.", ".....", ".###.", "...#."],
+}
+
+
+def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndarray:
+    """A (G, G) boolean array of blocked cells, indexed [row, col], from a name or an array."""
+    if layout is None:
+        layout = "open"
+    if isinstance(layout, str):
+        if layout == "open":
+            return np.zeros((grid_size, grid_size), dtype=bool)
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)} or a (G, G) bool array")
+        walls = np.array([[ch == "#" for ch in row] for row in LAYOUTS[layout]], dtype=bool)
+        if walls.shape != (grid_size, grid_size):
+            raise ValueError(f"layout {layout!r} is {walls.shape[0]}x{walls.shape[1]}, but grid_size={grid_size}")
+        return walls
+    walls = np.asarray(layout)
+    if walls.shape != (grid_size, grid_size):
+        raise ValueError(f"a layout must have shape (grid_size, grid_size) = ({grid_size}, {grid_size}), got {walls.shape}")
+    if walls.dtype != bool:
+        raise TypeError(f"a layout must be a boolean array (True = wall), got dtype {walls.dtype}")
+    return walls.copy()
+
+
+def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
+    """A seeded random layout whose free cells are all reachable from each other (checked by BFS)."""
+    rng = np.random.default_rng(seed)
+    num_walls = int(round(wall_fraction * grid_size**2))
+    for _ in range(max_tries):
+        walls = np.zeros(grid_size * grid_size, dtype=bool)
+        walls[rng.choice(grid_size**2, size=num_walls, replace=False)] = True
+        walls = walls.reshape(grid_size, grid_size)
+        world = World(grid_size, walls=walls, check_connected=False)
+        dist_from_first = world.bfs_from(world.free_cells[0])
+        if (dist_from_first[world.free_cells] >= 0).all():
+            return walls
+    raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
+
+
+class World:
+    """The grid world: G x G cells, one agent, 4 actions, walls at the border and on blocked cells.
+
+    Deterministic: a move into a wall or off the board leaves the agent where it is. No target, no reward.
+    States are cell indices (row * G + col); with ``show_target`` a state also carries a target cell
+    (state = agent + N * target) that is drawn but never moves - the seed's lesson 01.
+    """
+
+    def __init__(
+        self,
+        grid_size: int = 5,
+        walls: str | np.ndarray | None = None,
+        show_target: bool = False,
+        image_size: int = 128,
+        check_connected: bool = True,
+    ):
+        if not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
+            raise ValueError(f"grid_size must be an integer >= 2, got {grid_size!r}")
+        if grid_size > 16:
+            raise ValueError(f"grid_size must be <= 16 to fit a readable 128x128 image, got {grid_size}")
+        self.grid_size = G = int(grid_size)
+        self.num_cells = G * G
+        self.image_size = image_size
+        self.show_target = show_target
+        self.walls = layout_walls(walls, G)
+        self.free_cells = np.flatnonzero(~self.walls.reshape(-1))
+        if len(self.free_cells) < 2:
+            raise ValueError("a layout needs at least two free cells")
+        self.next_cell = torch.from_numpy(self._transition_table())  # (N, A) cell after each action
+        if check_connected:
+            d = self.bfs_from(self.free_cells[0])
+            if (d[self.free_cells] < 0).any():
+                raise ValueError("some free cells of this layout cannot be reached from the others")
+        self._atlas: dict[str, torch.Tensor] = {}
+
+    # ── positions and validation ──
+    def cell_index(self, col: int, row: int) -> int:
+        """Index of cell (col, row); raises ValueError off the grid."""
+        self.check_pos((col, row))
+        return row * self.grid_size + col
+
+    def cell_pos(self, cell: int | np.ndarray | torch.Tensor) -> np.ndarray:
+        """(col, row) of cell indices: (..., 2) int array."""
+        cell = np.asarray(cell)
+        return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
+
+    def check_pos(self, pos) -> None:
+        col, row = pos
+        G = self.grid_size
+        if not (0 <= col < G and 0 <= row < G):
+            raise ValueError(f"position (col={col}, row={row}) is off the {G}x{G} grid; expected 0 <= col, row < {G}")
+
+    def is_wall(self, cell: int) -> bool:
+        return bool(self.walls.reshape(-1)[cell])
+
+    @property
+    def num_states(self) -> int:
+        return self.num_cells * (self.num_cells if self.show_target else 1)
+
+    def agent_cell(self, state: torch.Tensor) -> torch.Tensor:
+        return state % self.num_cells
+
+    # ── dynamics ──
+    def _transition_table(self) -> np.ndarray:
+        G, walls = self.grid_size, self.walls
+        table = np.zeros((G * G, len(ACTIONS)), dtype=np.int64)
+        for row in range(G):
+            for col in range(G):
+                for a, (dc, dr) in enumerate(ACTION_DELTAS):
+                    c, r = col + dc, row + dr
+                    blocked = not (0 <= c < G and 0 <= r < G) or walls[r, c]
+                    table[row * G + col, a] = row * G + col if blocked else r * G + c
+        return table
+
+    def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
+        state, action = check_int_tensor(state, "state"), check_actions(action)
+        if state.shape != action.shape:
+            raise ValueError(f"state and action must have the same shape, got {tuple(state.shape)} and {tuple(action.shape)}")
+        if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
+            raise ValueError(f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]")
+        cell = state % self.num_cells
+        if self.walls.reshape(-1)[cell.cpu().numpy()].any():
+            raise ValueError("the agent cannot stand on a wall cell")
+        table = self.next_cell.to(state.device)
+        return state - cell + table[cell, action]
+
+    def bfs_from(self, cell: int) -> np.ndarray:
+        """Shortest number of moves from ``cell`` to every cell: (N,) with -1 for unreachable or walls."""
+        dist_to = np.full(self.num_cells, -1, dtype=np.int64)
+        table = self.next_cell.numpy()
+        dist_to[cell] = 0
+        queue = deque([cell])
+        while queue:
+            c = queue.popleft()
+            for n in table[c]:
+                if dist_to[n] < 0:
+                    dist_to[n] = dist_to[c] + 1
+                    queue.append(n)
+        return dist_to
+
+    def shortest_paths(self) -> np.ndarray:
+        """(N, N) BFS distances between all cells (-1 where unreachable). For evaluation only."""
+        return np.stack([self.bfs_from(c) for c in range(self.num_cells)])
+
+    def all_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every ordered (start, goal) pair of distinct free cells: two (P,) tensors; 600 on the open 5x5."""
+        free = torch.from_numpy(self.free_cells)
+        starts, goals = torch.meshgrid(free, free, indexing="ij")
+        keep = starts != goals
+        return starts[keep], goals[keep]
+
+    # ── rendering ──
+    def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every state's image, rendered once: (num_states, H, W) uint8 on ``device``."""
+        key = str(device)
+        if key not in self._atlas:
+            cpu = self._atlas.get("cpu")
+            if cpu is None:
+                cpu = torch.from_numpy(render_atlas(self))
+                self._atlas["cpu"] = cpu
+            self._atlas[key] = cpu.to(device)
+        return self._atlas[key]
+
+    def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """Observations of states by one gather from the atlas: (...,) -> (..., 1, H, W) float in [0, 1]."""
+        state = check_int_tensor(torch.as_tensor(state), "state")
+        if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
+            raise ValueError(f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]")
+        atlas = self.atlas(device if device is not None else state.device)
+        return (atlas[state.to(atlas.device)].unsqueeze(-3).float() / 255.0).contiguous()
+
+    def render_pos(self, col: int, row: int, target: tuple[int, int] | None = None) -> torch.Tensor:
+        """The observation of the agent at (col, row): (1, 1, H, W). The public way to get one image."""
+        cell = self.cell_index(col, row)
+        if self.is_wall(cell):
+            raise ValueError(f"(col={col}, row={row}) is a wall cell; the agent cannot stand there")
+        state = cell
+        if self.show_target:
+            if target is None:
+                raise ValueError("this world draws a target: pass target=(col, row)")
+            state += self.num_cells * self.cell_index(*target)
+        return self.render(torch.tensor([state]))
+
+    def __repr__(self) -> str:
+        return f"World(grid_size={self.grid_size}, walls={int(self.walls.sum())}, show_target={self.show_target})"
+
+
+def check_int_tensor(x, name: str) -> torch.Tensor:
+    """Raise a clear TypeError unless ``x`` is an integer tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers (torch.long), got dtype {x.dtype}")
+    return x.long()
+
+
+def check_actions(action) -> torch.Tensor:
+    """Actions as a long tensor, each in 0..3 (up, down, left, right); clear errors otherwise."""
+    action = check_int_tensor(action, "action")
+    if action.numel() and (action.min() < 0 or action.max() >= len(ACTIONS)):
+        bad = action[(action < 0) | (action >= len(ACTIONS))][0].item()
+        raise ValueError(f"action {bad} is not valid; expected 0..3 = {dict(enumerate(ACTIONS))}")
+    return action
+
+
+# ── the sprite atlas: every state drawn once with numpy, 2x supersampled for smooth edges ──
+
+def _iso_geometry(G: int, size: int) -> tuple[float, float, float, float]:
+    """Tile width, tile height, board origin x, board top y for a G x G board in a size x size image."""
+    tw = 0.86 * size / G
+    th = tw / 2
+    x0 = size / 2
+    y0 = (size - G * th) / 2 + 0.35 * th
+    return tw, th, x0, y0
+
+
+def _cell_center(col: float, row: float, G: int, size: int) -> tuple[float, float]:
+    tw, th, x0, y0 = _iso_geometry(G, size)
+    return x0 + (col - row) * tw / 2, y0 + (col + row + 1) * th / 2
+
+
+class _Canvas:
+    """A float image with a few vectorised fill operations restricted to bounding boxes."""
+
+    def __init__(self, img: np.ndarray):
+        self.img = img
+        self.yy, self.xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]].astype(np.float32) + 0.5
+
+    def _box(self, x0, x1, y0, y1):
+        h, w = self.img.shape
+        sl = (slice(max(int(y0) - 1, 0), min(int(y1) + 2, h)), slice(max(int(x0) - 1, 0), min(int(x1) + 2, w)))
+        return sl, self.xx[sl], self.yy[sl]
+
+    def diamond(self, cx, cy, hw, hh, value):
+        sl, x, y = self._box(cx - hw, cx + hw, cy - hh, cy + hh)
+        mask = np.abs(x - cx) / hw + np.abs(y - cy) / hh <= 1
+        self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
+
+    def ellipse(self, cx, cy, rx, ry, value):
+        sl, x, y = self._box(cx - rx, cx + rx, cy - ry, cy + ry)
+        mask = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+        self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
+
+    def side_face(self, x_from, x_to, y_from, y_to, height, value):
+        """The vertical face under the edge (x_from, y_from)-(x_to, y_to), extruded ``height`` upwards."""
+        lo, hi = min(x_from, x_to), max(x_from, x_to)
+        sl, x, y = self._box(lo, hi, min(y_from, y_to) - height, max(y_from, y_to))
+        y_edge = y_from + (x - x_from) * (y_to - y_from) / (x_to - x_from)
+        mask = (x >= lo) & (x <= hi) & (y <= y_edge) & (y >= y_edge - height)
+        self.img[sl][mask] = value
+
+
+def _draw_board(canvas: _Canvas, G: int, size: int) -> None:
+    tw, th, x0, y0 = _iso_geometry(G, size)
+    slab = th * 0.45
+    left, bottom, right = _cell_center(0, G - 1, G, size), _cell_center(G - 1, G - 1, G, size), _cell_center(G - 1, 0, G, size)
+    # the board is a slab: its two front faces give it depth
+    canvas.side_face(left[0] - tw / 2, bottom[0], left[1] + slab, bottom[1] + th / 2 + slab, slab, 0.30)
+    canvas.side_face(bottom[0], right[0] + tw / 2, bottom[1] + th / 2 + slab, right[1] + slab, slab, 0.20)
+    for row in range(G):
+        for col in range(G):
+            cx, cy = _cell_center(col, row, G, size)
+            canvas.diamond(cx, cy, tw / 2, th / 2, 0.36)  # grout line
+            canvas.diamond(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64)
+
+
+def _draw_wall(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
+    tw, th, _, _ = _iso_geometry(G, size)
+    cx, cy = _cell_center(col, row, G, size)
+    height = th * 1.1
+    canvas.side_face(cx - tw / 2, cx, cy, cy + th / 2, height, 0.34)  # left face
+    canvas.side_face(cx, cx + tw / 2, cy + th / 2, cy, height, 0.22)  # right face, in shadow
+    canvas.diamond(cx, cy - height, tw / 2, th / 2, 0.86)  # lit top
+    canvas.diamond(cx, cy - height, tw / 2 * 0.7, th / 2 * 0.7, 0.80)
+
+
+def _draw_target(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
+    tw, th, _, _ = _iso_geometry(G, size)
+    cx, cy = _cell_center(col, row, G, size)
+    canvas.diamond(cx, cy, tw * 0.32, th * 0.32, 0.08)
+    canvas.diamond(cx, cy, tw * 0.22, th * 0.22, 0.95)
+    canvas.diamond(cx, cy, tw * 0.11, th * 0.11, 0.08)
+
+
+def _draw_agent(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
+    tw, th, _, _ = _iso_geometry(G, size)
+    cx, cy = _cell_center(col, row, G, size)
+    r = tw * 0.16
+    body_bottom, body_top = cy, cy - th * 1.05
+    canvas.ellipse(cx, cy + th * 0.05, tw * 0.27, th * 0.27, 0.18)  # shadow on the tile
+
+    def shaded(bright):  # light from the upper left gives the sprite roundness
+        return lambda x, y: np.clip(bright - 0.30 * (x - cx + 0.5 * r) / (2 * r), 0, 1)
+
+    outline = r * 0.35
+    canvas.ellipse(cx, body_bottom, r + outline, (r + outline) * 0.5, 0.04)
+    sl, x, y = canvas._box(cx - r - outline, cx + r + outline, body_top, body_bottom)
+    canvas.img[sl][(np.abs(x - cx) <= r + outline) & (y >= body_top) & (y <= body_bottom)] = 0.04
+    canvas.ellipse(cx, body_top - r * 0.9, r * 1.05 + outline, r * 1.05 + outline, 0.04)
+    canvas.ellipse(cx, body_bottom, r, r * 0.5, shaded(0.90))
+    sl, x, y = canvas._box(cx - r, cx + r, body_top, body_bottom)
+    mask = (np.abs(x - cx) <= r) & (y >= body_top) & (y <= body_bottom)
+    canvas.img[sl][mask] = shaded(0.90)(x, y)[mask]
+    canvas.ellipse(cx, body_top - r * 0.9, r * 1.05, r * 1.05, shaded(1.0))  # head
+    canvas.ellipse(cx - r * 0.35, body_top - r * 1.2, r * 0.3, r * 0.3, 1.0)  # highlight
+
+
+def render_atlas(world: World, supersample: int = 2) -> np.ndarray:
+    """Draw every state of ``world`` once: (num_states, H, W) uint8. Objects are painted back to front."""
+    G, size = world.grid_size, world.image_size * supersample
+    background = np.zeros((size, size), dtype=np.float32)
+    background += np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None]  # a soft vertical gradient
+    base = _Canvas(background)
+    _draw_board(base, G, size)
+    walls = [(c, r) for r in range(G) for c in range(G) if world.walls[r, c]]
+    targets = range(world.num_cells) if world.show_target else [None]
+    images = np.zeros((world.num_states, world.image_size, world.image_size), dtype=np.uint8)
+    for target in targets:
+        board = _Canvas(base.img.copy())
+        if target is not None:
+            _draw_target(board, target % G, target // G, G, size)
+        for cell in range(world.num_cells):
+            col, row = cell % G, cell // G
+            canvas = _Canvas(board.img.copy())
+            canvas.yy, canvas.xx = base.yy, base.xx
+            sprites = [(c + r, 0, c, r) for c, r in walls]
+            if not world.walls[row, col]:
+                sprites.append((col + row, 1, col, row))
+            for _, is_agent, c, r in sorted(sprites):  # painter's order: far (small col+row) first
+                (_draw_agent if is_agent else _draw_wall)(canvas, c, r, G, size)
+            img = canvas.img.reshape(world.image_size, supersample, world.image_size, supersample).mean((1, 3))
+            state = cell + (world.num_cells * target if target is not None else 0)
+            images[state] = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return images
+
+
+# ── datasets: integers in memory, pixels on demand ──
+
+@dataclass
+class Transitions:
+    """Compact trajectories: ``states`` (B, T) and ``actions`` (B, T-1), both small integer tensors.
+
+    50,000 transitions (T=2) take 250 kB; images are rendered from the world's atlas when a batch is drawn.
+    """
+
+    states: torch.Tensor  # (B, T) int16 state indices
+    actions: torch.Tensor  # (B, T-1) uint8 actions
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.states.nbytes + self.actions.nbytes
+
+
+def make_transitions(
+    world: World,
+    num: int = 50_000,
+    seq_len: int = 2,
+    seed: int = 0,
+    exclude_cells: tuple[int, ...] = (),
+) -> Transitions:
+    """Sample ``num`` trajectories of ``seq_len`` frames: uniform start over free cells, uniform actions.
+
+    ``exclude_cells``: cells the agent never visits (trajectories touching them are resampled) - used to
+    ask whether the model places a never-seen cell where the grid says it should be.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2 (a transition has a before and an after), got {seq_len}")
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    gen = torch.Generator().manual_seed(seed)
+    allowed = torch.from_numpy(np.setdiff1d(world.free_cells, np.asarray(exclude_cells, dtype=np.int64)))
+    table, N = world.next_cell, world.num_cells
+    kept_states, kept_actions, have = [], [], 0
+    while have < num:
+        batch = 2 * (num - have) + 64
+        cells = [allowed[torch.randint(len(allowed), (batch,), generator=gen)]]
+        actions = torch.randint(len(ACTIONS), (batch, seq_len - 1), generator=gen)
+        for t in range(seq_len - 1):
+            cells.append(table[cells[-1], actions[:, t]])
+        cells = torch.stack(cells, 1)  # (batch, T)
+        ok = torch.isin(cells, allowed).all(1)
+        states = cells
+        if world.show_target:  # the target sits on a random free cell and never moves
+            target = torch.from_numpy(world.free_cells)[torch.randint(len(world.free_cells), (batch, 1), generator=gen)]
+            states = cells + N * target
+        kept_states.append(states[ok])
+        kept_actions.append(actions[ok])
+        have += int(ok.sum())
+    states = torch.cat(kept_states)[:num]
+    dtype = torch.int16 if world.num_states < 2**15 else torch.int32
+    return Transitions(states.to(dtype), torch.cat(kept_actions)[:num].to(torch.uint8))
+
+
+def dataset_stats(world: World, data: Transitions) -> dict:
+    """Action balance, how often each cell is visited, and the share of moves that hit a wall."""
+    states, actions = data.states.long(), data.actions.long()
+    cells = world.agent_cell(states)
+    return {
+        "action_counts": torch.bincount(actions.reshape(-1), minlength=len(ACTIONS)).numpy(),
+        "cell_counts": torch.bincount(cells.reshape(-1), minlength=world.num_cells).numpy().reshape(world.grid_size, world.grid_size),
+        "wall_hit_share": float((cells[:, 1:] == cells[:, :-1]).float().mean()),
+        "num_transitions": len(data) * (states.shape[1] - 1),
+        "stored_bytes": data.nbytes,
+    }
+
+
+def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render trajectories ``idx`` on ``device``: obs (B, T, 1, H, W) float, actions (B, T-1) long."""
+    states = data.states[idx].long().to(device)
+    return world.render(states, device), data.actions[idx].long().to(device)
+
+
+class TransitionDataset(torch.utils.data.Dataset):
+    """(obs_t, action, obs_t+1) triples for a standard DataLoader; rendering is one atlas lookup."""
+
+    def __init__(self, world: World, data: Transitions):
+        self.world, self.data = world, data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        states = self.data.states[i, :2].long()
+        obs = self.world.render(states)  # (2, 1, H, W)
+        return obs[0], int(self.data.actions[i, 0]), obs[1]
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 2. Model (notebook 02)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+@dataclass
+class Config:
+    """Everything that defines a run; saved with every checkpoint. Change it with dataclasses.replace."""
+
+    # world & data
+    grid_size: int = 5
+    layout: str = "open"  # a name from LAYOUTS; random layouts are passed to train() as a World
+    show_target: bool = False  # the seed's lesson 01: draw a fixed target marker
+    num_transitions: int = 50_000
+    seq_len: int = 2  # T frames per training sequence; the seed's is 2 (one transition)
+    data_seed: int = 0
+    # encoder: a ViT over the (pooled) image, CLS token -> projector MLP -> latent
+    input_size: int = 128  # the 128x128 observation is average-pooled to this before the ViT
+    patch_size: int = 16
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    latent_dim: int = 192
+    proj_hidden: int = 2048
+    projector_norm: str = "batchnorm"  # LeWM: a BatchNorm projector; "layernorm" collapses here
+    # predictor: a causal transformer over the latent history, action enters by AdaLN-zero
+    pred_width: int = 192
+    pred_depth: int = 1
+    pred_heads: int = 4
+    # loss: MSE(predicted, real next latent) + lam * SIGReg
+    lam: float = 10.0  # the seed's lambda
+    sigreg_dirs: int = 256
+    rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
+    # optimisation
+    batch_size: int = 128
+    num_steps: int = 78_125  # 200 epochs of 50k transitions at batch 128
+    lr: float = 5e-4
+    weight_decay: float = 1e-3
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 50
+    eval_every: int = 1000
+    ckpt_every: int = 5000
+    profile: str = "full"
+
+    def model_fields(self) -> dict:
+        """The fields a checkpoint's weights depend on: they must match to load it."""
+        names = ("grid_size", "input_size", "patch_size", "width", "depth", "heads", "latent_dim", "proj_hidden",
+                 "projector_norm", "pred_width", "pred_depth", "pred_heads", "seq_len")
+        return {k: getattr(self, k) for k in names}
+
+
+PROFILES = {
+    # the seed's recipe: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M parameters; for a GPU
+    "full": {},
+    # reaches the seed's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
+    "cpu": dict(input_size=32, patch_size=8, width=128, depth=2, heads=4, pred_width=128, pred_depth=2,
+                lam=0.1, batch_size=64, num_steps=300, lr=1e-3, warmup_steps=50,
+                log_every=10, eval_every=100, ckpt_every=100),
+    # seconds: CI re-executes the notebooks with it
+    "smoke": dict(num_transitions=4000, input_size=32, patch_size=8, width=64, depth=1, heads=2, pred_width=64,
+                  pred_depth=1, pred_heads=2, proj_hidden=256, lam=0.1, batch_size=32, num_steps=30, lr=1e-3,
+                  warmup_steps=5, log_every=5, eval_every=15, ckpt_every=15),
+}
+
+
+def active_profile() -> str:
+    """The profile named by $GRIDJEPA_PROFILE, else 'full' on a GPU and 'cpu' without one."""
+    name = os.environ.get("GRIDJEPA_PROFILE") or ("full" if torch.cuda.is_available() else "cpu")
+    if name not in PROFILES:
+        raise ValueError(f"GRIDJEPA_PROFILE={name!r}; expected one of {sorted(PROFILES)}")
+    return name
+
+
+def make_config(profile: str | None = None, **overrides) -> Config:
+    """The Config of a profile ('full', 'cpu', 'smoke'; default from the environment) with overrides."""
+    profile = profile or active_profile()
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise TypeError(f"unknown Config fields: {sorted(unknown)}")
+    return Config(**{**PROFILES[profile], "profile": profile, **overrides})
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch when torch.distributed is running.
+
+    torch's SyncBatchNorm only runs on GPUs; this one all-reduces the same two moments on any backend,
+    so the 2-process CPU test exercises the code path a multi-GPU run takes. Single process: plain BN.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        n = all_reduce_sum(torch.tensor(float(x.shape[0]), device=x.device))
+        mean = all_reduce_sum(x.sum(0)) / n  # (C,)
+        var = all_reduce_sum(((x - mean) ** 2).sum(0)) / n
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * n / (n - 1), m)
+            self.num_batches_tracked += 1
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is the sum of the ranks' gradients (every rank computes the same loss)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Differentiable all-reduce (sum) across ranks; the identity without torch.distributed."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _AllReduceSum.apply(x)
+    return x
+
+
+class Projector(nn.Module):
+    """CLS feature -> latent: Linear -> BatchNorm (or LayerNorm) -> GELU -> Linear, as in LeWM.
+
+    LeWM found that the ViT's own final LayerNorm hinders SIGReg and a BatchNorm projector fixes it;
+    notebook 03 shows the LayerNorm variant collapsing.
+    """
+
+    def __init__(self, width: int, hidden: int, latent_dim: int, norm: str = "batchnorm"):
+        super().__init__()
+        if norm not in ("batchnorm", "layernorm"):
+            raise ValueError(f"projector_norm must be 'batchnorm' or 'layernorm', got {norm!r}")
+        self.net = nn.Sequential(
+            nn.Linear(width, hidden),
+            GlobalBatchNorm1d(hidden) if norm == "batchnorm" else nn.LayerNorm(hidden),
+            nn.GELU(),
+            nn.Linear(hidden, latent_dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Encoder(nn.Module):
+    """ViT-Tiny-style encoder: image (B, 1, H, W) -> latent (B, D), via patches, a CLS token and a projector."""
+
+    def __init__(self, cfg: Config, image_size: int = 128):
+        super().__init__()
+        if image_size % cfg.input_size or cfg.input_size % cfg.patch_size:
+            raise ValueError("input_size must divide the image size and patch_size must divide input_size")
+        self.image_size, self.input_size = image_size, cfg.input_size
+        num_patches = (cfg.input_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(1, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, cfg.width) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, dim_feedforward=4 * cfg.width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.width)
+        self.projector = Projector(cfg.width, cfg.proj_hidden, cfg.latent_dim, cfg.projector_norm)
+
+    def features(self, obs: torch.Tensor) -> torch.Tensor:
+        """The ViT's CLS output before the projector: (B, 1, H, W) -> (B, W)."""
+        x = obs * 2 - 1  # [0, 1] -> [-1, 1]
+        if self.input_size != self.image_size:
+            x = F.avg_pool2d(x, self.image_size // self.input_size)  # (B, 1, input, input)
+        x = self.patch_embed(x)  # (B, W, h, w)
+        x = rearrange(x, "b c h w -> b (h w) c")  # (B, h*w, W)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))[:, 0]  # (B, W)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.features(obs))  # (B, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class AdaLNZeroBlock(nn.Module):
+    """Pre-norm transformer block whose norms are shifted/scaled and whose residuals are gated by the action.
+
+    The modulation layer is zero-initialised, so at initialisation every gate is 0 and the block is the
+    identity (DiT's "AdaLN-zero"): the action's influence is learned from nothing.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x, cond: (B, T, W)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)
+        h = modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1 * self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class Predictor(nn.Module):
+    """Causal transformer over the latent history: (B, T, D) latents + (B, T) actions -> (B, T, D) next latents.
+
+    Token t sees frames 0..t and is conditioned on action t; its output is the prediction of latent t+1.
+    With the seed's T=2 it sees a single frame; trained with T>2 it can use a history.
+    """
+
+    max_len = 16
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.in_proj = nn.Linear(cfg.latent_dim, cfg.pred_width)
+        self.time_embed = nn.Parameter(torch.randn(1, self.max_len, cfg.pred_width) * 0.02)
+        self.action_embed = nn.Embedding(len(ACTIONS), cfg.pred_width)
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(cfg.pred_width, cfg.pred_heads) for _ in range(cfg.pred_depth))
+        self.norm = nn.LayerNorm(cfg.pred_width)
+        self.out_proj = nn.Linear(cfg.pred_width, cfg.latent_dim)
+
+    def forward(self, emb: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        T = emb.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"the predictor sees at most {self.max_len} frames, got {T}")
+        x = self.in_proj(emb) + self.time_embed[:, :T]  # (B, T, Wp)
+        cond = self.action_embed(action)  # (B, T, Wp)
+        mask = torch.ones(T, T, dtype=torch.bool, device=emb.device).triu(1)  # True = may not attend
+        for block in self.blocks:
+            x = block(x, cond, mask)
+        return self.out_proj(self.norm(x))  # (B, T, D)
+
+
+class SIGReg(nn.Module):
+    """Sketched Isotropic Gaussian Regulariser (LeJEPA / LeWM): how far a batch of latents is from N(0, I).
+
+    Project the batch on M random unit directions; for each 1-D projection compute the Epps-Pulley
+    statistic  N * integral w(t) |phi_hat(t) - exp(-t^2/2)|^2 dt  with phi_hat the empirical characteristic
+    function and w(t) = exp(-t^2/2), by the trapezoid rule on t in [0, 3] (doubled: the integrand is even).
+    By Cramer-Wold, all 1-D projections Gaussian <=> the latents are N(0, I). Returns the mean over directions.
+
+    Under torch.distributed the empirical characteristic function is averaged over all ranks before the
+    statistic is formed, and ``step`` seeds directions shared by every rank: the loss is the global batch's.
+    """
+
+    def __init__(self, num_dirs: int = 256, num_knots: int = 17, t_max: float = 3.0, seed: int = 0):
+        super().__init__()
+        self.num_dirs, self.seed = num_dirs, seed
+        t = torch.linspace(0, t_max, num_knots)
+        dt = t_max / (num_knots - 1)
+        trapezoid = torch.full((num_knots,), dt)
+        trapezoid[[0, -1]] = dt / 2
+        self.register_buffer("t", t)
+        self.register_buffer("phi_target", torch.exp(-0.5 * t**2))  # characteristic function of N(0, 1)
+        self.register_buffer("weights", 2 * trapezoid * torch.exp(-0.5 * t**2))
+
+    def directions(self, dim: int, step: int | None, device) -> torch.Tensor:
+        """(D, M) random unit vectors: fresh each call, or a function of ``step`` (shared across ranks)."""
+        gen = None if step is None else torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        dirs = torch.randn(dim, self.num_dirs, generator=gen)
+        return (dirs / dirs.norm(dim=0, keepdim=True)).to(device)
+
+    def forward(self, emb: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        emb = emb.float()
+        proj = emb @ self.directions(emb.shape[1], step, emb.device)  # (B, M)
+        xt = proj.unsqueeze(-1) * self.t  # (B, M, K)
+        n = all_reduce_sum(torch.tensor(float(emb.shape[0]), device=emb.device))
+        cos_mean = all_reduce_sum(torch.cos(xt).sum(0)) / n  # (M, K)
+        sin_mean = all_reduce_sum(torch.sin(xt).sum(0)) / n
+        err = (cos_mean - self.phi_target) ** 2 + sin_mean**2
+        return n * (err * self.weights).sum(-1).mean()
+
+
+class JEPA(nn.Module):
+    """Encoder + predictor. The public API:  encode(obs) -> (B, D);  predict(emb, action) -> (B, D);
+    rollout(emb, actions) -> (B, H, D). One encoder serves both frames; no EMA, no stop-gradient."""
+
+    def __init__(self, cfg: Config, image_size: int = 128):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, image_size)
+        self.predictor = Predictor(cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        """Observations (B, 1, H, W) float in [0, 1] -> latents (B, D)."""
+        size = self.encoder.image_size
+        if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
+            raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
+        if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
+            raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
+        return self.encoder(obs.to(self.device))
+
+    def predict(self, emb: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The latent after one action from a single frame: (B, D), (B,) -> (B, D)."""
+        action = check_actions(action).to(emb.device)
+        if emb.ndim != 2 or action.shape != emb.shape[:1]:
+            raise ValueError(f"expected emb (B, D) and action (B,), got {tuple(emb.shape)} and {tuple(action.shape)}")
+        return self.predictor(emb[:, None], action[:, None])[:, 0]
+
+    def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Open-loop imagination: each prediction is fed back as the next input. (B, D), (B, H) -> (B, H, D)."""
+        actions = check_actions(actions).to(emb.device)
+        history = emb[:, None]  # (B, 1, D)
+        for h in range(actions.shape[1]):
+            context = history[:, -self.predictor.max_len :]
+            nxt = self.predictor(context, actions[:, h + 1 - context.shape[1] : h + 1])[:, -1]
+            history = torch.cat([history, nxt[:, None]], dim=1)
+        return history[:, 1:]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_table(model: JEPA) -> dict[str, int]:
+    """Parameter count per part of the model."""
+    enc = model.encoder
+    return {
+        "encoder (ViT)": count_parameters(enc) - count_parameters(enc.projector),
+        "projector": count_parameters(enc.projector),
+        "predictor": count_parameters(model.predictor),
+        "total": count_parameters(model),
+    }
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 3. Training (notebook 03)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+def jepa_loss(model: JEPA, sigreg: SIGReg, obs: torch.Tensor, actions: torch.Tensor, cfg: Config,
+              step: int | None = None) -> dict[str, torch.Tensor]:
+    """Named loss terms for a batch of trajectories: obs (B, T, 1, H, W), actions (B, T-1).
+
+    pred_loss = MSE(predictor(z_0..z_{T-2}, a), z_1..z_{T-1}) with teacher forcing; with
+    cfg.rollout_weight > 0 the predictor is also fed its own predictions (open loop) and that MSE is added.
+    """
+    B, T = obs.shape[:2]
+    encoder = model.module.encoder if hasattr(model, "module") else model.encoder
+    predictor = model.module.predictor if hasattr(model, "module") else model.predictor
+    emb = encoder(obs.flatten(0, 1)).float()  # (B*T, D) - both frames through one encoder, one BN batch
+    sig = sigreg(emb, step)
+    emb = emb.view(B, T, -1)  # (B, T, D)
+    pred = predictor(emb[:, :-1], actions).float()  # (B, T-1, D)
+    pred_loss = F.mse_loss(pred, emb[:, 1:])
+    terms = {"pred_loss": pred_loss, "sigreg": sig}
+    if cfg.rollout_weight > 0 and T > 2:
+        history = emb[:, :1]
+        for t in range(T - 1):  # feed the predictor its own predictions
+            nxt = predictor(history, actions[:, : t + 1])[:, -1:]
+            history = torch.cat([history, nxt], dim=1)
+        terms["rollout_loss"] = F.mse_loss(history[:, 1:], emb[:, 1:])
+        pred_loss = pred_loss + cfg.rollout_weight * terms["rollout_loss"]
+    terms["loss"] = pred_loss + cfg.lam * sig
+    terms["latent_std"] = emb.detach().std(0).mean()
+    return terms
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to 0 at cfg.num_steps. Annealing to 0 also settles BatchNorm."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def effective_rank(emb: torch.Tensor) -> float:
+    """exp(entropy) of the normalised singular values of centred latents (B, D): ~D when spread, 1 when collapsed."""
+    s = torch.linalg.svdvals(emb.float() - emb.float().mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: JEPA, world: World) -> None:
+    """Set the projector's BatchNorm running statistics to those of the data being evaluated.
+
+    The data visits free cells uniformly, so the exact statistics are those of one image per free cell.
+    Running averages taken during training lag behind while the learning rate is high and can make a
+    good model look broken (see notebook 03); this replaces them.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    if not bns:
+        return
+    was_training = model.training
+    states = torch.from_numpy(world.free_cells)
+    if world.show_target:
+        states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
+    saved = [(bn.momentum, bn.training) for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calls below
+        bn.train()
+    model.encoder(world.render(states, model.device))
+    for bn, (momentum, _) in zip(bns, saved):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
+@torch.no_grad()
+def encode_states(model: JEPA, world: World, states: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+    """Latents of states (default: every free cell) in eval mode: (P,) -> (P, D)."""
+    model.eval()
+    states = torch.as_tensor(world.free_cells if states is None else states).long()
+    return model.encode(world.render(states, model.device))
+
+
+@torch.no_grad()
+def next_state_accuracy(model: JEPA, world: World) -> float:
+    """Share of (free cell, action) pairs whose predicted latent is nearest to the true next cell's latent.
+
+    Probe-free: only the model's own latents of the free cells are compared. 100 pairs on the open 5x5.
+    """
+    emb = encode_states(model, world)  # (N, D)
+    free = torch.from_numpy(world.free_cells)
+    cells = repeat(free, "n -> (n a)", a=len(ACTIONS))
+    actions = repeat(torch.arange(len(ACTIONS)), "a -> (n a)", n=len(free))
+    pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))  # (N*A, D)
+    nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
+    return float((nearest == world.next_cell[cells, actions]).float().mean())
+
+
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@dataclass
+class TrainResult:
+    model: JEPA
+    history: dict[str, list]
+    world: World
+    data: Transitions
+    cfg: Config
+    train_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_world(cfg: Config) -> World:
+    return World(cfg.grid_size, walls=cfg.layout, show_target=cfg.show_target)
+
+
+def train(
+    cfg: Config,
+    world: World | None = None,
+    data: Transitions | None = None,
+    ckpt_path: str | Path | None = None,
+    resume: bool = True,
+    live_plot: bool = False,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train a JEPA with cfg: MSE(predicted, real next latent) + lam * SIGReg, AdamW, warmup + cosine.
+
+    Reproducible: batch k and SIGReg's directions at step k are functions of (seed, k), so a run resumed
+    from a checkpoint follows the same path as one that never stopped. ``ckpt_path``: a checkpoint is
+    written every cfg.ckpt_every steps and at the end; with ``resume`` an existing one is continued.
+    ``stop_after``: leave after this many steps (simulates a disconnect). Under torchrun each rank takes
+    its slice of the global batch (DistributedDataParallel, global SIGReg and BatchNorm).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world_size}")
+    world = world or build_world(cfg)
+    data = data or make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)
+    torch.manual_seed(cfg.seed)
+    model = JEPA(cfg, world.image_size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: dict[str, list] = {}
+    start = 0
+    if ckpt_path is not None and resume and Path(ckpt_path).exists():
+        ckpt = load_checkpoint(ckpt_path, cfg, model=model)
+        opt.load_state_dict(ckpt["optimizer"])
+        start, history = ckpt["step"], ckpt["history"]
+        if _is_main_process() and progress:
+            print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
+    train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+    plotter = LivePlot() if live_plot and _is_main_process() else None
+    steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
+    bar = _progress(steps, progress and _is_main_process())
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for step in bar:
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+        idx = idx[rank * cfg.batch_size // world_size : (rank + 1) * cfg.batch_size // world_size]
+        obs, actions = sample_batch(world, data, idx, device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        with autocast:
+            terms = jepa_loss(train_model, sigreg, obs, actions, cfg, step)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(f"loss became {terms['loss'].item()} at step {step}: lower lr, or raise lam "
+                                     f"(now {cfg.lam}) if the latents collapsed first")
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.num_steps:
+            _log(history, "step", done)
+            _log(history, "lr", lr_at(step, cfg))
+            for k, v in terms.items():
+                _log(history, k, float(v.detach()))
+            with torch.no_grad():
+                _log(history, "eff_rank", effective_rank(model.encoder(obs[:, 0])) if obs.shape[0] > 1 else float("nan"))
+            bar_postfix(bar, pred=history["pred_loss"][-1], sig=history["sigreg"][-1], std=history["latent_std"][-1])
+        if _is_main_process() and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+            calibrate_batchnorm(model, world)
+            _log(history, "eval_step", done)
+            _log(history, "next_state_acc", next_state_accuracy(model, world))
+            note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
+            if note and note not in notes:
+                notes.append(note)
+                print(note)
+        if plotter is not None and done % cfg.log_every == 0:
+            plotter.update(history)
+        if ckpt_path is not None and _is_main_process() and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
+            save_checkpoint(ckpt_path, model, cfg, opt, done, history)
+    train_seconds = time.perf_counter() - t0
+    calibrate_batchnorm(model, world)
+    model.eval()
+    if plotter is not None:
+        plotter.close()
+    return TrainResult(model, history, world, data, cfg, train_seconds, notes)
+
+
+def collapse_warning(latent_std: float, cfg: Config) -> str | None:
+    """A message with what to try when the latents have (almost) stopped varying."""
+    if latent_std < 0.05:
+        return (f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to "
+                f"nearly the same vector. Try a larger lam (now {cfg.lam}) or projector_norm='batchnorm' "
+                f"(now {cfg.projector_norm!r}).")
+    return None
+
+
+def _log(history: dict, key: str, value) -> None:
+    history.setdefault(key, []).append(value)
+
+
+def _progress(iterable, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc="training", mininterval=0.5)
+
+
+def bar_postfix(bar, **values) -> None:
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+
+
+# ── checkpoints ──
+
+def save_checkpoint(path: str | Path, model: JEPA, cfg: Config, opt=None, step: int = 0, history=None,
+                    metrics: dict | None = None) -> None:
+    """Model, optimiser, step, config, history and metrics in one file, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict() if opt is not None else {},
+        "step": step,
+        "config": dataclasses.asdict(cfg),
+        "history": history or {},
+        "metrics": metrics or {},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a disconnect mid-write never leaves a half checkpoint
+
+
+def load_checkpoint(path: str | Path, cfg: Config | None = None, model: JEPA | None = None,
+                    device: torch.device | str = "cpu") -> dict:
+    """Load a checkpoint (weights_only=True). With ``cfg``, refuse one whose architecture fields differ.
+
+    Returns the checkpoint dict with "cfg" (a Config) and "model" (a JEPA in eval mode, weights loaded).
+    """
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
+    if cfg is not None:
+        diff = {k: (v, getattr(cfg, k)) for k, v in saved.model_fields().items() if getattr(cfg, k) != v}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint={a!r} vs config={b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"checkpoint {path} was made with another model config ({lines}); "
+                             f"build the model from the checkpoint's config (load_model) or start a new run")
+    if model is None:
+        model = JEPA(saved).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    ckpt["cfg"], ckpt["model_obj"] = saved, model
+    return ckpt
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config]:
+    """A trained model and its config from a checkpoint - the entry point of notebooks 04 and 05."""
+    ckpt = load_checkpoint(path, device=device)
+    return ckpt["model_obj"], ckpt["cfg"]
+
+
+class LivePlot:
+    """Loss and latent-health curves redrawn in place in a notebook while training runs."""
+
+    def __init__(self):
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        self.plt = plt
+        self.fig, self.axes = plt.subplots(1, 4, figsize=(15, 3))
+        self.handle = display(self.fig, display_id=True)
+        plt.close(self.fig)
+
+    def update(self, history: dict) -> None:
+        plot_history(history, self.axes)
+        self.handle.update(self.fig)
+
+    def close(self) -> None:
+        self.plt.close(self.fig)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 4. Analysis (notebook 04): probes scored honestly, PCA
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+@dataclass
+class LinearProbe:
+    """y = x @ weight + bias, fit by (ridge) least squares. Plain (alpha=0) is the minimum-norm solution."""
+
+    weight: np.ndarray  # (D, 2)
+    bias: np.ndarray  # (2,)
+
+    def __call__(self, x) -> np.ndarray:
+        if isinstance(x, torch.Tensor):
+            return x @ torch.as_tensor(self.weight, dtype=x.dtype, device=x.device) + torch.as_tensor(self.bias, dtype=x.dtype, device=x.device)
+        return np.asarray(x) @ self.weight + self.bias
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, alpha: float = 0.0) -> LinearProbe:
+    """Fit a linear probe from latents x (P, D) to targets y (P, k); alpha > 0 is ridge regression."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mx, my = x.mean(0), y.mean(0)
+    u, s, vt = np.linalg.svd(x - mx, full_matrices=False)
+    keep = s > 1e-10 * s.max() if s.size and s.max() > 0 else np.zeros_like(s, dtype=bool)
+    u, s, vt = u[:, keep], s[keep], vt[keep]
+    w = vt.T @ ((s / (s**2 + alpha))[:, None] * (u.T @ (y - my)))
+    return LinearProbe(w, my - mx @ w)
+
+
+def ridge_alpha_loo(x: np.ndarray, y: np.ndarray, alphas=np.logspace(-3, 4, 15)) -> float:
+    """The ridge alpha with the smallest leave-one-out error (closed form via the hat matrix)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    best, best_err = alphas[0], np.inf
+    n = len(x)
+    for a in alphas:
+        shrink = s**2 / (s**2 + a)
+        hat_diag = (u**2 * shrink).sum(1) + 1 / n
+        fitted = u @ (shrink[:, None] * (u.T @ yc))
+        loo = (yc - fitted) / np.clip(1 - hat_diag, 1e-6, None)[:, None]
+        err = (loo**2).mean()
+        if err < best_err:
+            best, best_err = a, err
+    return float(best)
+
+
+def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Coefficient of determination per output column: (P, k) -> (k,). Negative = worse than the mean."""
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0).clip(1e-12)
+
+
+def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, seed: int = 0) -> dict:
+    """R^2 of linear probes emb -> pos, three honest ways:
+
+    fit      - fit and scored on the same cells (the seed's 1.00; proves little with P points in D >> P dims);
+    heldout  - fit on some cells, scored on the others, ``num_splits`` random splits (mean and std);
+    ridge    - the same held-out test with ridge regression, alpha by leave-one-out on the fit cells.
+    Each R^2 is the mean over (col, row).
+    """
+    emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
+    P = len(emb)
+    holdout = holdout or max(1, round(P * 0.3))
+    rng = np.random.default_rng(seed)
+    plain, ridge = [], []
+    for _ in range(num_splits):
+        perm = rng.permutation(P)
+        test, fit = perm[:holdout], perm[holdout:]
+        if np.ptp(pos[test], 0).min() == 0 and holdout > 2:
+            pass  # a degenerate split still counts; R^2 uses the test cells' own variance
+        plain.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit])(emb[test])).mean())
+        alpha = ridge_alpha_loo(emb[fit], pos[fit])
+        ridge.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit], alpha)(emb[test])).mean())
+    fit_r2 = r2_score(pos, fit_probe(emb, pos)(emb))
+    return {
+        "fit_col": float(fit_r2[0]), "fit_row": float(fit_r2[1]), "fit": float(fit_r2.mean()),
+        "heldout_mean": float(np.mean(plain)), "heldout_std": float(np.std(plain)),
+        "ridge_heldout_mean": float(np.mean(ridge)), "ridge_heldout_std": float(np.std(ridge)),
+        "num_splits": num_splits, "holdout": holdout,
+    }
+
+
+def pca(emb, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Project latents (P, D) on their principal components: (P, k) coordinates and (min(P,D),) variance ratios."""
+    x = np.asarray(emb, np.float64)
+    x = x - x.mean(0)
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    ratio = s**2 / (s**2).sum()
+    k = k or len(s)
+    return x @ vt[:k].T, ratio
+
+
+def untrained_model(cfg: Config, seed: int = 1234) -> JEPA:
+    """Same architecture, random weights, BatchNorm calibrated like a trained one: the baseline to beat."""
+    torch.manual_seed(seed)
+    return JEPA(cfg).eval()
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 5. Planning (notebook 05): batched MPC over all start->goal pairs at once
+# ════════════════════════════════════════════════════════════════════════════════════════
+# A policy maps (cells (P,), goals (P,)) to a dict with "action" (P,) and "scores" (P, A): the planner's
+# predicted cost of each first action (lower is better). run_mpc acts in the real world and repeats.
+
+Policy = Callable[[torch.Tensor, torch.Tensor], dict]
+
+
+@torch.no_grad()
+def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
+    """Render and encode the current cells: (P,) -> (P, D). Identical images give identical latents in
+    eval mode, so each distinct cell is encoded once and gathered."""
+    unique, inverse = torch.unique(cells, return_inverse=True)
+    return model.encode(world.render(unique, model.device))[inverse.to(model.device)]
+
+
+@torch.no_grad()
+def imagine_next(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
+    """The 4 imagined next latents of each cell: (P,) -> (P, A, D)."""
+    emb = encode_cells(model, world, cells)  # (P, D)
+    actions = repeat(torch.arange(len(ACTIONS), device=emb.device), "a -> (p a)", p=len(cells))
+    pred = model.predict(repeat(emb, "p d -> (p a) d", a=len(ACTIONS)), actions)
+    return rearrange(pred, "(p a) d -> p a d", a=len(ACTIONS))
+
+
+def greedy_decoder_policy(model: JEPA, world: World, decode: Callable[[torch.Tensor], torch.Tensor]) -> Policy:
+    """The seed's planner: imagine the 4 next latents, decode each to a (col, row), pick the smallest
+    Manhattan distance to the goal (ties: the first action)."""
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        imagined = decode(imagine_next(model, world, cells).flatten(0, 1)).view(len(cells), len(ACTIONS), 2).cpu()
+        goal_pos = torch.from_numpy(world.cell_pos(goals.numpy())).float()  # (P, 2)
+        scores = (imagined - goal_pos[:, None]).abs().sum(-1)  # (P, A)
+        return {"action": scores.argmin(1), "scores": scores, "imagined": imagined}
+
+    return policy
+
+
+def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
+    """Greedy planner decoding imagined latents with a linear probe (the seed's)."""
+    return greedy_decoder_policy(model, world, lambda z: probe(z.float().cpu()))
+
+
+def nearest_cell_policy(model: JEPA, world: World) -> Policy:
+    """Probe-free greedy planner: decode each imagined latent as the cell whose real latent is nearest (L2)."""
+    emb = encode_states(model, world)  # (N, D)
+    pos = torch.from_numpy(world.cell_pos(world.free_cells)).float()
+    return greedy_decoder_policy(model, world, lambda z: pos[torch.cdist(z.float(), emb.float()).argmin(1).cpu()])
+
+
+def random_policy(seed: int = 0) -> Policy:
+    """Uniformly random actions: the floor any planner must clear."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        return {"action": torch.randint(len(ACTIONS), (len(cells),), generator=gen),
+                "scores": torch.zeros(len(cells), len(ACTIONS))}
+
+    return policy
+
+
+def bfs_policy(world: World) -> Policy:
+    """The optimum, from the true map: step to a neighbour one move closer to the goal."""
+    distances = torch.from_numpy(world.shortest_paths()).float()  # (N, N)
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        nxt = world.next_cell[cells]  # (P, A)
+        d = distances[nxt, goals[:, None]]
+        scores = torch.where(d < 0, torch.full_like(d, 1e9), d) + (nxt == cells[:, None]).float() * 1e6
+        return {"action": scores.argmin(1), "scores": scores}
+
+    return policy
+
+
+@torch.no_grad()
+def sequence_costs(model: JEPA, world: World, cells: torch.Tensor, goals: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """Latent cost of action sequences: cells, goals (P,), seqs (P, S, H) -> (P, S).
+
+    Cost = min over the horizon of ||z_h - z_goal||^2, plus a tiny penalty per step so that reaching the
+    goal sooner wins ties: a sequence that passes through the goal is as good as one that ends there.
+    """
+    P, S, H = seqs.shape
+    emb = encode_cells(model, world, cells)  # (P, D)
+    goal_emb = encode_cells(model, world, goals)  # (P, D)
+    z = model.rollout(repeat(emb, "p d -> (p s) d", s=S), seqs.flatten(0, 1).to(emb.device))  # (P*S, H, D)
+    d = ((z - repeat(goal_emb, "p d -> (p s) 1 d", s=S)) ** 2).sum(-1)  # (P*S, H)
+    d = d + 1e-3 * torch.arange(1, H + 1, device=d.device)
+    return d.min(1).values.view(P, S).cpu()
+
+
+def _first_action_scores(costs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Best cost of the sequences starting with each action: (P, S), (P, S) -> (P, A) (inf if none)."""
+    scores = torch.full((costs.shape[0], len(ACTIONS)), float("inf"))
+    return scores.scatter_reduce(1, first, costs, reduce="amin")
+
+
+def exhaustive_policy(model: JEPA, world: World, horizon: int = 3) -> Policy:
+    """Search all 4^H action sequences for every pair at once; execute the first action of the best."""
+    if horizon < 1:
+        raise ValueError(f"horizon H must be >= 1, got {horizon}")
+    seqs = torch.cartesian_prod(*[torch.arange(len(ACTIONS))] * horizon).view(-1, horizon)  # (4^H, H)
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        s = repeat(seqs, "s h -> p s h", p=len(cells))
+        costs = sequence_costs(model, world, cells, goals, s)  # (P, S)
+        scores = _first_action_scores(costs, s[:, :, 0])
+        return {"action": scores.argmin(1), "scores": scores}
+
+    return policy
+
+
+def cem_policy(model: JEPA, world: World, horizon: int = 4, samples: int = 64, elites: int = 8,
+               iterations: int = 3, smoothing: float = 0.1, seed: int = 0) -> Policy:
+    """Cross-entropy method over discrete action sequences (as LeWM plans, made categorical):
+    sample sequences from per-step categorical distributions, keep the elites, refit the probabilities
+    to them, repeat; execute the first action of the best sequence seen. Batched over all pairs."""
+    if horizon < 1:
+        raise ValueError(f"horizon H must be >= 1, got {horizon}")
+    if not 1 <= elites <= samples:
+        raise ValueError(f"need 1 <= elites <= samples, got elites={elites}, samples={samples}")
+    gen = torch.Generator().manual_seed(seed)
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        P, A = len(cells), len(ACTIONS)
+        probs = torch.full((P, horizon, A), 1 / A)
+        best_cost, best_seq = torch.full((P,), float("inf")), torch.zeros(P, horizon, dtype=torch.long)
+        scores = torch.full((P, A), float("inf"))
+        for _ in range(iterations):
+            seqs = torch.multinomial(probs.flatten(0, 1), samples, replacement=True, generator=gen)
+            seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
+            costs = sequence_costs(model, world, cells, goals, seqs)  # (P, S)
+            scores = torch.minimum(scores, _first_action_scores(costs, seqs[:, :, 0]))
+            order = costs.argsort(1)[:, :elites]  # (P, E)
+            elite = torch.gather(seqs, 1, repeat(order, "p e -> p e h", h=horizon))  # (P, E, H)
+            counts = F.one_hot(elite, A).float().mean(1)  # (P, H, A)
+            probs = (1 - smoothing) * counts + smoothing / A
+            better = costs.gather(1, order[:, :1])[:, 0] < best_cost
+            best_cost = torch.where(better, costs.gather(1, order[:, :1])[:, 0], best_cost)
+            best_seq[better] = elite[better, 0]
+        return {"action": best_seq[:, 0], "scores": scores}
+
+    return policy
+
+
+def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) -> Policy:
+    """Plan by breadth-first search in the model's imagined graph - no probe, no position labels.
+
+    Nodes: the latents of the distinct frames the agent has seen (here: one per free cell, deduplicated by
+    image, never by position). Edges: for each node and action, the node nearest to the predicted latent.
+    The goal image is snapped to its nearest node; the first action of a shortest imagined path is taken.
+    """
+    states = torch.from_numpy(world.free_cells) if frames is None else frames
+    nodes = encode_cells(model, world, states)  # (V, D)
+    V = len(states)
+    pred = model.predict(repeat(nodes, "v d -> (v a) d", a=len(ACTIONS)), repeat(torch.arange(len(ACTIONS), device=nodes.device), "a -> (v a)", v=V))
+    edges = torch.cdist(pred, nodes).argmin(1).view(V, len(ACTIONS)).cpu().numpy()  # (V, A) imagined next node
+    hops = np.full((V, V), -1)  # hops[goal, v]: imagined moves from v to goal, by BFS on reversed edges
+    for g in range(V):
+        hops[g] = _bfs_reverse(edges, g)
+
+    def node_of(cells: torch.Tensor) -> np.ndarray:
+        return torch.cdist(encode_cells(model, world, cells), nodes).argmin(1).cpu().numpy()
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        here, there = node_of(cells), node_of(goals)
+        nxt = edges[here]  # (P, A)
+        d = hops[there[:, None], nxt].astype(np.float64)
+        d[d < 0] = np.inf
+        d[nxt == here[:, None]] += 0.5  # prefer moving over bumping into a wall at equal distance
+        scores = torch.from_numpy(d).float()
+        return {"action": scores.argmin(1), "scores": scores}
+
+    return policy
+
+
+def _bfs_reverse(edges: np.ndarray, goal: int) -> np.ndarray:
+    V = len(edges)
+    dist_to = np.full(V, -1)
+    dist_to[goal] = 0
+    frontier = [goal]
+    while frontier:
+        reach = np.isin(edges, frontier).any(1) & (dist_to < 0)
+        dist_to[reach] = dist_to[frontier[0]] + 1
+        frontier = list(np.flatnonzero(reach))
+    return dist_to
+
+
+@dataclass
+class PlanResult:
+    """Outcome of planning every pair: where each episode went and how long it took."""
+
+    starts: torch.Tensor  # (P,)
+    goals: torch.Tensor  # (P,)
+    paths: torch.Tensor  # (P, max_steps + 1) cell after each step (stays at the goal once reached)
+    steps: torch.Tensor  # (P,) steps to reach the goal (max_steps + 1 if never)
+    optimal_steps: torch.Tensor  # (P,) BFS distance
+    seconds: float
+    trace: list = field(default_factory=list)  # per step: the policy's dict (when record=True)
+
+    @property
+    def success(self) -> torch.Tensor:
+        return self.steps <= self.paths.shape[1] - 1
+
+    @property
+    def optimal(self) -> torch.Tensor:
+        return self.success & (self.steps == self.optimal_steps)
+
+    def summary(self) -> dict:
+        return {"pairs": len(self.starts), "success": float(self.success.float().mean()),
+                "optimal": float(self.optimal.float().mean()), "seconds": self.seconds,
+                "mean_steps_solved": float(self.steps[self.success].float().mean()) if self.success.any() else float("nan")}
+
+    def by_distance(self) -> dict[int, dict]:
+        """Success and optimal share per BFS distance."""
+        out = {}
+        for d in sorted(set(self.optimal_steps.tolist())):
+            m = self.optimal_steps == d
+            out[d] = {"pairs": int(m.sum()), "success": float(self.success[m].float().mean()),
+                      "optimal": float(self.optimal[m].float().mean())}
+        return out
+
+
+def run_mpc(world: World, policy: Policy, starts: torch.Tensor | None = None, goals: torch.Tensor | None = None,
+            max_steps: int | None = None, record: bool = False) -> PlanResult:
+    """Closed-loop control of every pair at once: observe -> policy -> act in the real world -> repeat.
+
+    Defaults to all ordered pairs of distinct free cells. Episodes that reached their goal stop there.
+    """
+    if starts is None:
+        starts, goals = world.all_pairs()
+    starts, goals = check_int_tensor(torch.as_tensor(starts), "starts"), check_int_tensor(torch.as_tensor(goals), "goals")
+    for name, cells in (("start", starts), ("goal", goals)):
+        if cells.numel() and (cells.min() < 0 or cells.max() >= world.num_cells):
+            raise ValueError(f"{name} cells must lie in [0, {world.num_cells})")
+        if world.walls.reshape(-1)[cells.numpy()].any():
+            bad = int(cells[torch.from_numpy(world.walls.reshape(-1)[cells.numpy()])][0])
+            raise ValueError(f"{name} cell {tuple(world.cell_pos(bad))} is a wall")
+    optimal = torch.from_numpy(world.shortest_paths())[starts, goals]
+    if (optimal < 0).any():
+        raise ValueError("some goals cannot be reached from their start in this layout")
+    max_steps = max_steps if max_steps is not None else 2 * int(optimal.max()) + world.grid_size
+    t0 = time.perf_counter()
+    cells = starts.clone()
+    paths, trace = [cells.clone()], []
+    steps = torch.full_like(starts, max_steps + 1)
+    steps[cells == goals] = 0
+    for t in range(max_steps):
+        active = cells != goals
+        if not active.any():
+            paths.extend([cells.clone()] * (max_steps - t))
+            break
+        out = policy(cells[active], goals[active])
+        if record:
+            trace.append({k: v.clone() for k, v in out.items()} | {"active": active.clone()})
+        cells[active] = world.next_cell[cells[active], out["action"].long().cpu()]
+        steps[(cells == goals) & active] = t + 1
+        paths.append(cells.clone())
+    return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Plots and widgets (used by the notebooks)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+def plot_history(history: dict, axes=None):
+    """Prediction loss, SIGReg, latent health (std, effective rank) and next-state accuracy vs step."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 4, figsize=(15, 3))
+    for ax in axes:
+        ax.clear()
+    steps = history.get("step", [])
+    axes[0].semilogy(steps, history.get("pred_loss", []), label="prediction MSE")
+    if "rollout_loss" in history:
+        axes[0].semilogy(steps, history["rollout_loss"], label="rollout MSE")
+    axes[0].set_title("prediction loss")
+    axes[0].legend(fontsize=8)
+    axes[1].semilogy(steps, history.get("sigreg", []), color="C1")
+    axes[1].set_title("SIGReg")
+    axes[2].semilogy(steps, history.get("latent_std", []), color="C2", label="mean std per dim")
+    axes[2].set_title("latent std (healthy ~1, collapse -> 0)")
+    ax_rank = axes[2].twinx() if not hasattr(axes[2], "_rank_twin") else axes[2]._rank_twin
+    axes[2]._rank_twin = ax_rank
+    ax_rank.clear()
+    ax_rank.plot(steps, history.get("eff_rank", []), color="C4", alpha=0.6)
+    ax_rank.set_ylabel("effective rank", color="C4")
+    axes[3].plot(history.get("eval_step", []), history.get("next_state_acc", []), "o-", color="C3")
+    axes[3].set_ylim(-0.05, 1.05)
+    axes[3].set_title("next-state accuracy")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].figure.tight_layout()
+    return axes
+
+
+def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title: str | None = None):
+    """A top-down map of the grid: walls, optional path (cells), goal and imagined positions."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    G = world.grid_size
+    ax.imshow(np.where(world.walls, 0.25, 0.92), cmap="gray", vmin=0, vmax=1, extent=(-0.5, G - 0.5, G - 0.5, -0.5))
+    ax.set_xticks(range(G))
+    ax.set_yticks(range(G))
+    ax.set_xlabel("col")
+    ax.set_ylabel("row")
+    ax.grid(False)
+    if path is not None:
+        p = world.cell_pos(np.asarray(path))
+        ax.plot(p[:, 0], p[:, 1], "-o", color="C0", ms=4)
+        ax.plot(*p[-1], "o", color="C0", ms=12, label="agent")
+    if goal is not None:
+        ax.plot(*world.cell_pos(int(goal)), "*", color="C3", ms=16, label="goal")
+    if imagined is not None:
+        for a, (x, y) in enumerate(np.asarray(imagined)):
+            ax.annotate(ACTIONS[a][0].upper(), (x, y), color="C2", ha="center", va="center", fontsize=9, weight="bold")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def image_to_png(images: list[np.ndarray], scale: int = 2) -> bytes:
+    """Grayscale images side by side (a small gap between) as PNG bytes, for ipywidgets.Image."""
+    from PIL import Image
+
+    gap = np.full((images[0].shape[0], 6), 255, np.uint8)
+    row = np.concatenate(sum(([np.asarray(im), gap] for im in images), [])[:-1], axis=1)
+    img = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="png")
+    return buf.getvalue()
+
+
+def transition_explorer(world: World):
+    """Widget: pick a start cell and an action, see the image before and after. Works on ipywidgets 7.7 and 8.
+
+    Returns the widget box; its children are driven headlessly by setting .value (observers run at once).
+    """
+    import ipywidgets as W
+
+    G = world.grid_size
+    col = W.Dropdown(options=list(range(G)), value=int(world.free_cells[0] % G), description="col")
+    row = W.Dropdown(options=list(range(G)), value=int(world.free_cells[0] // G), description="row")
+    action = W.ToggleButtons(options=[(name, i) for i, name in enumerate(ACTIONS)], value=3, description="action")
+    image = W.Image(format="png")
+    label = W.HTML()
+    atlas = world.atlas()
+
+    def update(_=None):
+        cell = row.value * G + col.value
+        if world.is_wall(cell):
+            label.value = f"<b>({col.value}, {row.value}) is a wall</b> - pick another cell"
+            image.value = image_to_png([atlas[world.free_cells[0]].numpy()])
+            return
+        after = int(world.step(torch.tensor([cell]), torch.tensor([action.value]))[0])
+        bumped = " - <b>blocked by a wall, the agent stays</b>" if after == cell else ""
+        image.value = image_to_png([atlas[cell].numpy(), atlas[after].numpy()])
+        label.value = f"before ({col.value}, {row.value}) &nbsp; --{ACTIONS[action.value]}--&gt; &nbsp; after {tuple(int(v) for v in world.cell_pos(after))}{bumped}"
+
+    for w in (col, row, action):
+        w.observe(update, names="value")
+    update()
+    box = W.VBox([W.HBox([col, row]), action, image, label])
+    box.update = update
+    return box
+
+
+def planning_player(world: World, policies: dict[str, Policy], start: int | None = None, goal: int | None = None,
+                    max_steps: int | None = None):
+    """Widget: choose a planner, a start and a goal, then Play or step through the episode.
+
+    Shows the current frame, the map with the path so far, the 4 actions' predicted scores and the
+    chosen action. Works on ipywidgets 7.7 and 8 (Play and IntSlider linked in Python, not in the browser).
+    """
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    free = [int(c) for c in world.free_cells]
+    names = {f"({c % world.grid_size}, {c // world.grid_size})": c for c in free}
+    planner = W.Dropdown(options=list(policies), description="planner")
+    start_w = W.Dropdown(options=list(names.items()), value=start if start is not None else free[0], description="start")
+    goal_w = W.Dropdown(options=list(names.items()), value=goal if goal is not None else free[-1], description="goal")
+    step = W.IntSlider(min=0, max=0, description="step")
+    play = W.Play(min=0, max=0, interval=600)
+    W.link((play, "value"), (step, "value"))
+    frame, board = W.Image(format="png"), W.Image(format="png")
+    info = W.HTML()
+    state = {}
+
+    def replan(_=None):
+        if start_w.value == goal_w.value:
+            info.value = "start and goal are the same cell: pick another goal"
+            state["result"] = None
+            return
+        res = run_mpc(world, policies[planner.value], torch.tensor([start_w.value]), torch.tensor([goal_w.value]),
+                      max_steps=max_steps, record=True)
+        state["result"] = res
+        last = int(min(res.steps[0], res.paths.shape[1] - 1))
+        step.max = play.max = last
+        step.value = play.value = 0
+        show()
+
+    def show(_=None):
+        res = state.get("result")
+        if res is None:
+            return
+        t = step.value
+        cell = int(res.paths[0, t])
+        frame.value = image_to_png([world.atlas()[cell].numpy()])
+        fig, ax = plt.subplots(figsize=(3, 3))
+        rec = res.trace[t] if t < len(res.trace) else None
+        imagined = rec["imagined"][0] if rec is not None and "imagined" in rec else None
+        show_grid(world, ax, path=res.paths[0, : t + 1].numpy(), goal=goal_w.value, imagined=imagined)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+        plt.close(fig)
+        board.value = buf.getvalue()
+        status = "reached the goal" if cell == goal_w.value else f"step {t}/{step.max}"
+        lines = [f"<b>{planner.value}</b>: {status} &nbsp; (optimal: {int(res.optimal_steps[0])} steps; "
+                 f"{'solved in ' + str(int(res.steps[0])) if bool(res.success[0]) else 'not solved'})"]
+        if rec is not None:
+            scores = rec["scores"][0]
+            chosen = int(rec["action"][0])
+            cells_txt = " ".join(f"{'<b>' if a == chosen else ''}{name}: {float(scores[a]):.2f}{'</b>' if a == chosen else ''}"
+                                 for a, name in enumerate(ACTIONS))
+            lines.append(f"predicted cost per action - {cells_txt} &nbsp; -> <b>{ACTIONS[chosen]}</b>")
+        info.value = "<br>".join(lines)
+
+    for w in (planner, start_w, goal_w):
+        w.observe(replan, names="value")
+    step.observe(show, names="value")
+    replan()
+    box = W.VBox([W.HBox([planner, start_w, goal_w]), W.HBox([play, step]), W.HBox([frame, board]), info])
+    box.state, box.controls = state, {"planner": planner, "start": start_w, "goal": goal_w, "step": step, "play": play}
+    return box
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# The main job: train, analyse, plan, report
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> dict:
+    """Headline metrics of a trained model on its world: next-state accuracy, latent std, probes, planning."""
+    calibrate_batchnorm(model, world)
+    emb = encode_states(model, world).cpu()
+    pos = world.cell_pos(world.free_cells)
+    report = probe_report(emb.numpy(), pos)
+    probe = fit_probe(emb.numpy(), pos)
+    policy = make_policy(planner, model, world, probe)
+    plan = run_mpc(world, policy).summary()
+    return {
+        "next_state_accuracy": next_state_accuracy(model, world),
+        "latent_std": float(emb.std(0).mean()),
+        "probe_r2_fit": report["fit"],
+        "probe_r2_heldout": report["heldout_mean"],
+        "probe_r2_heldout_std": report["heldout_std"],
+        "probe_r2_ridge_heldout": report["ridge_heldout_mean"],
+        "planner": planner,
+        "plan_success": plan["success"],
+        "plan_optimal": plan["optimal"],
+        "plan_seconds": plan["seconds"],
+    }
+
+
+PLANNERS = ("probe", "nearest", "cem", "search", "graph", "random")
+
+
+def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
+    """A planner by name: probe (the seed's), nearest (probe-free greedy), cem, search (4^H), graph, random."""
+    if name == "probe":
+        if probe is None:
+            probe = fit_probe(encode_states(model, world).cpu().numpy(), world.cell_pos(world.free_cells))
+        return probe_policy(model, world, probe)
+    makers = {"nearest": nearest_cell_policy, "cem": cem_policy, "search": exhaustive_policy, "graph": graph_policy}
+    if name == "random":
+        return random_policy()
+    if name not in makers:
+        raise ValueError(f"unknown planner {name!r}; expected one of {PLANNERS}")
+    return makers[name](model, world)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Train with a profile, evaluate, print the headline metrics, save checkpoint + JSON."""
+    parser = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
+    parser.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
+    parser.add_argument("--layout", default="open", choices=sorted(LAYOUTS))
+    parser.add_argument("--planner", default="probe", choices=PLANNERS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lam", type=float, default=None, help="SIGReg weight (default: the profile's)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", default=None, help="checkpoint path (default: runs/<profile>_<layout>_seed<seed>.pt)")
+    args = parser.parse_args(argv)
+    overrides = {"layout": args.layout, "seed": args.seed}
+    for key, value in (("lam", args.lam), ("seq_len", args.seq_len), ("num_steps", args.steps)):
+        if value is not None:
+            overrides[key] = value
+    if "LOCAL_RANK" in os.environ and not dist.is_initialized():  # started by torchrun
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    cfg = make_config(args.profile, **overrides)
+    out = Path(args.out or REPO_ROOT / "runs" / f"{cfg.profile}_{args.layout}_seed{args.seed}.pt")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() else torch.device("cpu")
+    result = train(cfg, ckpt_path=out, resume=True, device=device)
+    metrics = {}
+    if _is_main_process():
+        metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner)
+        metrics["train_seconds"] = result.train_seconds
+        save_checkpoint(out, result.model, cfg, None, cfg.num_steps, result.history, metrics)
+        meta = {"config": dataclasses.asdict(cfg), "command": "python gridjepa_utils.py " + " ".join(argv or sys.argv[1:]),
+                "train_seconds": result.train_seconds, "device": describe_device(device), "metrics": metrics}
+        out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        print(f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: trained {cfg.num_steps} steps in {result.train_seconds:.1f} s")
+        for k, v in metrics.items():
+            print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
+        print(f"checkpoint: {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return metrics
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+if __name__ == "__main__":
+    main()
