@@ -27,9 +27,9 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -78,7 +78,9 @@ def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndar
         return walls
     walls = np.asarray(layout)
     if walls.shape != (grid_size, grid_size):
-        raise ValueError(f"a layout must have shape (grid_size, grid_size) = ({grid_size}, {grid_size}), got {walls.shape}")
+        raise ValueError(
+            f"a layout must have shape (grid_size, grid_size) = ({grid_size}, {grid_size}), got {walls.shape}"
+        )
     if walls.dtype != bool:
         raise TypeError(f"a layout must be a boolean array (True = wall), got dtype {walls.dtype}")
     return walls.copy()
@@ -177,9 +179,13 @@ class World:
         """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
         state, action = check_int_tensor(state, "state"), check_actions(action)
         if state.shape != action.shape:
-            raise ValueError(f"state and action must have the same shape, got {tuple(state.shape)} and {tuple(action.shape)}")
+            raise ValueError(
+                f"state and action must have the same shape, got {tuple(state.shape)} and {tuple(action.shape)}"
+            )
         if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
-            raise ValueError(f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]")
+            raise ValueError(
+                f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]"
+            )
         cell = state % self.num_cells
         if self.walls.reshape(-1)[cell.cpu().numpy()].any():
             raise ValueError("the agent cannot stand on a wall cell")
@@ -187,7 +193,8 @@ class World:
         return state - cell + table[cell, action]
 
     def bfs_from(self, cell: int) -> np.ndarray:
-        """Shortest number of moves from ``cell`` to every cell: (N,) with -1 for unreachable or walls."""
+        """Shortest number of moves from ``cell`` to every cell: (N,), -1 where unreachable (walls included,
+        when ``cell`` is free)."""
         dist_to = np.full(self.num_cells, -1, dtype=np.int64)
         table = self.next_cell.numpy()
         dist_to[cell] = 0
@@ -227,9 +234,12 @@ class World:
         """Observations of states by one gather from the atlas: (...,) -> (..., 1, H, W) float in [0, 1]."""
         state = check_int_tensor(torch.as_tensor(state), "state")
         if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
-            raise ValueError(f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]")
+            raise ValueError(
+                f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]"
+            )
         atlas = self.atlas(device if device is not None else state.device)
-        return (atlas[state.to(atlas.device)].unsqueeze(-3).float() / 255.0).contiguous()
+        images = atlas.index_select(0, state.reshape(-1).to(atlas.device))  # (B, H, W) uint8: one gather
+        return images.view(*state.shape, 1, *atlas.shape[1:]).float().div_(255.0)  # (..., 1, H, W)
 
     def render_pos(self, col: int, row: int, target: tuple[int, int] | None = None) -> torch.Tensor:
         """The observation of the agent at (col, row): (1, 1, H, W). The public way to get one image."""
@@ -266,6 +276,7 @@ def check_actions(action) -> torch.Tensor:
 
 
 # ── the sprite atlas: every state drawn once with numpy, 2x supersampled for smooth edges ──
+
 
 def _iso_geometry(G: int, size: int) -> tuple[float, float, float, float]:
     """Tile width, tile height, board origin x, board top y for a G x G board in a size x size image."""
@@ -315,7 +326,11 @@ class _Canvas:
 def _draw_board(canvas: _Canvas, G: int, size: int) -> None:
     tw, th, x0, y0 = _iso_geometry(G, size)
     slab = th * 0.45
-    left, bottom, right = _cell_center(0, G - 1, G, size), _cell_center(G - 1, G - 1, G, size), _cell_center(G - 1, 0, G, size)
+    left, bottom, right = (
+        _cell_center(0, G - 1, G, size),
+        _cell_center(G - 1, G - 1, G, size),
+        _cell_center(G - 1, 0, G, size),
+    )
     # the board is a slab: its two front faces give it depth
     canvas.side_face(left[0] - tw / 2, bottom[0], left[1] + slab, bottom[1] + th / 2 + slab, slab, 0.30)
     canvas.side_face(bottom[0], right[0] + tw / 2, bottom[1] + th / 2 + slab, right[1] + slab, slab, 0.20)
@@ -398,6 +413,7 @@ def render_atlas(world: World, supersample: int = 2) -> np.ndarray:
 
 # ── datasets: integers in memory, pixels on demand ──
 
+
 @dataclass
 class Transitions:
     """Compact trajectories: ``states`` (B, T) and ``actions`` (B, T-1), both small integer tensors.
@@ -435,8 +451,12 @@ def make_transitions(
     gen = torch.Generator().manual_seed(seed)
     allowed = torch.from_numpy(np.setdiff1d(world.free_cells, np.asarray(exclude_cells, dtype=np.int64)))
     table, N = world.next_cell, world.num_cells
-    kept_states, kept_actions, have = [], [], 0
+    kept_states, kept_actions, have, barren = [], [], 0, 0
     while have < num:
+        if barren >= 100:
+            raise ValueError(
+                f"no trajectory of {seq_len} frames avoids the excluded cells {exclude_cells}; exclude fewer cells"
+            )
         batch = 2 * (num - have) + 64
         cells = [allowed[torch.randint(len(allowed), (batch,), generator=gen)]]
         actions = torch.randint(len(ACTIONS), (batch, seq_len - 1), generator=gen)
@@ -451,6 +471,7 @@ def make_transitions(
         kept_states.append(states[ok])
         kept_actions.append(actions[ok])
         have += int(ok.sum())
+        barren = barren + 1 if not ok.any() else 0
     states = torch.cat(kept_states)[:num]
     dtype = torch.int16 if world.num_states < 2**15 else torch.int32
     return Transitions(states.to(dtype), torch.cat(kept_actions)[:num].to(torch.uint8))
@@ -462,7 +483,9 @@ def dataset_stats(world: World, data: Transitions) -> dict:
     cells = world.agent_cell(states)
     return {
         "action_counts": torch.bincount(actions.reshape(-1), minlength=len(ACTIONS)).numpy(),
-        "cell_counts": torch.bincount(cells.reshape(-1), minlength=world.num_cells).numpy().reshape(world.grid_size, world.grid_size),
+        "cell_counts": torch.bincount(cells.reshape(-1), minlength=world.num_cells)
+        .numpy()
+        .reshape(world.grid_size, world.grid_size),
         "wall_hit_share": float((cells[:, 1:] == cells[:, :-1]).float().mean()),
         "num_transitions": len(data) * (states.shape[1] - 1),
         "stored_bytes": data.nbytes,
@@ -493,6 +516,7 @@ class TransitionDataset(torch.utils.data.Dataset):
 # ════════════════════════════════════════════════════════════════════════════════════════
 # 2. Model (notebook 02)
 # ════════════════════════════════════════════════════════════════════════════════════════
+
 
 @dataclass
 class Config:
@@ -538,8 +562,21 @@ class Config:
 
     def model_fields(self) -> dict:
         """The fields a checkpoint's weights depend on: they must match to load it."""
-        names = ("grid_size", "input_size", "patch_size", "width", "depth", "heads", "latent_dim", "proj_hidden",
-                 "projector_norm", "pred_width", "pred_depth", "pred_heads", "seq_len")
+        names = (
+            "grid_size",
+            "input_size",
+            "patch_size",
+            "width",
+            "depth",
+            "heads",
+            "latent_dim",
+            "proj_hidden",
+            "projector_norm",
+            "pred_width",
+            "pred_depth",
+            "pred_heads",
+            "seq_len",
+        )
         return {k: getattr(self, k) for k in names}
 
 
@@ -547,13 +584,44 @@ PROFILES = {
     # the seed's recipe: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M parameters; for a GPU
     "full": {},
     # reaches the seed's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
-    "cpu": dict(input_size=32, patch_size=8, width=128, depth=2, heads=4, pred_width=128, pred_depth=2,
-                lam=0.1, batch_size=64, num_steps=300, lr=1e-3, warmup_steps=50,
-                log_every=10, eval_every=100, ckpt_every=100),
+    "cpu": dict(
+        input_size=32,
+        patch_size=8,
+        width=128,
+        depth=1,
+        heads=4,
+        pred_width=128,
+        pred_depth=2,
+        lam=0.1,
+        batch_size=64,
+        num_steps=300,
+        lr=1e-3,
+        warmup_steps=50,
+        log_every=10,
+        eval_every=100,
+        ckpt_every=100,
+    ),
     # seconds: CI re-executes the notebooks with it
-    "smoke": dict(num_transitions=4000, input_size=32, patch_size=8, width=64, depth=1, heads=2, pred_width=64,
-                  pred_depth=1, pred_heads=2, proj_hidden=256, lam=0.1, batch_size=32, num_steps=30, lr=1e-3,
-                  warmup_steps=5, log_every=5, eval_every=15, ckpt_every=15),
+    "smoke": dict(
+        num_transitions=4000,
+        input_size=32,
+        patch_size=8,
+        width=64,
+        depth=1,
+        heads=2,
+        pred_width=64,
+        pred_depth=1,
+        pred_heads=2,
+        proj_hidden=256,
+        lam=0.1,
+        batch_size=32,
+        num_steps=30,
+        lr=1e-3,
+        warmup_steps=5,
+        log_every=5,
+        eval_every=15,
+        ckpt_every=15,
+    ),
 }
 
 
@@ -654,8 +722,15 @@ class Encoder(nn.Module):
         self.patch_embed = nn.Conv2d(1, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, cfg.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, dim_feedforward=4 * cfg.width, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.width,
+            cfg.heads,
+            dim_feedforward=4 * cfg.width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
         self.projector = Projector(cfg.width, cfg.proj_hidden, cfg.latent_dim, cfg.projector_norm)
@@ -803,12 +878,33 @@ class JEPA(nn.Module):
             raise ValueError(f"expected emb (B, D) and action (B,), got {tuple(emb.shape)} and {tuple(action.shape)}")
         return self.predictor(emb[:, None], action[:, None])[:, 0]
 
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor, self_feed: bool = False) -> dict[str, torch.Tensor]:
+        """The training forward: obs (B, T, 1, H, W), actions (B, T-1) -> latents and predictions.
+
+        Both frames go through the one encoder in one batch (one set of BatchNorm statistics).
+        emb (B, T, D); pred (B, T-1, D) with teacher forcing; with ``self_feed`` also rollout (B, T-1, D),
+        where the predictor is fed its own predictions. Training calls this (through DDP when distributed).
+        """
+        B, T = obs.shape[:2]
+        emb = self.encoder(obs.flatten(0, 1)).float().view(B, T, -1)  # (B, T, D)
+        out = {"emb": emb, "pred": self.predictor(emb[:, :-1], actions).float()}  # (B, T-1, D)
+        if self_feed:
+            history = emb[:, :1]
+            for t in range(T - 1):
+                nxt = self.predictor(history, actions[:, : t + 1])[:, -1:]
+                history = torch.cat([history, nxt.float()], dim=1)
+            out["rollout"] = history[:, 1:]
+        return out
+
     def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Open-loop imagination: each prediction is fed back as the next input. (B, D), (B, H) -> (B, H, D)."""
+        """Open-loop imagination: each prediction is fed back as the next input. (B, D), (B, H) -> (B, H, D).
+
+        The predictor sees the last seq_len - 1 frames (real or imagined): one for the seed's T=2."""
         actions = check_actions(actions).to(emb.device)
+        context_len = max(1, self.cfg.seq_len - 1)  # as many frames as the predictor saw in training
         history = emb[:, None]  # (B, 1, D)
         for h in range(actions.shape[1]):
-            context = history[:, -self.predictor.max_len :]
+            context = history[:, -context_len:]
             nxt = self.predictor(context, actions[:, h + 1 - context.shape[1] : h + 1])[:, -1]
             history = torch.cat([history, nxt[:, None]], dim=1)
         return history[:, 1:]
@@ -833,28 +929,23 @@ def parameter_table(model: JEPA) -> dict[str, int]:
 # 3. Training (notebook 03)
 # ════════════════════════════════════════════════════════════════════════════════════════
 
-def jepa_loss(model: JEPA, sigreg: SIGReg, obs: torch.Tensor, actions: torch.Tensor, cfg: Config,
-              step: int | None = None) -> dict[str, torch.Tensor]:
+
+def jepa_loss(
+    model: JEPA, sigreg: SIGReg, obs: torch.Tensor, actions: torch.Tensor, cfg: Config, step: int | None = None
+) -> dict[str, torch.Tensor]:
     """Named loss terms for a batch of trajectories: obs (B, T, 1, H, W), actions (B, T-1).
 
     pred_loss = MSE(predictor(z_0..z_{T-2}, a), z_1..z_{T-1}) with teacher forcing; with
     cfg.rollout_weight > 0 the predictor is also fed its own predictions (open loop) and that MSE is added.
     """
-    B, T = obs.shape[:2]
-    encoder = model.module.encoder if hasattr(model, "module") else model.encoder
-    predictor = model.module.predictor if hasattr(model, "module") else model.predictor
-    emb = encoder(obs.flatten(0, 1)).float()  # (B*T, D) - both frames through one encoder, one BN batch
-    sig = sigreg(emb, step)
-    emb = emb.view(B, T, -1)  # (B, T, D)
-    pred = predictor(emb[:, :-1], actions).float()  # (B, T-1, D)
-    pred_loss = F.mse_loss(pred, emb[:, 1:])
+    T = obs.shape[1]
+    out = model(obs, actions, self_feed=cfg.rollout_weight > 0 and T > 2)  # model may be DDP-wrapped
+    emb = out["emb"]  # (B, T, D)
+    sig = sigreg(emb.flatten(0, 1), step)
+    pred_loss = F.mse_loss(out["pred"], emb[:, 1:])
     terms = {"pred_loss": pred_loss, "sigreg": sig}
-    if cfg.rollout_weight > 0 and T > 2:
-        history = emb[:, :1]
-        for t in range(T - 1):  # feed the predictor its own predictions
-            nxt = predictor(history, actions[:, : t + 1])[:, -1:]
-            history = torch.cat([history, nxt], dim=1)
-        terms["rollout_loss"] = F.mse_loss(history[:, 1:], emb[:, 1:])
+    if "rollout" in out:
+        terms["rollout_loss"] = F.mse_loss(out["rollout"], emb[:, 1:])
         pred_loss = pred_loss + cfg.rollout_weight * terms["rollout_loss"]
     terms["loss"] = pred_loss + cfg.lam * sig
     terms["latent_std"] = emb.detach().std(0).mean()
@@ -882,23 +973,25 @@ def calibrate_batchnorm(model: JEPA, world: World) -> None:
 
     The data visits free cells uniformly, so the exact statistics are those of one image per free cell.
     Running averages taken during training lag behind while the learning rate is high and can make a
-    good model look broken (see notebook 03); this replaces them.
+    good model look broken (see notebook 03); this replaces them with the exact statistics, computed in eval
+    mode (no collective ops, so any one rank may call it).
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
-    if not bns:
-        return
     was_training = model.training
+    model.eval()
     states = torch.from_numpy(world.free_cells)
     if world.show_target:
         states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
-    saved = [(bn.momentum, bn.training) for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the calls below
-        bn.train()
-    model.encoder(world.render(states, model.device))
-    for bn, (momentum, _) in zip(bns, saved):
-        bn.momentum = momentum
+    obs = world.render(states, model.device)
+    for bn in (
+        m for m in model.modules() if isinstance(m, nn.BatchNorm1d)
+    ):  # in order: later BNs see earlier ones' new stats
+        captured = []
+        hook = bn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0]))
+        model.encoder(obs)
+        hook.remove()
+        x = captured[0].float()  # (P, C): this BatchNorm's input over the evaluated data
+        bn.running_mean.copy_(x.mean(0))
+        bn.running_var.copy_(x.var(0, unbiased=True) if len(x) > 1 else torch.ones_like(bn.running_var))
     model.train(was_training)
 
 
@@ -923,6 +1016,33 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
     pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))  # (N*A, D)
     nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
     return float((nearest == world.next_cell[cells, actions]).float().mean())
+
+
+@torch.no_grad()
+def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, seed: int = 12345) -> dict:
+    """Open-loop prediction quality vs horizon h = 1..H on fresh random trajectories.
+
+    From the real latent of frame 0 the model imagines frames 1..H from the actions alone. Reports the MSE to
+    the real latents (relative to the latents' variance: 1 = no better than guessing the mean) and the share
+    of imagined latents whose nearest real cell latent is the true cell.
+    """
+    if horizon < 1:
+        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    data = make_transitions(world, num, horizon + 1, seed)
+    states = data.states.long()  # (B, H+1)
+    model.eval()
+    emb = encode_cells(model, world, states.reshape(-1)).view(num, horizon + 1, -1)  # (B, H+1, D)
+    pred = model.rollout(emb[:, 0], data.actions.long())  # (B, H, D)
+    cells = encode_states(model, world)  # (N_free, D)
+    nearest = torch.from_numpy(world.free_cells)[torch.cdist(pred.flatten(0, 1), cells).argmin(1).cpu()].view(
+        num, horizon
+    )
+    var = emb.var(dim=(0, 1)).sum()
+    return {
+        "h": list(range(1, horizon + 1)),
+        "relative_mse": (((pred - emb[:, 1:]) ** 2).sum(-1).mean(0) / var).tolist(),
+        "accuracy": (nearest == world.agent_cell(states[:, 1:])).float().mean(0).tolist(),
+    }
 
 
 def _is_main_process() -> bool:
@@ -980,7 +1100,7 @@ def train(
     history: dict[str, list] = {}
     start = 0
     if ckpt_path is not None and resume and Path(ckpt_path).exists():
-        ckpt = load_checkpoint(ckpt_path, cfg, model=model)
+        ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
         opt.load_state_dict(ckpt["optimizer"])
         start, history = ckpt["step"], ckpt["history"]
         if _is_main_process() and progress:
@@ -1003,8 +1123,10 @@ def train(
         with autocast:
             terms = jepa_loss(train_model, sigreg, obs, actions, cfg, step)
         if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(f"loss became {terms['loss'].item()} at step {step}: lower lr, or raise lam "
-                                     f"(now {cfg.lam}) if the latents collapsed first")
+            raise FloatingPointError(
+                f"loss became {terms['loss'].item()} at step {step}: lower lr, or raise lam "
+                f"(now {cfg.lam}) if the latents collapsed first"
+            )
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1016,7 +1138,9 @@ def train(
             for k, v in terms.items():
                 _log(history, k, float(v.detach()))
             with torch.no_grad():
-                _log(history, "eff_rank", effective_rank(model.encoder(obs[:, 0])) if obs.shape[0] > 1 else float("nan"))
+                _log(
+                    history, "eff_rank", effective_rank(model.encoder(obs[:, 0])) if obs.shape[0] > 1 else float("nan")
+                )
             bar_postfix(bar, pred=history["pred_loss"][-1], sig=history["sigreg"][-1], std=history["latent_std"][-1])
         if _is_main_process() and (done % cfg.eval_every == 0 or done == cfg.num_steps):
             calibrate_batchnorm(model, world)
@@ -1041,9 +1165,11 @@ def train(
 def collapse_warning(latent_std: float, cfg: Config) -> str | None:
     """A message with what to try when the latents have (almost) stopped varying."""
     if latent_std < 0.05:
-        return (f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to "
-                f"nearly the same vector. Try a larger lam (now {cfg.lam}) or projector_norm='batchnorm' "
-                f"(now {cfg.projector_norm!r}).")
+        return (
+            f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to "
+            f"nearly the same vector. Try a larger lam (now {cfg.lam}) or projector_norm='batchnorm' "
+            f"(now {cfg.projector_norm!r})."
+        )
     return None
 
 
@@ -1066,8 +1192,10 @@ def bar_postfix(bar, **values) -> None:
 
 # ── checkpoints ──
 
-def save_checkpoint(path: str | Path, model: JEPA, cfg: Config, opt=None, step: int = 0, history=None,
-                    metrics: dict | None = None) -> None:
+
+def save_checkpoint(
+    path: str | Path, model: JEPA, cfg: Config, opt=None, step: int = 0, history=None, metrics: dict | None = None
+) -> None:
     """Model, optimiser, step, config, history and metrics in one file, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1084,20 +1212,36 @@ def save_checkpoint(path: str | Path, model: JEPA, cfg: Config, opt=None, step: 
     os.replace(tmp, path)  # a disconnect mid-write never leaves a half checkpoint
 
 
-def load_checkpoint(path: str | Path, cfg: Config | None = None, model: JEPA | None = None,
-                    device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint (weights_only=True). With ``cfg``, refuse one whose architecture fields differ.
+BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "profile")
 
-    Returns the checkpoint dict with "cfg" (a Config) and "model" (a JEPA in eval mode, weights loaded).
+
+def load_checkpoint(
+    path: str | Path,
+    cfg: Config | None = None,
+    model: JEPA | None = None,
+    device: torch.device | str = "cpu",
+    same_run: bool = False,
+) -> dict:
+    """Load a checkpoint (weights_only=True). With ``cfg``, refuse one whose architecture fields differ
+    (with ``same_run``, any training field: resuming with another lam or schedule would mix two runs).
+
+    Returns the checkpoint dict with "cfg" (its Config) and "model_obj" (a JEPA in eval mode, weights loaded).
     """
     ckpt = torch.load(path, map_location=device, weights_only=True)
     saved = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
     if cfg is not None:
-        diff = {k: (v, getattr(cfg, k)) for k, v in saved.model_fields().items() if getattr(cfg, k) != v}
+        fields = (
+            {k: v for k, v in dataclasses.asdict(saved).items() if k not in BOOKKEEPING}
+            if same_run
+            else saved.model_fields()
+        )
+        diff = {k: (v, getattr(cfg, k)) for k, v in fields.items() if getattr(cfg, k) != v}
         if diff:
             lines = ", ".join(f"{k}: checkpoint={a!r} vs config={b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"checkpoint {path} was made with another model config ({lines}); "
-                             f"build the model from the checkpoint's config (load_model) or start a new run")
+            raise ValueError(
+                f"checkpoint {path} was made with another model config ({lines}); "
+                f"build the model from the checkpoint's config (load_model) or start a new run"
+            )
     if model is None:
         model = JEPA(saved).to(device)
     model.load_state_dict(ckpt["model"])
@@ -1136,6 +1280,7 @@ class LivePlot:
 # 4. Analysis (notebook 04): probes scored honestly, PCA
 # ════════════════════════════════════════════════════════════════════════════════════════
 
+
 @dataclass
 class LinearProbe:
     """y = x @ weight + bias, fit by (ridge) least squares. Plain (alpha=0) is the minimum-norm solution."""
@@ -1145,7 +1290,9 @@ class LinearProbe:
 
     def __call__(self, x) -> np.ndarray:
         if isinstance(x, torch.Tensor):
-            return x @ torch.as_tensor(self.weight, dtype=x.dtype, device=x.device) + torch.as_tensor(self.bias, dtype=x.dtype, device=x.device)
+            return x @ torch.as_tensor(self.weight, dtype=x.dtype, device=x.device) + torch.as_tensor(
+                self.bias, dtype=x.dtype, device=x.device
+            )
         return np.asarray(x) @ self.weight + self.bias
 
 
@@ -1160,7 +1307,10 @@ def fit_probe(x: np.ndarray, y: np.ndarray, alpha: float = 0.0) -> LinearProbe:
     return LinearProbe(w, my - mx @ w)
 
 
-def ridge_alpha_loo(x: np.ndarray, y: np.ndarray, alphas=np.logspace(-3, 4, 15)) -> float:
+RIDGE_ALPHAS = tuple(np.logspace(-3, 4, 15))
+
+
+def ridge_alpha_loo(x: np.ndarray, y: np.ndarray, alphas=RIDGE_ALPHAS) -> float:
     """The ridge alpha with the smallest leave-one-out error (closed form via the hat matrix)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     xc, yc = x - x.mean(0), y - y.mean(0)
@@ -1207,10 +1357,15 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
         ridge.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit], alpha)(emb[test])).mean())
     fit_r2 = r2_score(pos, fit_probe(emb, pos)(emb))
     return {
-        "fit_col": float(fit_r2[0]), "fit_row": float(fit_r2[1]), "fit": float(fit_r2.mean()),
-        "heldout_mean": float(np.mean(plain)), "heldout_std": float(np.std(plain)),
-        "ridge_heldout_mean": float(np.mean(ridge)), "ridge_heldout_std": float(np.std(ridge)),
-        "num_splits": num_splits, "holdout": holdout,
+        "fit_col": float(fit_r2[0]),
+        "fit_row": float(fit_r2[1]),
+        "fit": float(fit_r2.mean()),
+        "heldout_mean": float(np.mean(plain)),
+        "heldout_std": float(np.std(plain)),
+        "ridge_heldout_mean": float(np.mean(ridge)),
+        "ridge_heldout_std": float(np.std(ridge)),
+        "num_splits": num_splits,
+        "holdout": holdout,
     }
 
 
@@ -1224,10 +1379,14 @@ def pca(emb, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return x @ vt[:k].T, ratio
 
 
-def untrained_model(cfg: Config, seed: int = 1234) -> JEPA:
-    """Same architecture, random weights, BatchNorm calibrated like a trained one: the baseline to beat."""
-    torch.manual_seed(seed)
-    return JEPA(cfg).eval()
+def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -> JEPA:
+    """Same architecture, random weights, BatchNorm calibrated like a trained one (on ``world``, default the
+    config's): the baseline any claim must beat. Leaves the global random state alone."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = JEPA(cfg)
+    calibrate_batchnorm(model, world or build_world(cfg))
+    return model.eval()
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1286,8 +1445,10 @@ def random_policy(seed: int = 0) -> Policy:
     gen = torch.Generator().manual_seed(seed)
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        return {"action": torch.randint(len(ACTIONS), (len(cells),), generator=gen),
-                "scores": torch.zeros(len(cells), len(ACTIONS))}
+        return {
+            "action": torch.randint(len(ACTIONS), (len(cells),), generator=gen),
+            "scores": torch.zeros(len(cells), len(ACTIONS)),
+        }
 
     return policy
 
@@ -1306,19 +1467,32 @@ def bfs_policy(world: World) -> Policy:
 
 
 @torch.no_grad()
-def sequence_costs(model: JEPA, world: World, cells: torch.Tensor, goals: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
-    """Latent cost of action sequences: cells, goals (P,), seqs (P, S, H) -> (P, S).
+def imagined_costs(model: JEPA, world: World, cells: torch.Tensor, goals: torch.Tensor, horizon: int) -> torch.Tensor:
+    """Latent cost of every action sequence of length H from every cell to every goal image.
 
-    Cost = min over the horizon of ||z_h - z_goal||^2, plus a tiny penalty per step so that reaching the
-    goal sooner wins ties: a sequence that passes through the goal is as good as one that ends there.
+    Returns (P, 4^H): for pair p and sequence s (base-4 code, first action most significant), the smallest
+    ||z_h - z_goal||^2 along the imagined rollout, plus a tiny penalty per step so that reaching the goal sooner
+    wins ties - a sequence that passes through the goal is as good as one that ends there.
+    The imagined rollout depends only on the start frame and the actions, so it is computed once per distinct
+    start cell (U <= N) and shared by every pair starting there: (U * 4^H) rollouts, not (P * S).
     """
-    P, S, H = seqs.shape
-    emb = encode_cells(model, world, cells)  # (P, D)
-    goal_emb = encode_cells(model, world, goals)  # (P, D)
-    z = model.rollout(repeat(emb, "p d -> (p s) d", s=S), seqs.flatten(0, 1).to(emb.device))  # (P*S, H, D)
-    d = ((z - repeat(goal_emb, "p d -> (p s) 1 d", s=S)) ** 2).sum(-1)  # (P*S, H)
-    d = d + 1e-3 * torch.arange(1, H + 1, device=d.device)
-    return d.min(1).values.view(P, S).cpu()
+    seqs = torch.cartesian_prod(*[torch.arange(len(ACTIONS))] * horizon).view(-1, horizon)  # (4^H, H)
+    start_u, start_inv = torch.unique(cells, return_inverse=True)
+    goal_u, goal_inv = torch.unique(goals, return_inverse=True)
+    emb = encode_cells(model, world, start_u)  # (U, D)
+    goal_emb = encode_cells(model, world, goal_u)  # (Ug, D)
+    S = len(seqs)
+    z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), repeat(seqs, "s h -> (u s) h", u=len(start_u)).to(emb.device))
+    d = torch.cdist(z.flatten(0, 1), goal_emb) ** 2  # (U*S*H, Ug)
+    d = d.view(len(start_u), S, horizon, len(goal_u)) + 1e-3 * torch.arange(1, horizon + 1, device=d.device)[:, None]
+    best = d.min(2).values.cpu()  # (U, S, Ug)
+    return best[start_inv, :, goal_inv]  # (P, S)
+
+
+def sequence_code(seqs: torch.Tensor) -> torch.Tensor:
+    """Base-4 index of action sequences (..., H) -> (...), matching imagined_costs' columns."""
+    H = seqs.shape[-1]
+    return (seqs * len(ACTIONS) ** torch.arange(H - 1, -1, -1)).sum(-1)
 
 
 def _first_action_scores(costs: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -1327,26 +1501,34 @@ def _first_action_scores(costs: torch.Tensor, first: torch.Tensor) -> torch.Tens
     return scores.scatter_reduce(1, first, costs, reduce="amin")
 
 
-def exhaustive_policy(model: JEPA, world: World, horizon: int = 3) -> Policy:
+def exhaustive_policy(model: JEPA, world: World, horizon: int = 4) -> Policy:
     """Search all 4^H action sequences for every pair at once; execute the first action of the best."""
     if horizon < 1:
         raise ValueError(f"horizon H must be >= 1, got {horizon}")
-    seqs = torch.cartesian_prod(*[torch.arange(len(ACTIONS))] * horizon).view(-1, horizon)  # (4^H, H)
+    first = torch.arange(len(ACTIONS) ** horizon) // len(ACTIONS) ** (horizon - 1)  # (4^H,) first action
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        s = repeat(seqs, "s h -> p s h", p=len(cells))
-        costs = sequence_costs(model, world, cells, goals, s)  # (P, S)
-        scores = _first_action_scores(costs, s[:, :, 0])
+        costs = imagined_costs(model, world, cells, goals, horizon)  # (P, 4^H)
+        scores = _first_action_scores(costs, first.expand_as(costs))
         return {"action": scores.argmin(1), "scores": scores}
 
     return policy
 
 
-def cem_policy(model: JEPA, world: World, horizon: int = 4, samples: int = 64, elites: int = 8,
-               iterations: int = 3, smoothing: float = 0.1, seed: int = 0) -> Policy:
+def cem_policy(
+    model: JEPA,
+    world: World,
+    horizon: int = 4,
+    samples: int = 64,
+    elites: int = 8,
+    iterations: int = 3,
+    smoothing: float = 0.1,
+    seed: int = 0,
+) -> Policy:
     """Cross-entropy method over discrete action sequences (as LeWM plans, made categorical):
     sample sequences from per-step categorical distributions, keep the elites, refit the probabilities
-    to them, repeat; execute the first action of the best sequence seen. Batched over all pairs."""
+    to them, repeat; execute the first action of the best sequence seen. Batched over all pairs; sampled
+    sequences are scored by the model's imagined rollouts (computed once per start cell, see imagined_costs)."""
     if horizon < 1:
         raise ValueError(f"horizon H must be >= 1, got {horizon}")
     if not 1 <= elites <= samples:
@@ -1355,21 +1537,21 @@ def cem_policy(model: JEPA, world: World, horizon: int = 4, samples: int = 64, e
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
         P, A = len(cells), len(ACTIONS)
+        table = imagined_costs(model, world, cells, goals, horizon)  # (P, 4^H)
         probs = torch.full((P, horizon, A), 1 / A)
         best_cost, best_seq = torch.full((P,), float("inf")), torch.zeros(P, horizon, dtype=torch.long)
         scores = torch.full((P, A), float("inf"))
         for _ in range(iterations):
             seqs = torch.multinomial(probs.flatten(0, 1), samples, replacement=True, generator=gen)
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
-            costs = sequence_costs(model, world, cells, goals, seqs)  # (P, S)
+            costs = table.gather(1, sequence_code(seqs))  # (P, S)
             scores = torch.minimum(scores, _first_action_scores(costs, seqs[:, :, 0]))
             order = costs.argsort(1)[:, :elites]  # (P, E)
             elite = torch.gather(seqs, 1, repeat(order, "p e -> p e h", h=horizon))  # (P, E, H)
-            counts = F.one_hot(elite, A).float().mean(1)  # (P, H, A)
-            probs = (1 - smoothing) * counts + smoothing / A
-            better = costs.gather(1, order[:, :1])[:, 0] < best_cost
-            best_cost = torch.where(better, costs.gather(1, order[:, :1])[:, 0], best_cost)
-            best_seq[better] = elite[better, 0]
+            probs = (1 - smoothing) * F.one_hot(elite, A).float().mean(1) + smoothing / A  # (P, H, A)
+            top = costs.gather(1, order[:, :1])[:, 0]
+            better = top < best_cost
+            best_cost, best_seq[better] = torch.where(better, top, best_cost), elite[better, 0]
         return {"action": best_seq[:, 0], "scores": scores}
 
     return policy
@@ -1385,7 +1567,10 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
     states = torch.from_numpy(world.free_cells) if frames is None else frames
     nodes = encode_cells(model, world, states)  # (V, D)
     V = len(states)
-    pred = model.predict(repeat(nodes, "v d -> (v a) d", a=len(ACTIONS)), repeat(torch.arange(len(ACTIONS), device=nodes.device), "a -> (v a)", v=V))
+    pred = model.predict(
+        repeat(nodes, "v d -> (v a) d", a=len(ACTIONS)),
+        repeat(torch.arange(len(ACTIONS), device=nodes.device), "a -> (v a)", v=V),
+    )
     edges = torch.cdist(pred, nodes).argmin(1).view(V, len(ACTIONS)).cpu().numpy()  # (V, A) imagined next node
     hops = np.full((V, V), -1)  # hops[goal, v]: imagined moves from v to goal, by BFS on reversed edges
     for g in range(V):
@@ -1439,35 +1624,51 @@ class PlanResult:
         return self.success & (self.steps == self.optimal_steps)
 
     def summary(self) -> dict:
-        return {"pairs": len(self.starts), "success": float(self.success.float().mean()),
-                "optimal": float(self.optimal.float().mean()), "seconds": self.seconds,
-                "mean_steps_solved": float(self.steps[self.success].float().mean()) if self.success.any() else float("nan")}
+        return {
+            "pairs": len(self.starts),
+            "success": float(self.success.float().mean()),
+            "optimal": float(self.optimal.float().mean()),
+            "seconds": self.seconds,
+            "mean_steps_solved": float(self.steps[self.success].float().mean()) if self.success.any() else float("nan"),
+        }
 
     def by_distance(self) -> dict[int, dict]:
         """Success and optimal share per BFS distance."""
         out = {}
         for d in sorted(set(self.optimal_steps.tolist())):
             m = self.optimal_steps == d
-            out[d] = {"pairs": int(m.sum()), "success": float(self.success[m].float().mean()),
-                      "optimal": float(self.optimal[m].float().mean())}
+            out[d] = {
+                "pairs": int(m.sum()),
+                "success": float(self.success[m].float().mean()),
+                "optimal": float(self.optimal[m].float().mean()),
+            }
         return out
 
 
-def run_mpc(world: World, policy: Policy, starts: torch.Tensor | None = None, goals: torch.Tensor | None = None,
-            max_steps: int | None = None, record: bool = False) -> PlanResult:
+def run_mpc(
+    world: World,
+    policy: Policy,
+    starts: torch.Tensor | None = None,
+    goals: torch.Tensor | None = None,
+    max_steps: int | None = None,
+    record: bool = False,
+) -> PlanResult:
     """Closed-loop control of every pair at once: observe -> policy -> act in the real world -> repeat.
 
     Defaults to all ordered pairs of distinct free cells. Episodes that reached their goal stop there.
     """
     if starts is None:
         starts, goals = world.all_pairs()
-    starts, goals = check_int_tensor(torch.as_tensor(starts), "starts"), check_int_tensor(torch.as_tensor(goals), "goals")
+    starts, goals = (
+        check_int_tensor(torch.as_tensor(starts), "starts"),
+        check_int_tensor(torch.as_tensor(goals), "goals"),
+    )
     for name, cells in (("start", starts), ("goal", goals)):
         if cells.numel() and (cells.min() < 0 or cells.max() >= world.num_cells):
             raise ValueError(f"{name} cells must lie in [0, {world.num_cells})")
         if world.walls.reshape(-1)[cells.numpy()].any():
             bad = int(cells[torch.from_numpy(world.walls.reshape(-1)[cells.numpy()])][0])
-            raise ValueError(f"{name} cell {tuple(world.cell_pos(bad))} is a wall")
+            raise ValueError(f"{name} cell {tuple(int(v) for v in world.cell_pos(bad))} is a wall")
     optimal = torch.from_numpy(world.shortest_paths())[starts, goals]
     if (optimal < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")
@@ -1494,6 +1695,7 @@ def run_mpc(world: World, policy: Policy, starts: torch.Tensor | None = None, go
 # ════════════════════════════════════════════════════════════════════════════════════════
 # Plots and widgets (used by the notebooks)
 # ════════════════════════════════════════════════════════════════════════════════════════
+
 
 def plot_history(history: dict, axes=None):
     """Prediction loss, SIGReg, latent health (std, effective rank) and next-state accuracy vs step."""
@@ -1589,7 +1791,9 @@ def transition_explorer(world: World):
         after = int(world.step(torch.tensor([cell]), torch.tensor([action.value]))[0])
         bumped = " - <b>blocked by a wall, the agent stays</b>" if after == cell else ""
         image.value = image_to_png([atlas[cell].numpy(), atlas[after].numpy()])
-        label.value = f"before ({col.value}, {row.value}) &nbsp; --{ACTIONS[action.value]}--&gt; &nbsp; after {tuple(int(v) for v in world.cell_pos(after))}{bumped}"
+        after_pos = tuple(int(v) for v in world.cell_pos(after))
+        move = f"--{ACTIONS[action.value]}--&gt;"
+        label.value = f"before ({col.value}, {row.value}) &nbsp; {move} &nbsp; after {after_pos}{bumped}"
 
     for w in (col, row, action):
         w.observe(update, names="value")
@@ -1599,8 +1803,13 @@ def transition_explorer(world: World):
     return box
 
 
-def planning_player(world: World, policies: dict[str, Policy], start: int | None = None, goal: int | None = None,
-                    max_steps: int | None = None):
+def planning_player(
+    world: World,
+    policies: dict[str, Policy],
+    start: int | None = None,
+    goal: int | None = None,
+    max_steps: int | None = None,
+):
     """Widget: choose a planner, a start and a goal, then Play or step through the episode.
 
     Shows the current frame, the map with the path so far, the 4 actions' predicted scores and the
@@ -1612,7 +1821,9 @@ def planning_player(world: World, policies: dict[str, Policy], start: int | None
     free = [int(c) for c in world.free_cells]
     names = {f"({c % world.grid_size}, {c // world.grid_size})": c for c in free}
     planner = W.Dropdown(options=list(policies), description="planner")
-    start_w = W.Dropdown(options=list(names.items()), value=start if start is not None else free[0], description="start")
+    start_w = W.Dropdown(
+        options=list(names.items()), value=start if start is not None else free[0], description="start"
+    )
     goal_w = W.Dropdown(options=list(names.items()), value=goal if goal is not None else free[-1], description="goal")
     step = W.IntSlider(min=0, max=0, description="step")
     play = W.Play(min=0, max=0, interval=600)
@@ -1626,8 +1837,14 @@ def planning_player(world: World, policies: dict[str, Policy], start: int | None
             info.value = "start and goal are the same cell: pick another goal"
             state["result"] = None
             return
-        res = run_mpc(world, policies[planner.value], torch.tensor([start_w.value]), torch.tensor([goal_w.value]),
-                      max_steps=max_steps, record=True)
+        res = run_mpc(
+            world,
+            policies[planner.value],
+            torch.tensor([start_w.value]),
+            torch.tensor([goal_w.value]),
+            max_steps=max_steps,
+            record=True,
+        )
         state["result"] = res
         last = int(min(res.steps[0], res.paths.shape[1] - 1))
         step.max = play.max = last
@@ -1650,13 +1867,17 @@ def planning_player(world: World, policies: dict[str, Policy], start: int | None
         plt.close(fig)
         board.value = buf.getvalue()
         status = "reached the goal" if cell == goal_w.value else f"step {t}/{step.max}"
-        lines = [f"<b>{planner.value}</b>: {status} &nbsp; (optimal: {int(res.optimal_steps[0])} steps; "
-                 f"{'solved in ' + str(int(res.steps[0])) if bool(res.success[0]) else 'not solved'})"]
+        lines = [
+            f"<b>{planner.value}</b>: {status} &nbsp; (optimal: {int(res.optimal_steps[0])} steps; "
+            f"{'solved in ' + str(int(res.steps[0])) if bool(res.success[0]) else 'not solved'})"
+        ]
         if rec is not None:
             scores = rec["scores"][0]
             chosen = int(rec["action"][0])
-            cells_txt = " ".join(f"{'<b>' if a == chosen else ''}{name}: {float(scores[a]):.2f}{'</b>' if a == chosen else ''}"
-                                 for a, name in enumerate(ACTIONS))
+            cells_txt = " ".join(
+                f"{'<b>' if a == chosen else ''}{name}: {float(scores[a]):.2f}{'</b>' if a == chosen else ''}"
+                for a, name in enumerate(ACTIONS)
+            )
             lines.append(f"predicted cost per action - {cells_txt} &nbsp; -> <b>{ACTIONS[chosen]}</b>")
         info.value = "<br>".join(lines)
 
@@ -1672,6 +1893,7 @@ def planning_player(world: World, policies: dict[str, Policy], start: int | None
 # ════════════════════════════════════════════════════════════════════════════════════════
 # The main job: train, analyse, plan, report
 # ════════════════════════════════════════════════════════════════════════════════════════
+
 
 def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> dict:
     """Headline metrics of a trained model on its world: next-state accuracy, latent std, probes, planning."""
@@ -1716,7 +1938,9 @@ def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None 
 def main(argv: list[str] | None = None) -> dict:
     """Train with a profile, evaluate, print the headline metrics, save checkpoint + JSON."""
     parser = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
-    parser.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
+    parser.add_argument(
+        "--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device"
+    )
     parser.add_argument("--layout", default="open", choices=sorted(LAYOUTS))
     parser.add_argument("--planner", default="probe", choices=PLANNERS)
     parser.add_argument("--seed", type=int, default=0)
@@ -1735,17 +1959,27 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     cfg = make_config(args.profile, **overrides)
     out = Path(args.out or REPO_ROOT / "runs" / f"{cfg.profile}_{args.layout}_seed{args.seed}.pt")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() else torch.device("cpu")
+    )
     result = train(cfg, ckpt_path=out, resume=True, device=device)
     metrics = {}
     if _is_main_process():
         metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner)
         metrics["train_seconds"] = result.train_seconds
         save_checkpoint(out, result.model, cfg, None, cfg.num_steps, result.history, metrics)
-        meta = {"config": dataclasses.asdict(cfg), "command": "python gridjepa_utils.py " + " ".join(argv or sys.argv[1:]),
-                "train_seconds": result.train_seconds, "device": describe_device(device), "metrics": metrics}
+        meta = {
+            "config": dataclasses.asdict(cfg),
+            "command": "python gridjepa_utils.py " + " ".join(argv or sys.argv[1:]),
+            "train_seconds": result.train_seconds,
+            "device": describe_device(device),
+            "metrics": metrics,
+        }
         out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-        print(f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: trained {cfg.num_steps} steps in {result.train_seconds:.1f} s")
+        print(
+            f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: "
+            f"trained {cfg.num_steps} steps in {result.train_seconds:.1f} s"
+        )
         for k, v in metrics.items():
             print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
         print(f"checkpoint: {out}")

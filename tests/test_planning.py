@@ -1,0 +1,191 @@
+"""Planning: run_mpc with the reference planners, why the u_trap matters, model planners end to end."""
+
+import pytest
+import torch
+
+import gridjepa_utils as gj
+
+
+def manhattan_greedy_policy(world):
+    """Greedy with a perfect decoder: the action whose TRUE next cell is nearest to the goal in Manhattan
+    distance (ties: the first action). The seed's planner at its best, with no model error at all."""
+
+    def policy(cells, goals):
+        nxt = world.next_cell[cells]  # (P, A)
+        pos_next = torch.from_numpy(world.cell_pos(nxt.numpy()))  # (P, A, 2)
+        pos_goal = torch.from_numpy(world.cell_pos(goals.numpy()))  # (P, 2)
+        scores = (pos_next - pos_goal[:, None]).abs().sum(-1).float()
+        return {"action": scores.argmin(1), "scores": scores}
+
+    return policy
+
+
+def check_paths_follow_the_world(world, result):
+    """Every recorded step moved each active episode by world.next_cell of the chosen action."""
+    paths = result.paths
+    for t, rec in enumerate(result.trace):
+        active = rec["active"]
+        expected = world.next_cell[paths[active, t], rec["action"].long()]
+        assert torch.equal(paths[active, t + 1], expected)
+        assert torch.equal(paths[~active, t + 1], paths[~active, t])  # finished episodes stay at the goal
+
+
+@pytest.mark.parametrize("name", sorted(gj.LAYOUTS))
+def test_bfs_policy_solves_every_pair_optimally(name):
+    """The BFS planner through run_mpc reaches every goal in exactly the BFS distance, on every layout."""
+    world = gj.World(5, walls=name)
+    result = gj.run_mpc(world, gj.bfs_policy(world), record=True)
+    F = len(world.free_cells)
+    assert len(result.starts) == F * (F - 1)
+    assert bool(result.success.all()) and bool(result.optimal.all())
+    assert torch.equal(result.steps, result.optimal_steps)
+    assert torch.equal(result.paths[:, -1], result.goals)
+    summary = result.summary()
+    assert summary["success"] == 1.0 and summary["optimal"] == 1.0 and summary["pairs"] == F * (F - 1)
+    check_paths_follow_the_world(world, result)
+
+
+def test_random_policy_is_far_below_bfs(open_world):
+    """Random actions solve well under 80% of the open grid's pairs in the default step budget (measured 38%)."""
+    result = gj.run_mpc(open_world, gj.random_policy(seed=0))
+    assert result.summary()["success"] < 0.8
+    assert result.summary()["optimal"] < 0.2
+
+
+def test_run_mpc_one_step_problems(open_world):
+    """Every (cell, neighbour) problem on the open grid is solved in one step, landing on the goal."""
+    cells = torch.arange(25).repeat_interleave(4)
+    actions = torch.arange(4).repeat(25)
+    goals = open_world.next_cell[cells, actions]
+    moved = goals != cells
+    starts, goals = cells[moved], goals[moved]
+    assert len(starts) == 80
+    result = gj.run_mpc(open_world, gj.bfs_policy(open_world), starts, goals, max_steps=1)
+    assert torch.equal(result.steps, torch.ones(80, dtype=torch.long))
+    assert torch.equal(result.paths[:, 1], goals)
+    assert result.paths.shape == (80, 2)
+
+
+def test_run_mpc_start_equals_goal_and_step_budget(open_world):
+    """A pair whose start is its goal is solved in 0 steps; a budget too short for a pair is a failure."""
+    result = gj.run_mpc(open_world, gj.bfs_policy(open_world), torch.tensor([3, 0]), torch.tensor([3, 24]), max_steps=4)
+    assert result.steps.tolist() == [0, 5]  # max_steps + 1 = never
+    assert result.success.tolist() == [True, False]
+    assert result.paths.shape == (2, 5)
+    assert int(result.paths[1, -1]) != 24
+
+
+def test_plan_result_by_distance_open_grid(open_world):
+    """by_distance groups the 600 open-grid pairs by BFS distance 1..8 (80 pairs are one step apart)."""
+    by_d = gj.run_mpc(open_world, gj.bfs_policy(open_world)).by_distance()
+    assert sorted(by_d) == list(range(1, 9))
+    assert sum(v["pairs"] for v in by_d.values()) == 600
+    assert by_d[1]["pairs"] == 80 and by_d[8]["pairs"] == 4  # the two pairs of opposite corners, both ways
+    assert all(v["success"] == 1.0 and v["optimal"] == 1.0 for v in by_d.values())
+
+
+def test_u_trap_defeats_greedy_manhattan_even_with_a_perfect_decoder():
+    """On u_trap, greedy Manhattan planning with the true next cells fails on some pairs (it pushes into
+    the cup's walls), while BFS solves them all: this is why the trap layout is in the evaluation."""
+    world = gj.World(5, walls="u_trap")
+    greedy = gj.run_mpc(world, manhattan_greedy_policy(world))
+    bfs = gj.run_mpc(world, gj.bfs_policy(world))
+    assert bool(bfs.success.all())
+    assert not bool(greedy.success.all())
+    assert greedy.summary()["success"] < 0.9  # measured 0.73
+    # the textbook case: from inside the cup (2, 2) to straight above it (2, 0)
+    one = gj.run_mpc(
+        world,
+        manhattan_greedy_policy(world),
+        torch.tensor([world.cell_index(2, 2)]),
+        torch.tensor([world.cell_index(2, 0)]),
+    )
+    assert not bool(one.success[0])
+    assert set(one.paths[0].tolist()) == {world.cell_index(2, 2)}  # it never leaves the cup's centre
+
+
+def test_greedy_manhattan_is_optimal_on_the_open_grid(open_world):
+    """Without walls the same greedy planner is optimal: the failures above are the walls' doing."""
+    result = gj.run_mpc(open_world, manhattan_greedy_policy(open_world))
+    assert bool(result.optimal.all())
+
+
+# ── model planners, end to end on the (untrained-quality) smoke model ──
+
+
+@pytest.fixture(scope="module")
+def some_pairs(open_world):
+    """20 fixed (start, goal) pairs of the open grid."""
+    starts, goals = open_world.all_pairs()
+    pick = torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:20]
+    return starts[pick], goals[pick]
+
+
+def _model_planners(run):
+    model, world = run.model, run.world
+    emb = gj.encode_states(model, world).cpu().numpy()
+    probe = gj.fit_probe(emb, world.cell_pos(world.free_cells))
+    return {
+        "probe": lambda: gj.probe_policy(model, world, probe),
+        "nearest": lambda: gj.nearest_cell_policy(model, world),
+        "exhaustive": lambda: gj.exhaustive_policy(model, world, horizon=2),
+        "cem": lambda: gj.cem_policy(model, world, horizon=2, samples=16, elites=4, iterations=2),
+        "graph": lambda: gj.graph_policy(model, world),
+    }
+
+
+@pytest.mark.parametrize("planner", ["probe", "nearest", "exhaustive", "cem", "graph"])
+def test_model_planners_run_end_to_end(smoke_run, some_pairs, planner):
+    """Each model-based planner runs through run_mpc and returns well-formed results (quality not asserted:
+    the smoke model is barely trained)."""
+    world = smoke_run.world
+    starts, goals = some_pairs
+    policy = _model_planners(smoke_run)[planner]()
+    out = policy(starts, goals)
+    assert out["action"].shape == (20,) and out["scores"].shape == (20, 4)
+    assert int(out["action"].min()) >= 0 and int(out["action"].max()) <= 3
+    # the chosen action is one of the best-scored ones
+    best = out["scores"].gather(1, out["action"].long()[:, None])[:, 0]
+    assert torch.all(best <= out["scores"].min(1).values + 1e-6)
+    result = gj.run_mpc(world, policy, starts, goals, max_steps=6, record=True)
+    assert result.paths.shape == (20, 7) and result.steps.shape == (20,)
+    assert torch.equal(result.paths[:, 0], starts)
+    assert bool(((result.steps >= 1) & (result.steps <= 7)).all())
+    assert torch.equal(result.success, result.steps <= 6)
+    assert set(result.by_distance()) == set(result.optimal_steps.tolist())
+    check_paths_follow_the_world(world, result)
+    assert 1 <= len(result.trace) <= 6
+
+
+def test_make_policy_names(smoke_run):
+    """make_policy builds every named planner; 'random' ignores the model."""
+    model, world = smoke_run.model, smoke_run.world
+    for name in ("probe", "nearest", "graph", "random"):
+        out = gj.make_policy(name, model, world)(torch.tensor([0, 5]), torch.tensor([24, 7]))
+        assert out["action"].shape == (2,) and out["scores"].shape == (2, 4), name
+
+
+def test_graph_policy_on_a_perfect_graph_is_optimal(open_world):
+    """graph_policy's BFS over imagined edges is optimal when the model's latents are the true one-hot
+    cells and its predictions the true next cells (a fake model built from the world's rules)."""
+
+    class OracleModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+        def encode(self, obs):  # identify the cell by its exact image
+            atlas = open_world.atlas().float() / 255
+            match = (obs[:, 0, None] == atlas[None]).flatten(2).all(-1)  # (B, N)
+            return torch.nn.functional.one_hot(match.float().argmax(1), 25).float()
+
+        def predict(self, emb, action):
+            return torch.nn.functional.one_hot(open_world.next_cell[emb.argmax(1), action], 25).float()
+
+    policy = gj.graph_policy(OracleModel(), open_world)
+    result = gj.run_mpc(open_world, policy)
+    assert bool(result.optimal.all())

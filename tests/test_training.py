@@ -1,0 +1,227 @@
+"""Training: checkpoints, resuming after a disconnect, reproducibility, collapse warnings, CPU quality."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import gridjepa_utils as gj
+
+
+def free_cell_latents(model, world):
+    with torch.no_grad():
+        return gj.encode_states(model, world)
+
+
+def test_smoke_run_history_is_complete(smoke_run, smoke_cfg):
+    """A smoke run logs every log_every steps, evaluates every eval_every steps, ends in eval mode."""
+    h = smoke_run.history
+    assert h["step"] == list(range(smoke_cfg.log_every, smoke_cfg.num_steps + 1, smoke_cfg.log_every))
+    for key in ("lr", "pred_loss", "sigreg", "loss", "latent_std", "eff_rank"):
+        assert len(h[key]) == len(h["step"]) and np.all(np.isfinite(h[key])), key
+    assert h["eval_step"] == [15, 30]
+    assert all(0.0 <= a <= 1.0 for a in h["next_state_acc"])
+    assert not smoke_run.model.training
+    assert smoke_run.cfg == smoke_cfg and len(smoke_run.data) == smoke_cfg.num_transitions
+
+
+def test_checkpoint_round_trip(tmp_path, smoke_run, smoke_cfg):
+    """save_checkpoint -> load_checkpoint/load_model gives a model with identical latents, the same config,
+    step and history, and leaves no temporary file behind."""
+    path = tmp_path / "run" / "model.pt"
+    gj.save_checkpoint(path, smoke_run.model, smoke_cfg, None, 30, smoke_run.history, {"acc": 0.5})
+    assert path.exists() and not path.with_suffix(".pt.tmp").exists()
+    ckpt = gj.load_checkpoint(path, smoke_cfg)
+    assert ckpt["step"] == 30 and ckpt["history"] == smoke_run.history and ckpt["metrics"] == {"acc": 0.5}
+    model, cfg = gj.load_model(path)
+    assert cfg == smoke_cfg
+    assert not model.training
+    expected = free_cell_latents(smoke_run.model, smoke_run.world)
+    assert torch.equal(free_cell_latents(model, smoke_run.world), expected)
+    assert torch.equal(free_cell_latents(ckpt["model_obj"], smoke_run.world), expected)
+
+
+def test_resume_after_disconnect_matches_uninterrupted_run(tmp_path, smoke_run, smoke_cfg):
+    """Stop after 15 of 30 steps (a simulated disconnect), train again with the same ckpt_path: the run
+    finishes where an uninterrupted one does.
+
+    Batch k and SIGReg's directions at step k are functions of (seed, k) and the optimiser state is
+    checkpointed, so the two runs should agree bit for bit on one machine (measured: exactly equal);
+    atol=1e-4 leaves room for nondeterministic kernels elsewhere.
+    """
+    path = tmp_path / "resume.pt"
+    first = gj.train(smoke_cfg, ckpt_path=path, stop_after=15, progress=False, device="cpu")
+    assert first.history["step"][-1] == 15 and path.exists()
+    assert torch.load(path, weights_only=True)["step"] == 15
+    resumed = gj.train(smoke_cfg, ckpt_path=path, resume=True, progress=False, device="cpu")
+    assert resumed.history["step"] == smoke_run.history["step"]
+    np.testing.assert_allclose(resumed.history["pred_loss"], smoke_run.history["pred_loss"], atol=1e-4)
+    np.testing.assert_allclose(resumed.history["sigreg"], smoke_run.history["sigreg"], atol=1e-4)
+    assert torch.allclose(
+        free_cell_latents(resumed.model, resumed.world), free_cell_latents(smoke_run.model, smoke_run.world), atol=1e-4
+    )
+    assert torch.load(path, weights_only=True)["step"] == smoke_cfg.num_steps
+    # a run that is already finished does no more steps when called again
+    again = gj.train(smoke_cfg, ckpt_path=path, resume=True, progress=False, device="cpu")
+    assert again.history["step"] == smoke_run.history["step"]
+
+
+def test_resume_false_starts_over(tmp_path, smoke_cfg):
+    """resume=False ignores an existing checkpoint and trains from step 0."""
+    path = tmp_path / "fresh.pt"
+    cfg = dataclasses.replace(smoke_cfg, num_steps=10, num_transitions=500, ckpt_every=5)
+    gj.train(cfg, ckpt_path=path, stop_after=5, progress=False, device="cpu")
+    assert torch.load(path, weights_only=True)["step"] == 5
+    run = gj.train(cfg, ckpt_path=path, resume=False, stop_after=5, progress=False, device="cpu")
+    assert run.history["step"] == [5]
+
+
+def test_two_runs_are_identical(smoke_run, smoke_cfg):
+    """Two uninterrupted smoke runs with the same Config give identical histories and latents."""
+    again = gj.train(smoke_cfg, progress=False, device="cpu")
+    assert again.history == smoke_run.history
+    assert torch.equal(free_cell_latents(again.model, again.world), free_cell_latents(smoke_run.model, smoke_run.world))
+
+
+def test_different_seed_gives_a_different_run(smoke_cfg):
+    """The seed matters: another seed gives another loss curve."""
+    cfg = dataclasses.replace(smoke_cfg, num_steps=5, num_transitions=500)
+    a = gj.train(cfg, progress=False, device="cpu")
+    b = gj.train(dataclasses.replace(cfg, seed=1), progress=False, device="cpu")
+    assert a.history["pred_loss"] != b.history["pred_loss"]
+
+
+def test_collapse_warning(smoke_cfg):
+    """A latent std of 0.001 produces a message telling to raise lam (with its value); 0.9 produces none."""
+    msg = gj.collapse_warning(0.001, smoke_cfg)
+    assert msg is not None and "lam" in msg and str(smoke_cfg.lam) in msg and "0.0010" in msg
+    assert gj.collapse_warning(0.9, smoke_cfg) is None
+
+
+def test_calibrate_batchnorm_uses_one_image_per_free_cell(smoke_run):
+    """After calibration the projector's BatchNorm holds the mean of the free cells' pre-BN features."""
+    model, world = smoke_run.model, smoke_run.world
+    bn = model.encoder.projector.net[1]
+    gj.calibrate_batchnorm(model, world)
+    with torch.no_grad():
+        feats = model.encoder.projector.net[0](model.encoder.features(world.render(torch.from_numpy(world.free_cells))))
+    assert torch.allclose(bn.running_mean, feats.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, feats.var(0), rtol=1e-4, atol=1e-6)
+    assert not model.training
+
+
+# Slow (~45-70 s on 2 CPU cores): the project's issue requires the CPU profile's quality, not its speed.
+def test_cpu_profile_reaches_the_headline_results():
+    """make_config('cpu') with seed 0 trains to next-state accuracy 1.0 and plans >= 99% of the 600 pairs."""
+    cfg = gj.make_config("cpu", seed=0)
+    result = gj.train(cfg, progress=False, device="cpu")
+    metrics = gj.evaluate(result.model, result.world, cfg)
+    assert metrics["next_state_accuracy"] == 1.0, metrics
+    assert metrics["plan_success"] >= 0.99, metrics
+    assert result.warnings == []
+
+
+def test_resume_refuses_changed_training_fields(tmp_path, smoke_cfg):
+    """Resuming with another lam would mix two runs: train(resume=True) refuses it by name; a change of a
+    bookkeeping field (log_every) is allowed."""
+    path = tmp_path / "lam.pt"
+    cfg = dataclasses.replace(smoke_cfg, num_steps=10, num_transitions=500, ckpt_every=5)
+    gj.train(cfg, ckpt_path=path, stop_after=5, progress=False, device="cpu")
+    with pytest.raises(ValueError, match=r"lam: checkpoint=0\.1 vs config=1\.0"):
+        gj.train(dataclasses.replace(cfg, lam=1.0), ckpt_path=path, progress=False, device="cpu")
+    run = gj.train(dataclasses.replace(cfg, log_every=1), ckpt_path=path, progress=False, device="cpu")
+    assert run.history["step"] == [5, 6, 7, 8, 9, 10]
+
+
+def test_rollout_error_report(smoke_run):
+    """rollout_error reports one relative MSE and one accuracy in [0, 1] per horizon step."""
+    report = gj.rollout_error(smoke_run.model, smoke_run.world, horizon=3, num=32)
+    assert report["h"] == [1, 2, 3]
+    assert len(report["relative_mse"]) == 3 and all(np.isfinite(v) and v >= 0 for v in report["relative_mse"])
+    assert len(report["accuracy"]) == 3 and all(0.0 <= a <= 1.0 for a in report["accuracy"])
+    with pytest.raises(ValueError, match=r"horizon must be >= 1"):
+        gj.rollout_error(smoke_run.model, smoke_run.world, horizon=0)
+
+
+def _init_gloo(rank, world_size, port):
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    return dist
+
+
+def _spawn_two(fn, out_dir):
+    """Run fn(rank, world_size=2, port, out_dir) in 2 processes joined by a gloo process group."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(2, port, str(out_dir)), nprocs=2, join=True)
+
+
+def _calibrate_on_rank(rank, world_size, port, out_dir):
+    """One rank of the calibration check below: calibrate the same untrained model, save the statistics."""
+    dist = _init_gloo(rank, world_size, port)
+    try:
+        torch.manual_seed(0)
+        world, model = gj.World(5), gj.JEPA(gj.make_config("smoke"))
+        gj.calibrate_batchnorm(model, world)  # every rank calls it, as at the end of train()
+        bn = model.encoder.projector.net[1]
+        with torch.no_grad():
+            obs = world.render(torch.from_numpy(world.free_cells))
+            feats = model.encoder.projector.net[0](model.encoder.features(obs))
+        torch.save(
+            {
+                "running_mean": bn.running_mean,
+                "running_var": bn.running_var,
+                "mean": feats.mean(0),
+                "var": feats.var(0),
+            },
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+# The two checks below spawn 2 gloo processes (~5 s each). They document module bugs (see the reasons).
+
+
+def test_calibrate_batchnorm_under_torch_distributed(tmp_path):
+    """With 2 gloo processes, calibration still sets the BatchNorm statistics to the free cells' exact ones
+    (every rank renders the same cells, so the global statistics equal the local ones)."""
+    _spawn_two(_calibrate_on_rank, tmp_path)
+    for rank in range(2):
+        stats = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.allclose(stats["running_mean"], stats["mean"], atol=1e-5)
+        assert torch.allclose(stats["running_var"], stats["var"], rtol=1e-4, atol=1e-6)
+
+
+def _train_on_rank(rank, world_size, port, out_dir):
+    """One rank of the 2-process training check below: 4 smoke steps, then save the weights."""
+    dist = _init_gloo(rank, world_size, port)
+    try:
+        cfg = gj.make_config("smoke", num_steps=4, num_transitions=500, log_every=2, eval_every=100, ckpt_every=100)
+        result = gj.train(cfg, progress=False, device="cpu")
+        torch.save(result.model.state_dict(), f"{out_dir}/model{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_training_keeps_ranks_identical(tmp_path):
+    """train() under a 2-process gloo group finishes on both ranks with identical weights (data parallel:
+    each rank sees half of every batch, gradients are averaged)."""
+    _spawn_two(_train_on_rank, tmp_path)
+    m0 = torch.load(tmp_path / "model0.pt", weights_only=True)
+    m1 = torch.load(tmp_path / "model1.pt", weights_only=True)
+    assert set(m0) == set(m1)
+    for name in m0:
+        assert torch.allclose(m0[name].float(), m1[name].float(), atol=1e-5), name

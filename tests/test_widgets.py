@@ -1,0 +1,161 @@
+"""Headless widget tests: observers run synchronously when a control's .value is set."""
+
+import io
+
+import matplotlib
+import pytest
+import torch
+
+matplotlib.use("Agg")
+
+import gridjepa_utils as gj  # noqa: E402
+
+ipywidgets = pytest.importorskip("ipywidgets")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def walk(widget):
+    """The widget and all its descendants."""
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from walk(child)
+
+
+def find(box, cls, description=None):
+    matches = [w for w in walk(box) if isinstance(w, cls) and (description is None or w.description == description)]
+    assert len(matches) == 1, (cls, description, matches)
+    return matches[0]
+
+
+def png_size(data):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).size
+
+
+@pytest.fixture()
+def explorer():
+    world = gj.World(5, walls="u_trap")
+    box = gj.transition_explorer(world)
+    controls = {
+        "col": find(box, ipywidgets.Dropdown, "col"),
+        "row": find(box, ipywidgets.Dropdown, "row"),
+        "action": find(box, ipywidgets.ToggleButtons),
+        "image": find(box, ipywidgets.Image),
+        "label": find(box, ipywidgets.HTML),
+    }
+    return world, controls
+
+
+def choose(controls, col, row, action):
+    controls["col"].value, controls["row"].value = col, row
+    controls["action"].value = gj.ACTIONS.index(action)
+
+
+def test_transition_explorer_shows_a_move(explorer):
+    """Inside the cup (2, 2), 'down' moves to (2, 3): the label says so and the image is two frames."""
+    _, c = explorer
+    choose(c, 2, 2, "down")
+    text = c["label"].value
+    assert "before (2, 2)" in text and "--down--" in text and "after (2, 3)" in text
+    assert "blocked" not in text
+    assert c["image"].value[:8] == PNG
+    width, height = png_size(c["image"].value)
+    assert (width, height) == (2 * (2 * 128 + 6), 2 * 128)  # two frames and a gap, scaled x2
+
+
+def test_transition_explorer_shows_a_wall_bump(explorer):
+    """From the cup (2, 2), 'up' hits the wall (2, 1): the agent stays and the label says 'blocked'."""
+    _, c = explorer
+    choose(c, 2, 2, "up")
+    text = c["label"].value
+    assert "after (2, 2)" in text and "blocked" in text
+    choose(c, 0, 0, "left")  # the board's edge counts as a wall too
+    assert "after (0, 0)" in c["label"].value and "blocked" in c["label"].value
+    choose(c, 0, 0, "right")
+    assert "after (1, 0)" in c["label"].value and "blocked" not in c["label"].value
+
+
+def test_transition_explorer_on_a_wall_cell(explorer):
+    """Choosing a wall cell (1, 1) as the start says it is a wall, and still shows a PNG."""
+    _, c = explorer
+    c["col"].value, c["row"].value = 1, 1
+    assert "(1, 1) is a wall" in c["label"].value
+    assert c["image"].value[:8] == PNG
+    assert png_size(c["image"].value) == (256, 256)  # one frame
+
+
+def test_transition_explorer_image_follows_the_state(explorer):
+    """Different start cells give different images."""
+    _, c = explorer
+    choose(c, 0, 4, "up")
+    first = c["image"].value
+    choose(c, 4, 4, "up")
+    assert c["image"].value != first
+
+
+# ── planning player ──
+
+
+@pytest.fixture()
+def player():
+    world = gj.World(5, walls="u_trap")
+    box = gj.planning_player(world, {"bfs": gj.bfs_policy(world), "random": gj.random_policy()})
+    return world, box
+
+
+def test_planning_player_steps_to_the_goal(player):
+    """bfs from inside the cup (2, 2) to above it (2, 0): 8 steps; stepping through them ends at 'reached the goal'."""
+    world, box = player
+    ctl = box.controls
+    info = find(box, ipywidgets.HTML)
+    ctl["start"].value = world.cell_index(2, 2)
+    ctl["goal"].value = world.cell_index(2, 0)
+    assert ctl["step"].value == 0 and ctl["step"].max == 8 and ctl["play"].max == 8
+    assert "optimal: 8 steps" in info.value and "solved in 8" in info.value
+    for t in range(ctl["step"].max + 1):
+        ctl["step"].value = t
+        if t < ctl["step"].max:
+            assert f"step {t}/8" in info.value and "reached the goal" not in info.value
+            assert "predicted cost per action" in info.value
+    assert "reached the goal" in info.value
+    images = [w for w in walk(box) if isinstance(w, ipywidgets.Image)]
+    assert len(images) == 2 and all(im.value[:8] == PNG for im in images)
+    result = box.state["result"]
+    assert int(result.paths[0, 8]) == world.cell_index(2, 0)
+
+
+def test_planning_player_play_is_linked_to_the_slider(player):
+    """The Play widget drives the step slider (linked in Python, so it works without a browser)."""
+    world, box = player
+    ctl = box.controls
+    ctl["start"].value, ctl["goal"].value = world.cell_index(0, 0), world.cell_index(4, 4)
+    ctl["play"].value = 3
+    assert ctl["step"].value == 3
+    assert "step 3/8" in find(box, ipywidgets.HTML).value
+
+
+def test_planning_player_same_start_and_goal(player):
+    """start == goal shows a message instead of planning."""
+    world, box = player
+    ctl = box.controls
+    ctl["goal"].value = ctl["start"].value
+    assert "start and goal are the same cell" in find(box, ipywidgets.HTML).value
+    assert box.state["result"] is None
+
+
+def test_planning_player_switching_planner_replans(player):
+    """Choosing another planner runs a new episode with it and rewinds to step 0."""
+    world, box = player
+    ctl = box.controls
+    ctl["start"].value, ctl["goal"].value = world.cell_index(2, 2), world.cell_index(2, 0)
+    ctl["step"].value = 4
+    before = box.state["result"]
+    ctl["planner"].value = "random"
+    after = box.state["result"]
+    assert after is not before
+    assert ctl["step"].value == 0
+    assert "<b>random</b>" in find(box, ipywidgets.HTML).value
+    assert torch.equal(after.starts, torch.tensor([world.cell_index(2, 2)]))
+    ctl["planner"].value = "bfs"
+    assert "<b>bfs</b>" in find(box, ipywidgets.HTML).value and bool(box.state["result"].optimal[0])
