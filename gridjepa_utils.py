@@ -257,6 +257,42 @@ class World:
         return f"World(grid_size={self.grid_size}, walls={int(self.walls.sum())}, show_target={self.show_target})"
 
 
+class WorldFamily(World):
+    """Several layouts of one grid size seen as one world whose states are (layout k, cell) pairs: k * N + cell.
+
+    Training on a family of layouts and planning in a layout outside it asks whether the model learned the
+    rules (walls block, the agent moves one cell) rather than one map. Everything that takes a World - datasets,
+    training, calibration, next-state accuracy - takes a family.
+    """
+
+    def __init__(self, layouts: list[np.ndarray], image_size: int = 128):
+        if not layouts:
+            raise ValueError("a WorldFamily needs at least one layout")
+        self.members = [World(len(w), walls=w, image_size=image_size) for w in layouts]
+        G = self.members[0].grid_size
+        if any(m.grid_size != G for m in self.members):
+            raise ValueError("all layouts of a family must have the same grid size")
+        N = G * G
+        self.grid_size, self.image_size, self.show_target = G, image_size, False
+        self.num_cells = N * len(self.members)
+        self.walls = np.concatenate([m.walls for m in self.members])  # (K*G, G): flat index = k * N + cell
+        self.free_cells = np.concatenate([m.free_cells + k * N for k, m in enumerate(self.members)])
+        self.next_cell = torch.cat([m.next_cell + k * N for k, m in enumerate(self.members)])  # (K*N, A)
+        self._atlas = {}
+
+    def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        key = str(device)
+        if key not in self._atlas:
+            self._atlas[key] = torch.cat([m.atlas(device) for m in self.members])  # (K*N, H, W)
+        return self._atlas[key]
+
+    def cell_pos(self, cell) -> np.ndarray:
+        return self.members[0].cell_pos(np.asarray(cell) % self.members[0].num_cells)
+
+    def __repr__(self) -> str:
+        return f"WorldFamily({len(self.members)} layouts of {self.grid_size}x{self.grid_size})"
+
+
 def check_int_tensor(x, name: str) -> torch.Tensor:
     """Raise a clear TypeError unless ``x`` is an integer tensor."""
     if not isinstance(x, torch.Tensor):
@@ -598,7 +634,7 @@ PROFILES = {
         lr=1e-3,
         warmup_steps=50,
         log_every=10,
-        eval_every=100,
+        eval_every=25,
         ckpt_every=100,
     ),
     # seconds: CI re-executes the notebooks with it
@@ -948,7 +984,9 @@ def jepa_loss(
         terms["rollout_loss"] = F.mse_loss(out["rollout"], emb[:, 1:])
         pred_loss = pred_loss + cfg.rollout_weight * terms["rollout_loss"]
     terms["loss"] = pred_loss + cfg.lam * sig
-    terms["latent_std"] = emb.detach().std(0).mean()
+    flat = emb.detach().flatten(0, 1)  # (B*T, D): latent health, logged beside the losses
+    terms["latent_std"] = flat.std(0).mean()
+    terms["eff_rank"] = effective_rank(flat)
     return terms
 
 
@@ -960,11 +998,12 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def effective_rank(emb: torch.Tensor) -> float:
-    """exp(entropy) of the normalised singular values of centred latents (B, D): ~D when spread, 1 when collapsed."""
+def effective_rank(emb: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the normalised singular values of centred latents (B, D): up to min(B, D) when spread,
+    near 1 when collapsed to a line. A scalar tensor."""
     s = torch.linalg.svdvals(emb.float() - emb.float().mean(0))
     p = s / s.sum().clamp_min(1e-12)
-    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
 @torch.no_grad()
@@ -1101,7 +1140,8 @@ def train(
     start = 0
     if ckpt_path is not None and resume and Path(ckpt_path).exists():
         ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
-        opt.load_state_dict(ckpt["optimizer"])
+        if ckpt["optimizer"]:  # a finished run's final checkpoint keeps no optimiser state
+            opt.load_state_dict(ckpt["optimizer"])
         start, history = ckpt["step"], ckpt["history"]
         if _is_main_process() and progress:
             print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
@@ -1137,17 +1177,13 @@ def train(
             _log(history, "lr", lr_at(step, cfg))
             for k, v in terms.items():
                 _log(history, k, float(v.detach()))
-            with torch.no_grad():
-                _log(
-                    history, "eff_rank", effective_rank(model.encoder(obs[:, 0])) if obs.shape[0] > 1 else float("nan")
-                )
             bar_postfix(bar, pred=history["pred_loss"][-1], sig=history["sigreg"][-1], std=history["latent_std"][-1])
         if _is_main_process() and (done % cfg.eval_every == 0 or done == cfg.num_steps):
             calibrate_batchnorm(model, world)
             _log(history, "eval_step", done)
             _log(history, "next_state_acc", next_state_accuracy(model, world))
             note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
-            if note and note not in notes:
+            if note and not notes:  # say it once per run
                 notes.append(note)
                 print(note)
         if plotter is not None and done % cfg.log_every == 0:
@@ -1264,15 +1300,22 @@ class LivePlot:
         from IPython.display import display
 
         self.plt = plt
-        self.fig, self.axes = plt.subplots(1, 4, figsize=(15, 3))
+        self.fig, self.axes = plt.subplots(1, 5, figsize=(17, 3))
         self.handle = display(self.fig, display_id=True)
+        self.last, self.history = 0.0, None
         plt.close(self.fig)
 
-    def update(self, history: dict) -> None:
-        plot_history(history, self.axes)
-        self.handle.update(self.fig)
+    def update(self, history: dict, every_seconds: float = 3.0) -> None:
+        """Redraw at most every few seconds: drawing costs more than a CPU training step."""
+        self.history = history
+        if time.perf_counter() - self.last >= every_seconds:
+            plot_history(history, self.axes)
+            self.handle.update(self.fig)
+            self.last = time.perf_counter()
 
     def close(self) -> None:
+        if self.history is not None:
+            self.update(self.history, every_seconds=0)  # the final state
         self.plt.close(self.fig)
 
 
@@ -1350,8 +1393,6 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
     for _ in range(num_splits):
         perm = rng.permutation(P)
         test, fit = perm[:holdout], perm[holdout:]
-        if np.ptp(pos[test], 0).min() == 0 and holdout > 2:
-            pass  # a degenerate split still counts; R^2 uses the test cells' own variance
         plain.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit])(emb[test])).mean())
         alpha = ridge_alpha_loo(emb[fit], pos[fit])
         ridge.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit], alpha)(emb[test])).mean())
@@ -1698,31 +1739,31 @@ def run_mpc(
 
 
 def plot_history(history: dict, axes=None):
-    """Prediction loss, SIGReg, latent health (std, effective rank) and next-state accuracy vs step."""
+    """Five panels vs step: prediction loss, SIGReg, latent std, effective rank, next-state accuracy.
+
+    A collapse shows as the std and the rank falling together while the prediction loss goes to 0.
+    """
     import matplotlib.pyplot as plt
 
     if axes is None:
-        _, axes = plt.subplots(1, 4, figsize=(15, 3))
+        _, axes = plt.subplots(1, 5, figsize=(17, 3))
     for ax in axes:
         ax.clear()
     steps = history.get("step", [])
-    axes[0].semilogy(steps, history.get("pred_loss", []), label="prediction MSE")
+    axes[0].semilogy(steps, history.get("pred_loss", []), label="teacher-forced")
     if "rollout_loss" in history:
-        axes[0].semilogy(steps, history["rollout_loss"], label="rollout MSE")
-    axes[0].set_title("prediction loss")
-    axes[0].legend(fontsize=8)
+        axes[0].semilogy(steps, history["rollout_loss"], label="self-fed rollout")
+        axes[0].legend(fontsize=8)
+    axes[0].set_title("prediction MSE")
     axes[1].semilogy(steps, history.get("sigreg", []), color="C1")
     axes[1].set_title("SIGReg")
-    axes[2].semilogy(steps, history.get("latent_std", []), color="C2", label="mean std per dim")
-    axes[2].set_title("latent std (healthy ~1, collapse -> 0)")
-    ax_rank = axes[2].twinx() if not hasattr(axes[2], "_rank_twin") else axes[2]._rank_twin
-    axes[2]._rank_twin = ax_rank
-    ax_rank.clear()
-    ax_rank.plot(steps, history.get("eff_rank", []), color="C4", alpha=0.6)
-    ax_rank.set_ylabel("effective rank", color="C4")
-    axes[3].plot(history.get("eval_step", []), history.get("next_state_acc", []), "o-", color="C3")
-    axes[3].set_ylim(-0.05, 1.05)
-    axes[3].set_title("next-state accuracy")
+    axes[2].semilogy(steps, history.get("latent_std", []), color="C2")
+    axes[2].set_title("latent std per dim (~1 healthy)")
+    axes[3].plot(steps, history.get("eff_rank", []), color="C4")
+    axes[3].set_title("effective rank of a batch")
+    axes[4].plot(history.get("eval_step", []), history.get("next_state_acc", []), "o-", color="C3", ms=3)
+    axes[4].set_ylim(-0.05, 1.05)
+    axes[4].set_title("next-state accuracy")
     for ax in axes:
         ax.set_xlabel("step")
     axes[0].figure.tight_layout()
@@ -1978,7 +2019,7 @@ def main(argv: list[str] | None = None) -> dict:
         out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         print(
             f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: "
-            f"trained {cfg.num_steps} steps in {result.train_seconds:.1f} s"
+            f"at step {cfg.num_steps}/{cfg.num_steps}, {result.train_seconds:.1f} s of training in this process"
         )
         for k, v in metrics.items():
             print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")

@@ -263,3 +263,14 @@ def test_train_refuses_resuming_a_mismatched_checkpoint(tmp_path, model, smoke_c
     gj.save_checkpoint(path, model, smoke_cfg)
     with pytest.raises(ValueError, match=r"depth: checkpoint=1 vs config=2"):
         gj.train(dataclasses.replace(smoke_cfg, depth=2), ckpt_path=path, progress=False)
+
+
+def test_run_mpc_unreachable_goal():
+    """Planning towards a goal walled off from the start is refused before any step is taken."""
+    walls = np.zeros((5, 5), dtype=bool)
+    walls[:, 2] = True
+    world = gj.World(5, walls=walls, check_connected=False)
+    with pytest.raises(ValueError, match=r"cannot be reached from their start"):
+        gj.run_mpc(
+            world, gj.bfs_policy(world), torch.tensor([world.cell_index(0, 0)]), torch.tensor([world.cell_index(4, 0)])
+        )

@@ -146,13 +146,13 @@ def _batch(world, seq_len, n=8, seed=0):
 
 
 def test_jepa_loss_terms(smoke_cfg, open_world):
-    """jepa_loss returns pred_loss, sigreg, loss, latent_std, with loss = pred_loss + lam * sigreg."""
+    """jepa_loss returns pred_loss, sigreg, loss, latent_std, eff_rank, with loss = pred_loss + lam * sigreg."""
     torch.manual_seed(0)
     model = gj.JEPA(smoke_cfg).train()
     obs, actions = _batch(open_world, 2)
     assert obs.shape == (8, 2, 1, 128, 128) and actions.shape == (8, 1)
     terms = gj.jepa_loss(model, gj.SIGReg(64), obs, actions, smoke_cfg, step=0)
-    assert set(terms) == {"pred_loss", "sigreg", "loss", "latent_std"}
+    assert set(terms) == {"pred_loss", "sigreg", "loss", "latent_std", "eff_rank"}
     assert all(t.ndim == 0 and torch.isfinite(t) for t in terms.values())
     assert torch.allclose(terms["loss"], terms["pred_loss"] + smoke_cfg.lam * terms["sigreg"])
     assert float(terms["latent_std"]) > 0
@@ -168,7 +168,7 @@ def test_jepa_loss_with_rollout(smoke_cfg, open_world):
     obs, actions = _batch(open_world, 4)
     assert actions.shape == (8, 3)
     terms = gj.jepa_loss(model, gj.SIGReg(64), obs, actions, cfg, step=0)
-    assert set(terms) == {"pred_loss", "sigreg", "loss", "latent_std", "rollout_loss"}
+    assert set(terms) == {"pred_loss", "sigreg", "loss", "latent_std", "eff_rank", "rollout_loss"}
     expected = terms["pred_loss"] + 0.5 * terms["rollout_loss"] + cfg.lam * terms["sigreg"]
     assert torch.allclose(terms["loss"], expected)
     # without the weight the term is absent

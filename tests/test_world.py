@@ -302,3 +302,28 @@ def test_transition_dataset_with_dataloader(open_world):
     assert torch.equal(before, open_world.render(data.states[:16, 0].long()))
     assert torch.equal(after, open_world.render(data.states[:16, 1].long()))
     assert len(list(loader)) == 4
+
+
+def test_world_family_stacks_layouts():
+    """A WorldFamily's state k*N + cell behaves as that cell of layout k: same image, same moves, walls respected."""
+    layouts = [gj.random_layout(5, 0.2, seed=s) for s in range(3)]
+    family = gj.WorldFamily(layouts)
+    members = [gj.World(5, walls=w) for w in layouts]
+    N = 25
+    assert family.num_states == 3 * N
+    assert len(family.free_cells) == sum(len(m.free_cells) for m in members)
+    for k, m in enumerate(members):
+        cells = torch.from_numpy(m.free_cells)
+        assert torch.equal(family.render(cells + k * N), m.render(cells))
+        for a in range(4):
+            acts = torch.full_like(cells, a)
+            assert torch.equal(family.step(cells + k * N, acts), m.step(cells, acts) + k * N)
+    data = gj.make_transitions(family, 2000, seed=0)
+    layout_of = data.states.long() // N
+    assert (layout_of[:, 0] == layout_of[:, 1]).all()  # a transition never jumps between layouts
+    assert len(torch.unique(layout_of)) == 3
+
+
+def test_world_family_refuses_mixed_sizes():
+    with pytest.raises(ValueError, match="same grid size"):
+        gj.WorldFamily([np.zeros((5, 5), bool), np.zeros((6, 6), bool)])

@@ -1,0 +1,147 @@
+"""Studies too long for CI; their results are saved in assets/ and plotted by the notebooks.
+
+    python bench/studies.py probes    # what moves held-out-cell probe R^2 (notebook 04) -> assets/probe_study.json
+    python bench/studies.py scaling   # grids 5, 8, 12: time to 99% next-state accuracy (05) -> assets/scaling.json
+
+Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gridjepa_utils as g  # noqa: E402
+
+PROBE_ROWS = {  # name -> overrides of the cpu profile
+    "cpu profile (lam 0.1, D 192)": {},
+    "lam 1": {"lam": 1.0},
+    "lam 10": {"lam": 10.0},
+    "latent dim 16": {"latent_dim": 16},
+    "T=4 + rollout loss": {"seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
+    "obstacles (two_rooms)": {"layout": "two_rooms"},
+    "data 5k transitions": {"num_transitions": 5_000},
+    "encoder input 64x64": {"input_size": 64},
+    "3x the steps (900)": {"num_steps": 900},
+    "T=8 + rollout loss": {"seq_len": 8, "rollout_weight": 1.0, "batch_size": 9},
+    "T=4 + rollout loss, input 64x64": {"seq_len": 4, "rollout_weight": 1.0, "batch_size": 21, "input_size": 64},
+}
+
+
+def probe_study(seeds: list[int], only: list[str] | None = None) -> list[dict]:
+    """Held-out-cell probe R^2 (plain and ridge, 20 splits) with the untrained baseline, and planning, per row."""
+    rows = []
+    for name, overrides in PROBE_ROWS.items():
+        if only and name not in only:
+            continue
+        for seed in seeds:
+            cfg = g.make_config("cpu", seed=seed, **overrides)
+            run = g.train(cfg, progress=False)
+            world = run.world
+            pos = world.cell_pos(world.free_cells)
+            trained = g.probe_report(g.encode_states(run.model, world).numpy(), pos)
+            untrained = g.probe_report(g.encode_states(g.untrained_model(cfg, world), world).numpy(), pos)
+            plan = g.run_mpc(world, g.make_policy("probe", run.model, world)).summary()
+            row = {
+                "row": name,
+                "seed": seed,
+                "overrides": overrides,
+                "train_seconds": run.train_seconds,
+                "next_state_accuracy": g.next_state_accuracy(run.model, world),
+                "plan_success": plan["success"],
+                "trained": trained,
+                "untrained": untrained,
+            }
+            rows.append(row)
+            print(
+                f"{name:30s} seed {seed}: held-out R2 plain {trained['heldout_mean']:6.2f}"
+                f" ± {trained['heldout_std']:.2f}"
+                f"  ridge {trained['ridge_heldout_mean']:6.2f}  | untrained plain {untrained['heldout_mean']:6.2f}"
+                f"  ridge {untrained['ridge_heldout_mean']:6.2f} | plan {plan['success']:.1%}"
+                f" | {run.train_seconds:.0f} s",
+                flush=True,
+            )
+    return rows
+
+
+def scaling_study(sizes: list[int]) -> list[dict]:
+    """Train on G x G grids until next-state accuracy >= 99% (checked every 25 steps); then plan with the
+    probe-free imagined-graph planner on up to 600 random pairs."""
+    rows = []
+    for size in sizes:
+        steps = {5: 300, 8: 600, 12: 900}.get(size, 900)
+        cfg = g.make_config("cpu", grid_size=size, input_size=32 if size <= 5 else 64, num_steps=steps, eval_every=25)
+        run = g.train(cfg, progress=False)
+        evals = list(zip(run.history["eval_step"], run.history["next_state_acc"]))
+        reached = next((s for s, acc in evals if acc >= 0.99), None)
+        seconds_per_step = run.train_seconds / cfg.num_steps
+        world = run.world
+        starts, goals = world.all_pairs()
+        pick = torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:600]
+        policy = g.graph_policy(run.model, world)
+        plan = g.run_mpc(world, policy, starts[pick], goals[pick])
+        decisions = int(plan.steps.clamp(max=plan.paths.shape[1] - 1).sum())
+        t0 = time.perf_counter()
+        policy(starts[pick], goals[pick])
+        decision_ms = (time.perf_counter() - t0) * 1e3
+        row = {
+            "grid_size": size,
+            "input_size": cfg.input_size,
+            "num_steps": cfg.num_steps,
+            "train_seconds": run.train_seconds,
+            "steps_to_99": reached,
+            "seconds_to_99": None if reached is None else reached * seconds_per_step,
+            "final_next_state_accuracy": evals[-1][1],
+            "plan_success": plan.summary()["success"],
+            "plan_optimal": plan.summary()["optimal"],
+            "plan_pairs": len(pick),
+            "ms_per_decision_all_pairs": decision_ms,
+            "ms_per_plan_step": decision_ms / len(pick),
+            "episode_seconds_all_pairs": plan.seconds,
+            "decisions": decisions,
+        }
+        rows.append(row)
+        print(
+            f"grid {size:2d}: 99% next-state accuracy after {reached} steps "
+            f"({row['seconds_to_99'] or float('nan'):.0f} s; final {evals[-1][1]:.3f}); graph planner "
+            f"{row['plan_success']:.1%} solved, {row['plan_optimal']:.1%} optimal, "
+            f"{row['ms_per_plan_step']:.3f} ms per plan step",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=["probes", "scaling"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
+    parser.add_argument("--only", nargs="+", help="probes: run these rows and update them in the saved file")
+    args = parser.parse_args()
+    rows = probe_study(args.seeds, args.only) if args.study == "probes" else scaling_study(args.sizes)
+    out = g.ASSETS / ("probe_study.json" if args.study == "probes" else "scaling.json")
+    command = "python bench/studies.py " + shlex.join(sys.argv[1:])
+    key = "row" if args.study == "probes" else "grid_size"
+    redone = {r[key] for r in rows}
+    if out.exists() and (args.only or args.study == "scaling"):  # update the rows redone, keep the others
+        saved = json.loads(out.read_text())
+        kept = [r for r in saved["rows"] if r[key] not in redone]
+        order = list(PROBE_ROWS) if args.study == "probes" else sorted({r[key] for r in kept + rows})
+        rows = sorted(kept + rows, key=lambda r: (order.index(r[key]), r.get("seed", 0)))
+        command = f"{saved['command']}; {command}"
+    device = g.describe_device(torch.device("cpu"))
+    meta = {"command": command, "device": device, "rows": rows}
+    out.write_text(json.dumps(meta, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
