@@ -669,6 +669,12 @@ def active_profile() -> str:
     return name
 
 
+def study_profile() -> str:
+    """The recipe for the notebooks' side studies (collapse study, lesson 01, held-out cells, layout family):
+    'smoke' in CI, else 'cpu' - also on a GPU, where eight runs of the 'full' recipe would take hours."""
+    return "smoke" if active_profile() == "smoke" else "cpu"
+
+
 def make_config(profile: str | None = None, **overrides) -> Config:
     """The Config of a profile ('full', 'cpu', 'smoke'; default from the environment) with overrides."""
     profile = profile or active_profile()
