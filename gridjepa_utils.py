@@ -153,6 +153,15 @@ class World:
         if not (0 <= col < G and 0 <= row < G):
             raise ValueError(f"position (col={col}, row={row}) is off the {G}x{G} grid; expected 0 <= col, row < {G}")
 
+    def check_states(self, state) -> torch.Tensor:
+        """State indices as a long tensor; a clear error unless they are integers in [0, num_states)."""
+        state = check_int_tensor(state, "state")
+        if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
+            raise ValueError(
+                f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]"
+            )
+        return state
+
     def is_wall(self, cell: int) -> bool:
         return bool(self.walls.reshape(-1)[cell])
 
@@ -177,14 +186,10 @@ class World:
 
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
-        state, action = check_int_tensor(state, "state"), check_actions(action)
+        state, action = self.check_states(state), check_actions(action)
         if state.shape != action.shape:
             raise ValueError(
                 f"state and action must have the same shape, got {tuple(state.shape)} and {tuple(action.shape)}"
-            )
-        if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
-            raise ValueError(
-                f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]"
             )
         cell = state % self.num_cells
         if self.walls.reshape(-1)[cell.cpu().numpy()].any():
@@ -232,11 +237,7 @@ class World:
 
     def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """Observations of states by one gather from the atlas: (...,) -> (..., 1, H, W) float in [0, 1]."""
-        state = check_int_tensor(torch.as_tensor(state), "state")
-        if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
-            raise ValueError(
-                f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]"
-            )
+        state = self.check_states(torch.as_tensor(state))
         atlas = self.atlas(device if device is not None else state.device)
         images = atlas.index_select(0, state.reshape(-1).to(atlas.device))  # (B, H, W) uint8: one gather
         return images.view(*state.shape, 1, *atlas.shape[1:]).float().div_(255.0)  # (..., 1, H, W)
@@ -931,11 +932,7 @@ class JEPA(nn.Module):
         emb = self.encoder(obs.flatten(0, 1)).float().view(B, T, -1)  # (B, T, D)
         out = {"emb": emb, "pred": self.predictor(emb[:, :-1], actions).float()}  # (B, T-1, D)
         if self_feed:
-            history = emb[:, :1]
-            for t in range(T - 1):
-                nxt = self.predictor(history, actions[:, : t + 1])[:, -1:]
-                history = torch.cat([history, nxt.float()], dim=1)
-            out["rollout"] = history[:, 1:]
+            out["rollout"] = self.rollout(emb[:, 0], actions).float()  # (B, T-1, D)
         return out
 
     def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -1044,8 +1041,7 @@ def calibrate_batchnorm(model: JEPA, world: World) -> None:
 def encode_states(model: JEPA, world: World, states: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
     """Latents of states (default: every free cell) in eval mode: (P,) -> (P, D)."""
     model.eval()
-    states = torch.as_tensor(world.free_cells if states is None else states).long()
-    return model.encode(world.render(states, model.device))
+    return encode_cells(model, world, torch.as_tensor(world.free_cells if states is None else states).long())
 
 
 @torch.no_grad()
@@ -1075,8 +1071,7 @@ def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, s
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     data = make_transitions(world, num, horizon + 1, seed)
     states = data.states.long()  # (B, H+1)
-    model.eval()
-    emb = encode_cells(model, world, states.reshape(-1)).view(num, horizon + 1, -1)  # (B, H+1, D)
+    emb = encode_states(model, world, states.reshape(-1)).view(num, horizon + 1, -1)  # (B, H+1, D)
     pred = model.rollout(emb[:, 0], data.actions.long())  # (B, H, D)
     cells = encode_states(model, world)  # (N_free, D)
     nearest = torch.from_numpy(world.free_cells)[torch.cdist(pred.flatten(0, 1), cells).argmin(1).cpu()].view(
