@@ -583,6 +583,10 @@ class Config:
     lam: float = 10.0  # the seed's lambda
     sigreg_dirs: int = 256
     rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
+    # temporal smoothness: smooth_weight * MSE(z_t, z_t+1). Under SIGReg's whitening its optimum is the spectral
+    # (Laplacian) embedding of the world's transition graph: a map. 0 gives the original write-up's pure objective.
+    smooth_weight: float = 0.0
+    smooth_ramp: float = 0.5  # the weight rises linearly from 0 over this fraction of training (0: full from step 0)
     # optimisation
     batch_size: int = 128
     num_steps: int = 78_125  # 200 epochs of 50k transitions at batch 128
@@ -619,9 +623,10 @@ class Config:
 
 PROFILES = {
     # the seed's recipe: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M parameters; for a GPU
-    "full": {},
+    "full": dict(lam=0.1, smooth_weight=5.0),
     # reaches the seed's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
     "cpu": dict(
+        smooth_weight=5.0,  # the latent map (notebook 04); 0 gives the original write-up's pure objective
         input_size=32,
         patch_size=8,
         width=128,
@@ -969,13 +974,31 @@ def parameter_table(model: JEPA) -> dict[str, int]:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
+def smoothness_loss(emb: torch.Tensor) -> torch.Tensor:
+    """MSE between consecutive latents of a trajectory, emb (B, T, D) -> scalar: 0 when they coincide, growing
+    with their squared distance. It pulls the latents of neighbouring cells together; SIGReg keeps them spread
+    out as a whole; the compromise lays the cells out like the world (the graph Laplacian's eigenvectors)."""
+    return F.mse_loss(emb[:, 1:], emb[:, :-1])
+
+
+def smooth_weight_at(step: int | None, cfg: Config) -> float:
+    """The smoothness weight at a step: ramped in linearly over the first cfg.smooth_ramp of training.
+    Starting at full weight lets it win before SIGReg has spread the latents, and some seeds collapse."""
+    ramp_steps = cfg.smooth_ramp * cfg.num_steps
+    if step is None or ramp_steps <= 0:
+        return cfg.smooth_weight
+    return cfg.smooth_weight * min(1.0, (step + 1) / ramp_steps)
+
+
 def jepa_loss(
     model: JEPA, sigreg: SIGReg, obs: torch.Tensor, actions: torch.Tensor, cfg: Config, step: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Named loss terms for a batch of trajectories: obs (B, T, 1, H, W), actions (B, T-1).
 
     pred_loss = MSE(predictor(z_0..z_{T-2}, a), z_1..z_{T-1}) with teacher forcing; with
-    cfg.rollout_weight > 0 the predictor is also fed its own predictions (open loop) and that MSE is added.
+    cfg.rollout_weight > 0 the predictor is also fed its own predictions (open loop) and that MSE is added;
+    with cfg.smooth_weight > 0, the temporal-smoothness term (ramped in) is added.
+    loss = pred_loss [+ rollout_weight * rollout_loss] [+ w(step) * smooth_loss] + lam * sigreg
     """
     T = obs.shape[1]
     out = model(obs, actions, self_feed=cfg.rollout_weight > 0 and T > 2)  # model may be DDP-wrapped
@@ -986,6 +1009,9 @@ def jepa_loss(
     if "rollout" in out:
         terms["rollout_loss"] = F.mse_loss(out["rollout"], emb[:, 1:])
         pred_loss = pred_loss + cfg.rollout_weight * terms["rollout_loss"]
+    if cfg.smooth_weight > 0:
+        terms["smooth_loss"] = smoothness_loss(emb)
+        pred_loss = pred_loss + smooth_weight_at(step, cfg) * terms["smooth_loss"]
     terms["loss"] = pred_loss + cfg.lam * sig
     flat = emb.detach().flatten(0, 1)  # (B*T, D): latent health, logged beside the losses
     terms["latent_std"] = flat.std(0).mean()
@@ -1421,6 +1447,33 @@ def pca(emb, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     return x @ vt[:k].T, ratio
 
 
+def geometry_report(model: JEPA, world: World, num_splits: int = 20) -> dict:
+    """Is the latent space a map of the world? On the latents of every free cell: the variance on the first two
+    principal components, Spearman's rank correlation of latent L2 with the BFS distance between cells,
+    held-out-cell probe R^2 (``probe_report``), latent std and effective rank."""
+    from scipy.stats import spearmanr
+
+    emb = encode_states(model, world).cpu().numpy()
+    pos = world.cell_pos(world.free_cells)
+    _, ratio = pca(emb)
+    free = world.free_cells
+    grid_dist = world.shortest_paths()[np.ix_(free, free)]
+    upper = np.triu_indices(len(free), 1)
+    latent_dist = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+    probes = probe_report(emb, pos, num_splits=num_splits)
+    return {
+        "pc1": float(ratio[0]),
+        "pc2": float(ratio[1]),
+        "spearman_l2_bfs": float(spearmanr(latent_dist[upper], grid_dist[upper]).statistic),
+        "probe_r2_heldout": probes["heldout_mean"],
+        "probe_r2_heldout_std": probes["heldout_std"],
+        "probe_r2_ridge_heldout": probes["ridge_heldout_mean"],
+        "probe_r2_fit": probes["fit"],
+        "latent_std": float(emb.std(0).mean()),
+        "effective_rank": float(effective_rank(torch.from_numpy(emb))),
+    }
+
+
 def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -> JEPA:
     """Same architecture, random weights, BatchNorm calibrated like a trained one (on ``world``, default the
     config's): the baseline any claim must beat. Leaves the global random state alone."""
@@ -1482,6 +1535,18 @@ def nearest_cell_policy(model: JEPA, world: World) -> Policy:
     return greedy_decoder_policy(model, world, lambda z: pos[torch.cdist(z.float(), emb.float()).argmin(1).cpu()])
 
 
+def latent_greedy_policy(model: JEPA, world: World) -> Policy:
+    """Probe-free, graph-free greedy planner with the latent cost: imagine the 4 next latents and take the
+    action whose latent is nearest (L2) to the goal image's latent. Only as good as the latent is a map."""
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        goal_emb = encode_cells(model, world, goals)  # (P, D)
+        scores = ((imagine_next(model, world, cells) - goal_emb[:, None]) ** 2).sum(-1).cpu()  # (P, A)
+        return {"action": scores.argmin(1), "scores": scores}
+
+    return policy
+
+
 def random_policy(seed: int = 0) -> Policy:
     """Uniformly random actions: the floor any planner must clear."""
     gen = torch.Generator().manual_seed(seed)
@@ -1509,26 +1574,40 @@ def bfs_policy(world: World) -> Policy:
 
 
 @torch.no_grad()
-def imagined_costs(model: JEPA, world: World, cells: torch.Tensor, goals: torch.Tensor, horizon: int) -> torch.Tensor:
-    """Latent cost of every action sequence of length H from every cell to every goal image.
+def imagined_costs(
+    model: JEPA, world: World, cells: torch.Tensor, goals: torch.Tensor, horizon: int, cost: str = "steps"
+) -> torch.Tensor:
+    """Latent cost of every action sequence of length H from every cell to every goal image: (P, 4^H).
 
-    Returns (P, 4^H): for pair p and sequence s (base-4 code, first action most significant), the smallest
-    ||z_h - z_goal||^2 along the imagined rollout, plus a tiny penalty per step so that reaching the goal sooner
-    wins ties - a sequence that passes through the goal is as good as one that ends there.
+    Column s is the sequence with base-4 code s (first action most significant). Two costs, both from the
+    model alone (no probe, no positions):
+      "final" - ||z_H - z_goal||^2 at the end of the imagined rollout (LeWM's cost);
+      "steps" - min over h of (||z_h - z_goal|| / step + h): the imagined number of moves, steps taken plus
+                steps still to go, where ``step`` is the length of one imagined move from the start latent
+                (the largest of the 4, so a wall bump does not set it). A sequence that reaches the goal
+                sooner wins, and one that passes through it is as good as one that ends there.
     The imagined rollout depends only on the start frame and the actions, so it is computed once per distinct
     start cell (U <= N) and shared by every pair starting there: (U * 4^H) rollouts, not (P * S).
     """
+    if cost not in ("final", "steps"):
+        raise ValueError(f"cost must be 'final' or 'steps', got {cost!r}")
     seqs = torch.cartesian_prod(*[torch.arange(len(ACTIONS))] * horizon).view(-1, horizon)  # (4^H, H)
     start_u, start_inv = torch.unique(cells, return_inverse=True)
     goal_u, goal_inv = torch.unique(goals, return_inverse=True)
     emb = encode_cells(model, world, start_u)  # (U, D)
     goal_emb = encode_cells(model, world, goal_u)  # (Ug, D)
-    S = len(seqs)
-    z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), repeat(seqs, "s h -> (u s) h", u=len(start_u)).to(emb.device))
-    d = torch.cdist(z.flatten(0, 1), goal_emb) ** 2  # (U*S*H, Ug)
-    d = d.view(len(start_u), S, horizon, len(goal_u)) + 1e-3 * torch.arange(1, horizon + 1, device=d.device)[:, None]
-    best = d.min(2).values.cpu()  # (U, S, Ug)
-    return best[start_inv, :, goal_inv]  # (P, S)
+    S, U = len(seqs), len(start_u)
+    z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), repeat(seqs, "s h -> (u s) h", u=U).to(emb.device))
+    z = z.view(U, S, horizon, -1)  # (U, S, H, D)
+    if cost == "final":
+        best = torch.cdist(z[:, :, -1].flatten(0, 1), goal_emb).view(U, S, -1) ** 2  # (U, S, Ug)
+    else:
+        first = torch.arange(len(ACTIONS)) * len(ACTIONS) ** (horizon - 1)  # one sequence per first action
+        step = (z[:, first, 0] - emb[:, None]).norm(dim=-1).amax(1)  # (U,) the longest imagined first move
+        d = torch.cdist(z.flatten(0, 2), goal_emb).view(U, S, horizon, -1)  # (U, S, H, Ug)
+        d = d / step.clamp_min(1e-6)[:, None, None, None] + torch.arange(1, horizon + 1, device=d.device)[:, None]
+        best = d.min(2).values  # (U, S, Ug)
+    return best.cpu()[start_inv, :, goal_inv]  # (P, S)
 
 
 def sequence_code(seqs: torch.Tensor) -> torch.Tensor:
@@ -1543,14 +1622,14 @@ def _first_action_scores(costs: torch.Tensor, first: torch.Tensor) -> torch.Tens
     return scores.scatter_reduce(1, first, costs, reduce="amin")
 
 
-def exhaustive_policy(model: JEPA, world: World, horizon: int = 4) -> Policy:
+def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "steps") -> Policy:
     """Search all 4^H action sequences for every pair at once; execute the first action of the best."""
     if horizon < 1:
         raise ValueError(f"horizon H must be >= 1, got {horizon}")
     first = torch.arange(len(ACTIONS) ** horizon) // len(ACTIONS) ** (horizon - 1)  # (4^H,) first action
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        costs = imagined_costs(model, world, cells, goals, horizon)  # (P, 4^H)
+        costs = imagined_costs(model, world, cells, goals, horizon, cost)  # (P, 4^H)
         scores = _first_action_scores(costs, first.expand_as(costs))
         return {"action": scores.argmin(1), "scores": scores}
 
@@ -1566,6 +1645,7 @@ def cem_policy(
     iterations: int = 3,
     smoothing: float = 0.1,
     seed: int = 0,
+    cost: str = "steps",
 ) -> Policy:
     """Cross-entropy method over discrete action sequences (as LeWM plans, made categorical):
     sample sequences from per-step categorical distributions, keep the elites, refit the probabilities
@@ -1579,7 +1659,7 @@ def cem_policy(
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
         P, A = len(cells), len(ACTIONS)
-        table = imagined_costs(model, world, cells, goals, horizon)  # (P, 4^H)
+        table = imagined_costs(model, world, cells, goals, horizon, cost)  # (P, 4^H)
         probs = torch.full((P, horizon, A), 1 / A)
         best_cost, best_seq = torch.full((P,), float("inf")), torch.zeros(P, horizon, dtype=torch.long)
         scores = torch.full((P, A), float("inf"))
