@@ -92,6 +92,8 @@ def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndar
 
 def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
     """A seeded random layout whose free cells are all reachable from each other (checked by BFS)."""
+    if not 0 <= wall_fraction < 1:
+        raise ValueError(f"wall_fraction must be in [0, 1), got {wall_fraction}")
     rng = np.random.default_rng(seed)
     num_walls = int(round(wall_fraction * grid_size**2))
     for _ in range(max_tries):
@@ -154,6 +156,8 @@ class World:
     def check_pos(self, pos) -> None:
         col, row = pos
         G = self.grid_size
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (col, row)):
+            raise TypeError(f"a position is two integers (col, row), got ({col!r}, {row!r})")
         if not (0 <= col < G and 0 <= row < G):
             raise ValueError(f"position (col={col}, row={row}) is off the {G}x{G} grid; expected 0 <= col, row < {G}")
 
@@ -497,6 +501,8 @@ def make_transitions(
     check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
     gen = torch.Generator().manual_seed(seed)
     allowed = torch.from_numpy(np.setdiff1d(world.free_cells, np.asarray(exclude_cells, dtype=np.int64)))
+    if not len(allowed):
+        raise ValueError(f"exclude_cells {exclude_cells} leaves no free cell to start from; exclude fewer cells")
     table, N = world.next_cell, world.num_cells
     kept_states, kept_actions, have, barren = [], [], 0, 0
     while have < num:
@@ -791,6 +797,9 @@ def validate_config(cfg: Config) -> Config:
                 raise ValueError(f"Config.{f.name} must be {span}, got {value!r}")
         if f.name in CONFIG_CHOICES and value not in CONFIG_CHOICES[f.name]:
             raise ValueError(f"Config.{f.name} must be one of {list(CONFIG_CHOICES[f.name])}, got {value!r}")
+    if cfg.layout != "open" and cfg.grid_size != len(LAYOUTS[cfg.layout]):
+        n = len(LAYOUTS[cfg.layout])
+        raise ValueError(f"Config.layout {cfg.layout!r} is {n}x{n}, but Config.grid_size={cfg.grid_size}")
     if 128 % cfg.input_size or cfg.input_size % cfg.patch_size:
         raise ValueError(
             f"Config.input_size must divide the 128-pixel image and Config.patch_size must divide input_size, "
@@ -1041,7 +1050,14 @@ class JEPA(nn.Module):
         action = check_actions(action).to(emb.device)
         if emb.ndim != 2 or action.shape != emb.shape[:1]:
             raise ValueError(f"expected emb (B, D) and action (B,), got {tuple(emb.shape)} and {tuple(action.shape)}")
+        self._check_latents(emb)
         return self.predictor(emb[:, None], action[:, None])[:, 0]
+
+    def _check_latents(self, emb) -> None:
+        if not isinstance(emb, torch.Tensor) or not emb.dtype.is_floating_point:
+            raise TypeError(f"emb must be a float tensor of latents, got {getattr(emb, 'dtype', type(emb).__name__)}")
+        if emb.shape[-1] != self.cfg.latent_dim:
+            raise ValueError(f"emb must have latent_dim = {self.cfg.latent_dim} columns, got {emb.shape[-1]}")
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, self_feed: bool = False) -> dict[str, torch.Tensor]:
         """The training forward: obs (B, T, 1, H, W), actions (B, T-1) -> latents and predictions.
@@ -1064,6 +1080,10 @@ class JEPA(nn.Module):
 
         The predictor sees the last seq_len - 1 frames (real or imagined): one for the seed's T=2."""
         actions = check_actions(actions).to(emb.device)
+        if emb.ndim != 2 or actions.ndim != 2 or actions.shape[0] != emb.shape[0]:
+            shapes = f"{tuple(emb.shape)} and {tuple(actions.shape)}"
+            raise ValueError(f"expected emb (B, D) and actions (B, H), got {shapes}")
+        self._check_latents(emb)
         context_len = max(1, self.cfg.seq_len - 1)  # as many frames as the predictor saw in training
         history = emb[:, None]  # (B, 1, D)
         for h in range(actions.shape[1]):
@@ -1429,6 +1449,9 @@ def _atomic_write(path: Path, write: Callable) -> None:
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from e
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
