@@ -2489,7 +2489,7 @@ def main(argv: list[str] | None = None) -> dict:
         if dist.is_initialized():
             dist.destroy_process_group()
         print(f"error: {e}", file=sys.stderr)
-        if args.out and "another config" in str(e):
+        if args.out and ("another config" in str(e) or "other training fields" in str(e)):
             print("hint: pick another --out, or leave --out out to get a name of this config's own", file=sys.stderr)
         raise SystemExit(1) from None
     if dist.is_initialized():

@@ -211,7 +211,8 @@ def test_two_processes_on_one_output_never_mix(tmp_path):
     assert sorted(codes) == [0, 1], results
     winner = codes.index(0)
     loser_err = results[1 - winner][1]
-    assert "being written by" in loser_err or "another config" in loser_err, loser_err
+    reasons = ("being written by", "another config", "other training fields")
+    assert any(r in loser_err for r in reasons), loser_err
     assert torch.load(out, weights_only=True)["config"]["seed"] == winner
     assert json.loads(out.with_suffix(".json").read_text())["config"]["seed"] == winner
     assert gj.load_checkpoint(out)["step"] == 2
