@@ -166,6 +166,16 @@ def test_train_seconds_are_summed_over_resumes(tmp_path, smoke_cfg):
     assert second.total_train_seconds == pytest.approx(part + second.train_seconds)
 
 
+def test_another_seed_on_a_finished_output_is_refused_and_changes_nothing(tmp_path, capsys):
+    """Seed 1 on seed 0's finished --out: refused by the record (naming seed), both files byte for byte intact."""
+    out = tmp_path / "x.pt"
+    assert run_cli("--out", out, "--seed", 0) == 0
+    before = out.read_bytes(), out.with_suffix(".json").read_bytes()
+    assert run_cli("--out", out, "--seed", 1) == 1
+    assert "seed: record=0 vs config=1" in capsys.readouterr().err
+    assert (out.read_bytes(), out.with_suffix(".json").read_bytes()) == before
+
+
 # ── one writer per output ──
 
 
