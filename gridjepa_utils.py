@@ -19,12 +19,16 @@ Multi-GPU:                     torchrun --nproc_per_node=8 gridjepa_utils.py --p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
 import os
+import socket
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -88,6 +92,8 @@ def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndar
 
 def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
     """A seeded random layout whose free cells are all reachable from each other (checked by BFS)."""
+    if not 0 <= wall_fraction < 1:
+        raise ValueError(f"wall_fraction must be in [0, 1), got {wall_fraction}")
     rng = np.random.default_rng(seed)
     num_walls = int(round(wall_fraction * grid_size**2))
     for _ in range(max_tries):
@@ -150,6 +156,8 @@ class World:
     def check_pos(self, pos) -> None:
         col, row = pos
         G = self.grid_size
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (col, row)):
+            raise TypeError(f"a position is two integers (col, row), got ({col!r}, {row!r})")
         if not (0 <= col < G and 0 <= row < G):
             raise ValueError(f"position (col={col}, row={row}) is off the {G}x{G} grid; expected 0 <= col, row < {G}")
 
@@ -481,12 +489,20 @@ def make_transitions(
     ``exclude_cells``: cells the agent never visits (trajectories touching them are resampled) - used to
     ask whether the model places a never-seen cell where the grid says it should be.
     """
+    for name, value in (("num", num), ("seq_len", seq_len), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (a transition has a before and an after), got {seq_len}")
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
     gen = torch.Generator().manual_seed(seed)
     allowed = torch.from_numpy(np.setdiff1d(world.free_cells, np.asarray(exclude_cells, dtype=np.int64)))
+    if not len(allowed):
+        raise ValueError(f"exclude_cells {exclude_cells} leaves no free cell to start from; exclude fewer cells")
     table, N = world.next_cell, world.num_cells
     kept_states, kept_actions, have, barren = [], [], 0, 0
     while have < num:
@@ -689,7 +705,124 @@ def make_config(profile: str | None = None, **overrides) -> Config:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise TypeError(f"unknown Config fields: {sorted(unknown)}")
-    return Config(**{**PROFILES[profile], "profile": profile, **overrides})
+    return validate_config(Config(**{**PROFILES[profile], "profile": profile, **overrides}))
+
+
+# ── validation at the boundary: every setting named, with its allowed range ──
+
+# (low, high) inclusive bounds of the numeric Config fields; a field missing here only has to be finite.
+CONFIG_RANGES = {
+    "grid_size": (2, 16),
+    "num_transitions": (1, 10_000_000),
+    "seq_len": (2, 17),  # the predictor sees at most 16 frames of history (T - 1 tokens)
+    "data_seed": (0, 2**63 - 1),
+    "input_size": (1, 128),
+    "patch_size": (1, 128),
+    "width": (1, 4096),
+    "depth": (1, 64),
+    "heads": (1, 256),
+    "latent_dim": (1, 8192),
+    "proj_hidden": (1, 65536),
+    "pred_width": (1, 4096),
+    "pred_depth": (1, 64),
+    "pred_heads": (1, 256),
+    "lam": (0.0, math.inf),
+    "sigreg_dirs": (1, 65536),
+    "rollout_weight": (0.0, math.inf),
+    "smooth_weight": (0.0, math.inf),
+    "smooth_ramp": (0.0, 1.0),
+    "batch_size": (1, 1_000_000),
+    "num_steps": (1, 10**9),
+    "lr": (0.0, 10.0),
+    "weight_decay": (0.0, math.inf),
+    "warmup_steps": (0, 10**9),
+    "grad_clip": (0.0, math.inf),
+    "seed": (0, 2**63 - 1),
+    "log_every": (1, 10**9),
+    "eval_every": (1, 10**9),
+    "ckpt_every": (1, 10**9),
+}
+CONFIG_CHOICES = {"projector_norm": ("batchnorm", "layernorm"), "profile": tuple(PROFILES), "layout": tuple(LAYOUTS)}
+CONFIG_POSITIVE = ("lr", "grad_clip")  # must be > 0, not only >= 0
+MAX_PARAMETERS = 200_000_000  # ~0.8 GB of float32 weights (the full profile has ~3.4M)
+
+
+def memory_limit_bytes() -> int:
+    """The largest allocation the memory checks allow: $GRIDJEPA_MEMORY_LIMIT_GB (default 4) GiB."""
+    return int(float(os.environ.get("GRIDJEPA_MEMORY_LIMIT_GB", "4")) * 2**30)
+
+
+def check_memory(estimate_bytes: float, what: str) -> None:
+    """Refuse an allocation estimated above memory_limit_bytes(), naming what asked for it."""
+    limit = memory_limit_bytes()
+    if estimate_bytes > limit:
+        raise ValueError(
+            f"{what} would need about {estimate_bytes / 2**30:.1f} GiB of memory, above the limit of "
+            f"{limit / 2**30:.1f} GiB; ask for less (or raise $GRIDJEPA_MEMORY_LIMIT_GB)"
+        )
+
+
+def estimate_parameters(cfg: Config) -> int:
+    """The JEPA's parameter count from its config alone (without building it): what a model would allocate."""
+    W, Wp, P = cfg.width, cfg.pred_width, (cfg.input_size // max(1, cfg.patch_size)) ** 2
+    encoder = W * cfg.patch_size**2 + W + (P + 2) * W + cfg.depth * (12 * W * W + 13 * W) + 2 * W
+    projector = W * cfg.proj_hidden + 3 * cfg.proj_hidden + cfg.proj_hidden * cfg.latent_dim + cfg.latent_dim
+    predictor = (cfg.latent_dim + 1) * Wp + 16 * Wp + 4 * Wp + cfg.pred_depth * (18 * Wp * Wp + 15 * Wp)
+    return int(encoder + projector + predictor + 2 * Wp + (Wp + 1) * cfg.latent_dim)
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every field of ``cfg``: type, finiteness, range, choices, consistency and model size.
+
+    Raises a ValueError (TypeError for a wrong type) naming the field and its allowed range. Generic over the
+    fields: a new float field only has to be finite unless CONFIG_RANGES says more. Returns ``cfg``.
+    """
+    if not isinstance(cfg, Config):
+        raise TypeError(f"expected a Config, got {type(cfg).__name__}")
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), f.default
+        if isinstance(default, bool):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"Config.{f.name} must be True or False, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"Config.{f.name} must be an integer, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"Config.{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"Config.{f.name} must be a finite number, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise TypeError(f"Config.{f.name} must be a string, got {value!r}")
+        if f.name in CONFIG_RANGES:
+            lo, hi = CONFIG_RANGES[f.name]
+            if not lo <= value <= hi or (f.name in CONFIG_POSITIVE and value <= 0):
+                low = f"> {lo}" if f.name in CONFIG_POSITIVE else f">= {lo}"
+                span = f"{low}" if hi == math.inf else f"{low} and <= {hi}"
+                raise ValueError(f"Config.{f.name} must be {span}, got {value!r}")
+        if f.name in CONFIG_CHOICES and value not in CONFIG_CHOICES[f.name]:
+            raise ValueError(f"Config.{f.name} must be one of {list(CONFIG_CHOICES[f.name])}, got {value!r}")
+    if cfg.layout != "open" and cfg.grid_size != len(LAYOUTS[cfg.layout]):
+        n = len(LAYOUTS[cfg.layout])
+        raise ValueError(f"Config.layout {cfg.layout!r} is {n}x{n}, but Config.grid_size={cfg.grid_size}")
+    if 128 % cfg.input_size or cfg.input_size % cfg.patch_size:
+        raise ValueError(
+            f"Config.input_size must divide the 128-pixel image and Config.patch_size must divide input_size, "
+            f"got input_size={cfg.input_size}, patch_size={cfg.patch_size}"
+        )
+    for width, heads in (("width", "heads"), ("pred_width", "pred_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads):
+            raise ValueError(
+                f"Config.{width} ({getattr(cfg, width)}) must be divisible by Config.{heads} ({getattr(cfg, heads)})"
+            )
+    params = estimate_parameters(cfg)
+    if params > MAX_PARAMETERS:
+        raise ValueError(f"this Config describes a model of ~{params:,} parameters, above the limit {MAX_PARAMETERS:,}")
+    tokens = (cfg.input_size // cfg.patch_size) ** 2 + 1
+    per_image = 128 * 128 + 16 * tokens * cfg.width * cfg.depth + 4 * cfg.proj_hidden  # floats, roughly
+    batch_bytes = 4 * cfg.batch_size * cfg.seq_len * per_image
+    check_memory(batch_bytes, f"a training batch of Config.batch_size={cfg.batch_size} x seq_len={cfg.seq_len}")
+    return cfg
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -911,20 +1044,25 @@ class JEPA(nn.Module):
         return next(self.parameters()).device
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
-        """Observations (B, 1, H, W) float in [0, 1] -> latents (B, D)."""
-        size = self.encoder.image_size
-        if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
-            raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
-        if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
-            raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
-        return self.encoder(obs.to(self.device))
+        """Observations (B, 1, H, W) float in [0, 1] -> latents (B, D). An inference API: no gradient is
+        recorded (training uses forward). Other float dtypes are converted to the model's (float32)."""
+        obs = check_images(obs, self.encoder.image_size)
+        with torch.no_grad():
+            return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
 
     def predict(self, emb: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The latent after one action from a single frame: (B, D), (B,) -> (B, D)."""
         action = check_actions(action).to(emb.device)
         if emb.ndim != 2 or action.shape != emb.shape[:1]:
             raise ValueError(f"expected emb (B, D) and action (B,), got {tuple(emb.shape)} and {tuple(action.shape)}")
+        self._check_latents(emb)
         return self.predictor(emb[:, None], action[:, None])[:, 0]
+
+    def _check_latents(self, emb) -> None:
+        if not isinstance(emb, torch.Tensor) or not emb.dtype.is_floating_point:
+            raise TypeError(f"emb must be a float tensor of latents, got {getattr(emb, 'dtype', type(emb).__name__)}")
+        if emb.shape[-1] != self.cfg.latent_dim:
+            raise ValueError(f"emb must have latent_dim = {self.cfg.latent_dim} columns, got {emb.shape[-1]}")
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, self_feed: bool = False) -> dict[str, torch.Tensor]:
         """The training forward: obs (B, T, 1, H, W), actions (B, T-1) -> latents and predictions.
@@ -934,6 +1072,8 @@ class JEPA(nn.Module):
         where the predictor is fed its own predictions. Training calls this (through DDP when distributed).
         """
         B, T = obs.shape[:2]
+        if not torch.isfinite(obs).all():  # one NaN pixel in a training batch would poison BatchNorm's statistics
+            raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
         emb = self.encoder(obs.flatten(0, 1)).float().view(B, T, -1)  # (B, T, D)
         out = {"emb": emb, "pred": self.predictor(emb[:, :-1], actions).float()}  # (B, T-1, D)
         if self_feed:
@@ -945,6 +1085,10 @@ class JEPA(nn.Module):
 
         The predictor sees the last seq_len - 1 frames (real or imagined): one for the seed's T=2."""
         actions = check_actions(actions).to(emb.device)
+        if emb.ndim != 2 or actions.ndim != 2 or actions.shape[0] != emb.shape[0]:
+            shapes = f"{tuple(emb.shape)} and {tuple(actions.shape)}"
+            raise ValueError(f"expected emb (B, D) and actions (B, H), got {shapes}")
+        self._check_latents(emb)
         context_len = max(1, self.cfg.seq_len - 1)  # as many frames as the predictor saw in training
         history = emb[:, None]  # (B, 1, D)
         for h in range(actions.shape[1]):
@@ -952,6 +1096,24 @@ class JEPA(nn.Module):
             nxt = self.predictor(context, actions[:, h + 1 - context.shape[1] : h + 1])[:, -1]
             history = torch.cat([history, nxt[:, None]], dim=1)
         return history[:, 1:]
+
+
+def check_images(obs, size: int = 128) -> torch.Tensor:
+    """Observations as a (B, 1, size, size) float tensor of finite values in [0, 1], B >= 1; clear errors
+    otherwise (0..255 pixels get a hint to divide by 255)."""
+    if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
+        raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
+    if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
+        raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
+    if obs.shape[0] == 0:
+        raise ValueError("obs is an empty batch (B = 0); pass at least one image")
+    if not torch.isfinite(obs).all():
+        raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
+    lo, hi = float(obs.min()), float(obs.max())
+    if lo < 0 or hi > 1:
+        hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
+        raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
+    return obs
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -1021,6 +1183,8 @@ def jepa_loss(
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup, then cosine decay to 0 at cfg.num_steps. Annealing to 0 also settles BatchNorm."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
@@ -1122,8 +1286,10 @@ class TrainResult:
     world: World
     data: Transitions
     cfg: Config
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # in this call
     warnings: list[str] = field(default_factory=list)
+    total_train_seconds: float = 0.0  # summed over every call that trained this run (resumes included)
+    steps_trained: int = 0  # steps taken in this call (0 when the checkpoint was already finished)
 
 
 def build_world(cfg: Config) -> World:
@@ -1148,7 +1314,19 @@ def train(
     written every cfg.ckpt_every steps and at the end; with ``resume`` an existing one is continued.
     ``stop_after``: leave after this many steps (simulates a disconnect). Under torchrun each rank takes
     its slice of the global batch (DistributedDataParallel, global SIGReg and BatchNorm).
+    While it runs, ``<ckpt_path>.lock`` keeps a second process from writing the same checkpoint.
     """
+    validate_config(cfg)
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
+        raise ValueError(f"stop_after must be an integer >= 0 or None, got {stop_after!r}")
+    if ckpt_path is not None and _is_main_process():
+        check_writable(ckpt_path)
+        with output_lock(ckpt_path):
+            return _train(cfg, world, data, ckpt_path, resume, live_plot, progress, device, stop_after)
+    return _train(cfg, world, data, ckpt_path, resume, live_plot, progress, device, stop_after)
+
+
+def _train(cfg, world, data, ckpt_path, resume, live_plot, progress, device, stop_after) -> TrainResult:
     device = torch.device(device) if device is not None else default_device()
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -1164,12 +1342,12 @@ def train(
     sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: dict[str, list] = {}
-    start = 0
+    start, earlier_seconds = 0, 0.0
     if ckpt_path is not None and resume and Path(ckpt_path).exists():
         ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
         if ckpt["optimizer"]:  # a finished run's final checkpoint keeps no optimiser state
             opt.load_state_dict(ckpt["optimizer"])
-        start, history = ckpt["step"], ckpt["history"]
+        start, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
         if _is_main_process() and progress:
             print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
     train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
@@ -1216,13 +1394,16 @@ def train(
         if plotter is not None and done % cfg.log_every == 0:
             plotter.update(history)
         if ckpt_path is not None and _is_main_process() and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
-            save_checkpoint(ckpt_path, model, cfg, opt, done, history)
+            seconds = earlier_seconds + time.perf_counter() - t0
+            save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
     train_seconds = time.perf_counter() - t0
     calibrate_batchnorm(model, world)
     model.eval()
     if plotter is not None:
         plotter.close()
-    return TrainResult(model, history, world, data, cfg, train_seconds, notes)
+    return TrainResult(
+        model, history, world, data, cfg, train_seconds, notes, earlier_seconds + train_seconds, len(steps)
+    )
 
 
 def collapse_warning(latent_std: float, cfg: Config) -> str | None:
@@ -1256,12 +1437,77 @@ def bar_postfix(bar, **values) -> None:
 # ── checkpoints ──
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "config", "history", "metrics")
+
+
+def _digest(obj, h) -> None:
+    """Feed a nested structure of dicts, lists, tensors and scalars into ``h`` in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _digest(obj[k], h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest(v, h)
+    else:
+        h.update(f"S{obj!r}".encode())
+
+
+def checkpoint_checksum(state: dict) -> str:
+    """sha256 over everything a checkpoint holds except the checksum itself (tensors' bytes in key order)."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "checksum"}, h)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Write ``path`` through a fresh temporary file in the same folder (exclusive create, so nothing planted at
+    a temporary name is followed), then rename it over ``path``. A failed write leaves ``path`` untouched and
+    removes its temporary file; a leftover from a killed process has a unique name and blocks nothing."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
+
+
 def save_checkpoint(
-    path: str | Path, model: JEPA, cfg: Config, opt=None, step: int = 0, history=None, metrics: dict | None = None
+    path: str | Path,
+    model: JEPA,
+    cfg: Config,
+    opt=None,
+    step: int = 0,
+    history=None,
+    metrics: dict | None = None,
+    train_seconds: float = 0.0,
 ) -> None:
-    """Model, optimiser, step, config, history and metrics in one file, written atomically."""
+    """Model, optimiser, step, config, history, metrics and the training time so far (summed over resumes)
+    in one file with a sha256 checksum, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"cannot create the folder {path.parent} for checkpoint {path}: {e.strerror or e}") from e
     state = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict() if opt is not None else {},
@@ -1269,13 +1515,37 @@ def save_checkpoint(
         "config": dataclasses.asdict(cfg),
         "history": history or {},
         "metrics": metrics or {},
+        "train_seconds": float(train_seconds),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a disconnect mid-write never leaves a half checkpoint
+    state["checksum"] = checkpoint_checksum(state)
+    _atomic_write(path, lambda f: torch.save(state, f))
 
 
 BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "profile")
+
+
+def config_from_dict(values: dict, source: str = "config") -> Config:
+    """A validated Config from a saved dict (unknown keys ignored, missing ones at their defaults)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: the config must be a dict, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(Config)}
+    try:
+        return validate_config(Config(**{k: v for k, v in values.items() if k in names}))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source} holds an invalid config: {e}") from e
+
+
+def config_differences(saved: Config, cfg: Config, same_run: bool) -> list[str]:
+    """'model field width: checkpoint=64 vs config=96' for each field that differs (training fields too with
+    ``same_run``; bookkeeping fields never)."""
+    model_names = set(saved.model_fields())
+    lines = []
+    for name, value in dataclasses.asdict(saved).items():
+        if name in BOOKKEEPING or not (same_run or name in model_names) or getattr(cfg, name) == value:
+            continue
+        kind = "model field" if name in model_names else "training field"
+        lines.append(f"{kind} {name}: checkpoint={value!r} vs config={getattr(cfg, name)!r}")
+    return lines
 
 
 def load_checkpoint(
@@ -1285,31 +1555,47 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     same_run: bool = False,
 ) -> dict:
-    """Load a checkpoint (weights_only=True). With ``cfg``, refuse one whose architecture fields differ
-    (with ``same_run``, any training field: resuming with another lam or schedule would mix two runs).
+    """Load a checkpoint (weights_only=True). Before any model is built: its checksum is verified, its config
+    validated (types, ranges, model size) and its step checked (0 <= step <= num_steps). With ``cfg``, refuse
+    one whose architecture fields differ (with ``same_run``, any training field: resuming with another lam or
+    schedule would mix two runs). Checkpoints written before checksums existed load without that check.
 
     Returns the checkpoint dict with "cfg" (its Config) and "model_obj" (a JEPA in eval mode, weights loaded).
     """
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
-    if cfg is not None:
-        fields = (
-            {k: v for k, v in dataclasses.asdict(saved).items() if k not in BOOKKEEPING}
-            if same_run
-            else saved.model_fields()
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read (corrupt, truncated or not a checkpoint): {e}") from e
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise ValueError(f"{path} is not a GridJEPA checkpoint (missing {missing})")
+    if "checksum" in ckpt and checkpoint_checksum(ckpt) != ckpt["checksum"]:
+        raise ValueError(
+            f"checkpoint {path} fails its integrity check (sha256 mismatch): the file was corrupted or "
+            f"edited after it was written; do not use it - retrain, or restore a good copy"
         )
-        diff = {k: (v, getattr(cfg, k)) for k, v in fields.items() if getattr(cfg, k) != v}
+    saved = config_from_dict(ckpt["config"], f"checkpoint {path}")
+    step = ckpt["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= saved.num_steps:
+        raise ValueError(f"checkpoint {path} has step {step!r}; expected an integer in [0, {saved.num_steps}]")
+    if cfg is not None:
+        diff = config_differences(saved, cfg, same_run)
         if diff:
-            lines = ", ".join(f"{k}: checkpoint={a!r} vs config={b!r}" for k, (a, b) in diff.items())
             raise ValueError(
-                f"checkpoint {path} was made with another model config ({lines}); "
-                f"build the model from the checkpoint's config (load_model) or start a new run"
+                f"checkpoint {path} was made with another config ({', '.join(diff)}); "
+                f"build the model from the checkpoint's config (load_model) or start a new run under another name"
             )
     if model is None:
         model = JEPA(saved).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: its weights do not fit its config: {e}") from e
     model.eval()
     ckpt["cfg"], ckpt["model_obj"] = saved, model
+    ckpt.setdefault("train_seconds", float(ckpt["metrics"].get("train_seconds", 0.0) or 0.0))
     return ckpt
 
 
@@ -1317,6 +1603,84 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JE
     """A trained model and its config from a checkpoint - the entry point of notebooks 04 and 05."""
     ckpt = load_checkpoint(path, device=device)
     return ckpt["model_obj"], ckpt["cfg"]
+
+
+# ── output files: one lock per output, a writable folder checked before training ──
+
+_HELD_LOCKS: dict[str, int] = {}  # lock path -> how many times this process holds it (locks are re-entrant)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path):
+    """Hold ``<path>.lock`` (exclusive create; it records pid and host) while a run writes ``path``.
+
+    A second process asking for the same output is refused with the holder's pid. A lock left by a dead
+    process on this host is stale and taken over. Re-entrant within one process (train inside main).
+    """
+    lock = Path(str(path) + ".lock")
+    key = str(lock.resolve())
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key] += 1
+        try:
+            yield lock
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    host = socket.gethostname()
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, their_host = int(holder["pid"]), holder.get("host")
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, their_host = None, None
+            if attempt == 0 and pid is not None and their_host == host and not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()  # stale: its process is gone
+                continue
+            who = f"process {pid} on {their_host}" if pid is not None else "another process (unreadable lock file)"
+            raise RuntimeError(
+                f"{path} is being written by {who}: lock file {lock}. Wait for that run, pick another output "
+                f"path, or delete the lock file if no such run exists"
+            ) from None
+        except OSError as e:
+            raise OSError(f"cannot create the lock file {lock}: {e.strerror or e}") from e
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": host, "started": time.time()}, f)
+    _HELD_LOCKS[key] = 1
+    try:
+        yield lock
+    finally:
+        _HELD_LOCKS.pop(key, None)
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail now, naming ``path``, if a file cannot be created next to it (rather than after training)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: its folder {path.parent} is not writable ({e.strerror or e})") from e
+    if path.exists() and (path.is_dir() or not os.access(path, os.R_OK)):
+        raise OSError(f"cannot use {path} as an output: it is a folder or unreadable")
 
 
 class LivePlot:
@@ -1414,7 +1778,17 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
     """
     emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
     P = len(emb)
-    holdout = holdout or max(1, round(P * 0.3))
+    if emb.ndim != 2 or pos.ndim != 2 or len(pos) != P:
+        raise ValueError(f"expected emb (P, D) and pos (P, k), got {emb.shape} and {pos.shape}")
+    if not (np.isfinite(emb).all() and np.isfinite(pos).all()):
+        raise ValueError("emb and pos must be finite (no NaN or inf)")
+    if P < 4:
+        raise ValueError(f"probe_report needs at least 4 points (2 to fit, 2 to score), got {P}")
+    holdout = holdout or max(2, round(P * 0.3))
+    if not 2 <= holdout <= P - 2:
+        raise ValueError(f"holdout must be in [2, P - 2] = [2, {P - 2}] (R^2 needs 2 points to score), got {holdout}")
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     rng = np.random.default_rng(seed)
     plain, ridge = [], []
     for _ in range(num_splits):
@@ -1610,6 +1984,17 @@ def imagined_costs(
     return best.cpu()[start_inv, :, goal_inv]  # (P, S)
 
 
+def check_search_size(model: JEPA, world: World, horizon: int, who: str) -> None:
+    """horizon H >= 1, and the 4^H imagined rollouts of imagined_costs within the memory limit."""
+    if isinstance(horizon, bool) or not isinstance(horizon, (int, np.integer)):
+        raise TypeError(f"{who}: horizon H must be an integer >= 1, got {horizon!r}")
+    if horizon < 1:
+        raise ValueError(f"horizon H must be >= 1, got {horizon}")
+    U, S = len(world.free_cells), len(ACTIONS) ** min(int(horizon), 64)
+    per_rollout = horizon * (model.cfg.latent_dim + U + 4 * model.cfg.pred_width) + 2 * horizon
+    check_memory(4.0 * U * S * per_rollout, f"{who} with horizon={horizon} ({S:,} action sequences per start cell)")
+
+
 def sequence_code(seqs: torch.Tensor) -> torch.Tensor:
     """Base-4 index of action sequences (..., H) -> (...), matching imagined_costs' columns."""
     H = seqs.shape[-1]
@@ -1624,8 +2009,7 @@ def _first_action_scores(costs: torch.Tensor, first: torch.Tensor) -> torch.Tens
 
 def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "steps") -> Policy:
     """Search all 4^H action sequences for every pair at once; execute the first action of the best."""
-    if horizon < 1:
-        raise ValueError(f"horizon H must be >= 1, got {horizon}")
+    check_search_size(model, world, horizon, "exhaustive_policy")
     first = torch.arange(len(ACTIONS) ** horizon) // len(ACTIONS) ** (horizon - 1)  # (4^H,) first action
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
@@ -1651,10 +2035,13 @@ def cem_policy(
     sample sequences from per-step categorical distributions, keep the elites, refit the probabilities
     to them, repeat; execute the first action of the best sequence seen. Batched over all pairs; sampled
     sequences are scored by the model's imagined rollouts (computed once per start cell, see imagined_costs)."""
-    if horizon < 1:
-        raise ValueError(f"horizon H must be >= 1, got {horizon}")
+    check_search_size(model, world, horizon, "cem_policy")
     if not 1 <= elites <= samples:
         raise ValueError(f"need 1 <= elites <= samples, got elites={elites}, samples={samples}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
+        raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if not (isinstance(smoothing, (int, float)) and 0 <= smoothing <= 1):
+        raise ValueError(f"smoothing must be a number in [0, 1], got {smoothing!r}")
     gen = torch.Generator().manual_seed(seed)
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
@@ -1779,12 +2166,23 @@ def run_mpc(
 
     Defaults to all ordered pairs of distinct free cells. Episodes that reached their goal stop there.
     """
+    if (starts is None) != (goals is None):
+        raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
     if starts is None:
         starts, goals = world.all_pairs()
     starts, goals = (
         check_int_tensor(torch.as_tensor(starts), "starts"),
         check_int_tensor(torch.as_tensor(goals), "goals"),
     )
+    if starts.ndim != 1 or starts.shape != goals.shape or not len(starts):
+        raise ValueError(
+            f"starts and goals must be non-empty 1-D tensors of the same length, got shapes "
+            f"{tuple(starts.shape)} and {tuple(goals.shape)}"
+        )
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer))):
+        raise TypeError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     for name, cells in (("start", starts), ("goal", goals)):
         if cells.numel() and (cells.min() < 0 or cells.max() >= world.num_cells):
             raise ValueError(f"{name} cells must lie in [0, {world.num_cells})")
@@ -1806,9 +2204,15 @@ def run_mpc(
             paths.extend([cells.clone()] * (max_steps - t))
             break
         out = policy(cells[active], goals[active])
+        if not isinstance(out, dict) or "action" not in out:
+            raise TypeError("a policy must return a dict with an 'action' tensor")
+        action = check_actions(out["action"]).cpu()
+        if action.shape != (int(active.sum()),):
+            n = int(active.sum())
+            raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {n} pairs")
         if record:
             trace.append({k: v.clone() for k, v in out.items()} | {"active": active.clone()})
-        cells[active] = world.next_cell[cells[active], out["action"].long().cpu()]
+        cells[active] = world.next_cell[cells[active], action]
         steps[(cells == goals) & active] = t + 1
         paths.append(cells.clone())
     return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
@@ -2057,8 +2461,69 @@ def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None 
     return makers[name](model, world)
 
 
+RECORD_KIND = "gridjepa run record"
+
+
+def training_fields(cfg: Config) -> dict:
+    """Every field that changes what training produces (all but the bookkeeping ones)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING}
+
+
+def config_hash(cfg: Config) -> str:
+    """A short hash of the training fields: runs that differ in any of them get different default names."""
+    return hashlib.sha256(json.dumps(training_fields(cfg), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def default_out_path(cfg: Config) -> Path:
+    """runs/<profile>_<layout>_seed<seed>_<hash of the training fields>.pt"""
+    return REPO_ROOT / "runs" / f"{cfg.profile}_{cfg.layout}_seed{cfg.seed}_{config_hash(cfg)}.pt"
+
+
+def record_path(out: str | Path) -> Path:
+    """The run record beside checkpoint ``<stem>.pt``: ``<stem>.json``."""
+    return Path(out).with_suffix(".json")
+
+
+def read_record(out: str | Path, cfg: Config) -> dict | None:
+    """The existing record of checkpoint ``out`` (None if there is none). Refuses - so that it is never
+    overwritten - a file there that is a link, not JSON, not a record this project wrote, or the record of a
+    run with other training fields."""
+    path = record_path(out)
+    if not os.path.lexists(path):
+        return None
+    if path.is_symlink() or not path.is_file():
+        raise FileExistsError(f"refusing to overwrite {path}: it is a link or not a regular file")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FileExistsError(f"refusing to overwrite {path}: it is not a run record ({e})") from None
+    ours = isinstance(record, dict) and isinstance(record.get("config"), dict) and "command" in record
+    if not ours or record.get("kind", RECORD_KIND) != RECORD_KIND:
+        raise FileExistsError(f"refusing to overwrite {path}: it is not a run record written by gridjepa_utils.py")
+    if record.get("checkpoint", Path(out).name) != Path(out).name:
+        raise FileExistsError(f"refusing to overwrite {path}: it records checkpoint {record['checkpoint']!r}")
+    saved = {k: v for k, v in record["config"].items() if k not in BOOKKEEPING}
+    diff = [
+        f"{k}: record={v!r} vs config={getattr(cfg, k, None)!r}" for k, v in saved.items() if getattr(cfg, k, None) != v
+    ]
+    if diff:
+        raise FileExistsError(
+            f"refusing to overwrite {path}: it records a run with other training fields ({', '.join(diff)})"
+        )
+    return record
+
+
+def write_record(out: str | Path, record: dict) -> None:
+    path = record_path(out)
+    _atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Train with a profile, evaluate, print the headline metrics, save checkpoint + JSON."""
+    """Train with a profile (or resume), evaluate, print the headline metrics, save checkpoint + run record.
+
+    A rerun of a finished run only evaluates: its evaluation is appended to the record's "evaluations",
+    and the original command, training time and metrics stay as they were.
+    """
     parser = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
     parser.add_argument(
         "--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device"
@@ -2066,47 +2531,94 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layout", default="open", choices=sorted(LAYOUTS))
     parser.add_argument("--planner", default="probe", choices=PLANNERS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lam", type=float, default=None, help="SIGReg weight (default: the profile's)")
+    parser.add_argument("--lam", type=float, default=None, help="SIGReg weight >= 0 (default: the profile's)")
     parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--out", default=None, help="checkpoint path (default: runs/<profile>_<layout>_seed<seed>.pt)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps >= 1 (default: the profile's)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="checkpoint path ending in .pt; the run record is <stem>.json beside it "
+        "(default: runs/<profile>_<layout>_seed<seed>_<hash of the training settings>.pt)",
+    )
     args = parser.parse_args(argv)
     overrides = {"layout": args.layout, "seed": args.seed}
     for key, value in (("lam", args.lam), ("seq_len", args.seq_len), ("num_steps", args.steps)):
         if value is not None:
             overrides[key] = value
+    try:
+        cfg = make_config(args.profile, **overrides)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e).replace("Config.num_steps", "--steps (Config.num_steps)"))
+    out = Path(args.out) if args.out else default_out_path(cfg)
+    if out.suffix != ".pt":
+        parser.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}")
     if "LOCAL_RANK" in os.environ and not dist.is_initialized():  # started by torchrun
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    cfg = make_config(args.profile, **overrides)
-    out = Path(args.out or REPO_ROOT / "runs" / f"{cfg.profile}_{args.layout}_seed{args.seed}.pt")
     device = (
         torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if torch.cuda.is_available() else torch.device("cpu")
     )
-    result = train(cfg, ckpt_path=out, resume=True, device=device)
-    metrics = {}
-    if _is_main_process():
-        metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner)
-        metrics["train_seconds"] = result.train_seconds
-        save_checkpoint(out, result.model, cfg, None, cfg.num_steps, result.history, metrics)
-        meta = {
-            "config": dataclasses.asdict(cfg),
-            "command": "python gridjepa_utils.py " + " ".join(argv or sys.argv[1:]),
-            "train_seconds": result.train_seconds,
-            "device": describe_device(device),
-            "metrics": metrics,
-        }
-        out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-        print(
-            f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: "
-            f"at step {cfg.num_steps}/{cfg.num_steps}, {result.train_seconds:.1f} s of training in this process"
-        )
-        for k, v in metrics.items():
-            print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
-        print(f"checkpoint: {out}")
+    lock = output_lock(out) if _is_main_process() else contextlib.nullcontext()
+    try:
+        if _is_main_process():
+            check_writable(out)
+        with lock:
+            metrics = _main_run(args, argv, cfg, out, device)
+    except (OSError, RuntimeError, ValueError) as e:  # refusals: a message, exit status 1, nothing overwritten
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        print(f"error: {e}", file=sys.stderr)
+        if args.out and ("another config" in str(e) or "other training fields" in str(e)):
+            print("hint: pick another --out, or leave --out out to get a name of this config's own", file=sys.stderr)
+        raise SystemExit(1) from None
     if dist.is_initialized():
         dist.destroy_process_group()
+    return metrics
+
+
+def _main_run(args, argv, cfg: Config, out: Path, device: torch.device) -> dict:
+    record = read_record(out, cfg) if _is_main_process() else None  # refuses before any training
+    result = train(cfg, ckpt_path=out, resume=True, device=device)
+    if not _is_main_process():
+        return {}
+    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner)
+    command = "python gridjepa_utils.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    evaluation = {
+        "command": command,
+        "planner": args.planner,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": describe_device(device),
+        "metrics": metrics,
+    }
+    if result.steps_trained or record is None:
+        metrics["train_seconds"] = result.total_train_seconds
+        save_checkpoint(
+            out, result.model, cfg, None, cfg.num_steps, result.history, metrics, result.total_train_seconds
+        )
+        evaluations = (record or {}).get("evaluations", [])
+        record = {
+            "kind": RECORD_KIND,
+            "checkpoint": out.name,
+            "config": dataclasses.asdict(cfg),
+            "command": (record or {}).get("command", command) if not result.steps_trained else command,
+            "train_seconds": result.total_train_seconds,
+            "device": describe_device(device),
+            "metrics": metrics,
+            "evaluations": evaluations,
+        }
+    record.setdefault("kind", RECORD_KIND)
+    record.setdefault("checkpoint", out.name)
+    record.setdefault("evaluations", [])
+    record["evaluations"].append(evaluation)
+    write_record(out, record)
+    print(
+        f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: "
+        f"{result.steps_trained} steps trained now, {result.total_train_seconds:.1f} s of training in all"
+    )
+    for k, v in metrics.items():
+        print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
+    print(f"checkpoint: {out}\nrecord:     {record_path(out)}")
     return metrics
 
 
