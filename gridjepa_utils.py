@@ -106,7 +106,7 @@ class World:
 
     Deterministic: a move into a wall or off the board leaves the agent where it is. No target, no reward.
     States are cell indices (row * G + col); with ``show_target`` a state also carries a target cell
-    (state = agent + N * target) that is drawn but never moves - the seed's lesson 01.
+    (state = agent + N * target) that is drawn but never moves - the original write-up's lesson 01.
     """
 
     def __init__(
@@ -562,9 +562,9 @@ class Config:
     # world & data
     grid_size: int = 5
     layout: str = "open"  # a name from LAYOUTS; random layouts are passed to train() as a World
-    show_target: bool = False  # the seed's lesson 01: draw a fixed target marker
+    show_target: bool = False  # the original write-up's lesson 01: draw a fixed target marker
     num_transitions: int = 50_000
-    seq_len: int = 2  # T frames per training sequence; the seed's is 2 (one transition)
+    seq_len: int = 2  # T frames per training sequence; the original write-up's is 2 (one transition)
     data_seed: int = 0
     # encoder: a ViT over the (pooled) image, CLS token -> projector MLP -> latent
     input_size: int = 128  # the 128x128 observation is average-pooled to this before the ViT
@@ -580,7 +580,7 @@ class Config:
     pred_depth: int = 1
     pred_heads: int = 4
     # loss: MSE(predicted, real next latent) + lam * SIGReg
-    lam: float = 10.0  # the seed's lambda
+    lam: float = 10.0  # the original write-up's lambda
     sigreg_dirs: int = 256
     rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
     # optimisation
@@ -618,9 +618,9 @@ class Config:
 
 
 PROFILES = {
-    # the seed's recipe: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M parameters; for a GPU
+    # the original write-up's recipe: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M parameters; for a GPU
     "full": {},
-    # reaches the seed's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
+    # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
     "cpu": dict(
         input_size=32,
         patch_size=8,
@@ -825,7 +825,7 @@ class Predictor(nn.Module):
     """Causal transformer over the latent history: (B, T, D) latents + (B, T) actions -> (B, T, D) next latents.
 
     Token t sees frames 0..t and is conditioned on action t; its output is the prediction of latent t+1.
-    With the seed's T=2 it sees a single frame; trained with T>2 it can use a history.
+    With the original write-up's T=2 it sees a single frame; trained with T>2 it can use a history.
     """
 
     max_len = 16
@@ -938,7 +938,7 @@ class JEPA(nn.Module):
     def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop imagination: each prediction is fed back as the next input. (B, D), (B, H) -> (B, H, D).
 
-        The predictor sees the last seq_len - 1 frames (real or imagined): one for the seed's T=2."""
+        The predictor sees the last seq_len - 1 frames (real or imagined): one for the original write-up's T=2."""
         actions = check_actions(actions).to(emb.device)
         context_len = max(1, self.cfg.seq_len - 1)  # as many frames as the predictor saw in training
         history = emb[:, None]  # (B, 1, D)
@@ -1381,7 +1381,7 @@ def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
 def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, seed: int = 0) -> dict:
     """R^2 of linear probes emb -> pos, three honest ways:
 
-    fit      - fit and scored on the same cells (the seed's 1.00; proves little with P points in D >> P dims);
+    fit      - fit and scored on the same cells (the write-up's 1.00; proves little with P points in D >> P dims);
     heldout  - fit on some cells, scored on the others, ``num_splits`` random splits (mean and std);
     ridge    - the same held-out test with ridge regression, alpha by leave-one-out on the fit cells.
     Each R^2 is the mean over (col, row).
@@ -1458,7 +1458,7 @@ def imagine_next(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor
 
 
 def greedy_decoder_policy(model: JEPA, world: World, decode: Callable[[torch.Tensor], torch.Tensor]) -> Policy:
-    """The seed's planner: imagine the 4 next latents, decode each to a (col, row), pick the smallest
+    """The original write-up's planner: imagine the 4 next latents, decode each to a (col, row), pick the smallest
     Manhattan distance to the goal (ties: the first action)."""
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
@@ -1471,7 +1471,7 @@ def greedy_decoder_policy(model: JEPA, world: World, decode: Callable[[torch.Ten
 
 
 def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
-    """Greedy planner decoding imagined latents with a linear probe (the seed's)."""
+    """Greedy planner decoding imagined latents with a linear probe (the original write-up's)."""
     return greedy_decoder_policy(model, world, lambda z: probe(z.float().cpu()))
 
 
@@ -1964,7 +1964,7 @@ PLANNERS = ("probe", "nearest", "cem", "search", "graph", "random")
 
 
 def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
-    """A planner by name: probe (the seed's), nearest (probe-free greedy), cem, search (4^H), graph, random."""
+    """A planner by name: probe (the write-up's), nearest (probe-free greedy), cem, search (4^H), graph, random."""
     if name == "probe":
         if probe is None:
             probe = fit_probe(encode_states(model, world).cpu().numpy(), world.cell_pos(world.free_cells))

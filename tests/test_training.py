@@ -85,7 +85,7 @@ def test_two_runs_are_identical(smoke_run, smoke_cfg):
 
 
 def test_different_seed_gives_a_different_run(smoke_cfg):
-    """The seed matters: another seed gives another loss curve."""
+    """The random seed matters: another seed gives another loss curve."""
     cfg = dataclasses.replace(smoke_cfg, num_steps=5, num_transitions=500)
     a = gj.train(cfg, progress=False, device="cpu")
     b = gj.train(dataclasses.replace(cfg, seed=1), progress=False, device="cpu")
