@@ -1293,6 +1293,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JE
     return ckpt["model_obj"], ckpt["cfg"]
 
 
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
+    """``load_model`` plus what the run recorded, for any checkpoint the series writes (notebook 03's or the
+    command line's): info has "step", "metrics" (possibly empty) and "history" from the checkpoint itself, and
+    "command", "train_seconds", "device" (and the JSON's metrics) only when the command line's JSON is beside it."""
+    ckpt = load_checkpoint(path, device=device)
+    info = {"path": str(path), "step": ckpt.get("step", 0), "metrics": dict(ckpt.get("metrics") or {}),
+            "history": ckpt.get("history") or {}, "command": None}
+    side = Path(path).with_suffix(".json")
+    if side.exists():
+        saved = json.loads(side.read_text())
+        info["metrics"] = {**info["metrics"], **saved.get("metrics", {})}
+        info.update({k: v for k, v in saved.items() if k not in ("metrics", "config")})
+    return ckpt["model_obj"], ckpt["cfg"], info
+
+
 class LivePlot:
     """Loss and latent-health curves redrawn in place in a notebook while training runs."""
 
