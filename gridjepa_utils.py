@@ -580,7 +580,7 @@ class Config:
     pred_depth: int = 1
     pred_heads: int = 4
     # loss: MSE(predicted, real next latent) + lam * SIGReg
-    lam: float = 10.0  # the original write-up's lambda
+    lam: float = 10.0  # the full profile's (the write-up's) lambda; every other profile sets its own: read cfg.lam
     sigreg_dirs: int = 256
     rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
     # optimisation
@@ -662,9 +662,32 @@ PROFILES = {
 }
 
 
+# sized for a free Colab T4 (well under 10 minutes; estimate_train_time prints it before notebook 03 trains):
+# the cpu recipe scaled up - 64x64 input, 8x8 patches (64 tokens), width 192, 2 blocks, batch 128, 3000 steps
+PROFILES["gpu"] = dict(
+    input_size=64,
+    patch_size=8,
+    width=192,
+    depth=2,
+    heads=3,
+    pred_width=192,
+    pred_depth=2,
+    lam=0.1,
+    batch_size=128,
+    num_steps=3000,
+    lr=1e-3,
+    warmup_steps=200,
+    log_every=25,
+    eval_every=250,
+    ckpt_every=500,
+)
+
+
 def active_profile() -> str:
-    """The profile named by $GRIDJEPA_PROFILE, else 'full' on a GPU and 'cpu' without one."""
-    name = os.environ.get("GRIDJEPA_PROFILE") or ("full" if torch.cuda.is_available() else "cpu")
+    """The profile named by $GRIDJEPA_PROFILE, else 'gpu' on a GPU and 'cpu' without one.
+
+    'full' (the write-up's 78,125 steps) is only ever chosen by name."""
+    name = os.environ.get("GRIDJEPA_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name not in PROFILES:
         raise ValueError(f"GRIDJEPA_PROFILE={name!r}; expected one of {sorted(PROFILES)}")
     return name
@@ -1227,6 +1250,86 @@ def bar_postfix(bar, **values) -> None:
         bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
 
 
+def train_step(
+    model: JEPA,
+    sigreg: SIGReg,
+    opt: torch.optim.Optimizer,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    cfg: Config,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step, as train() takes it: schedule, loss (bf16 autocast on CUDA), backward, clip, AdamW.
+
+    obs (B, T, 1, H, W), actions (B, T-1); returns jepa_loss's named terms."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=obs.device.type == "cuda"):
+        terms = jepa_loss(model, sigreg, obs, actions, cfg, step)
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return terms
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def estimate_train_time(
+    cfg: Config, device: torch.device | str | None = None, timed_steps: int = 5, world: World | None = None
+) -> dict:
+    """How long train(cfg) will take here, before it starts: FLOPs of one step (forward + backward, counted by
+    torch's FlopCounterMode on one real batch) and the measured time of ``timed_steps`` steps after a warm-up
+    step; total = cfg.num_steps x step time. Evaluation and checkpoints add a little on top.
+
+    Returns {"flops_per_step", "seconds_per_step", "steps", "total_seconds", "device"}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device(device) if device is not None else default_device()
+    world = world or build_world(cfg)
+    data = make_transitions(world, max(4 * cfg.batch_size, 256), cfg.seq_len, seed=cfg.data_seed)
+    gen = torch.Generator().manual_seed(0)
+    model = JEPA(cfg, world.image_size).to(device)
+    sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = lambda: sample_batch(world, data, torch.randint(len(data), (cfg.batch_size,), generator=gen), device)
+    obs, actions = batch()
+    with FlopCounterMode(display=False) as counter:
+        terms = jepa_loss(model, sigreg, obs, actions, cfg, 0)
+        terms["loss"].backward()
+    flops = int(counter.get_total_flops())
+    train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
+    _synchronize(device)
+    t0 = time.perf_counter()
+    for step in range(timed_steps):
+        obs, actions = batch()  # rendering is part of a step
+        train_step(model, sigreg, opt, obs, actions, cfg, step)
+    _synchronize(device)
+    per_step = (time.perf_counter() - t0) / timed_steps
+    return {
+        "flops_per_step": flops,
+        "seconds_per_step": per_step,
+        "steps": cfg.num_steps,
+        "total_seconds": per_step * cfg.num_steps,
+        "device": str(device),
+    }
+
+
+def format_estimate(est: dict, cfg: Config) -> str:
+    """One line for estimate_train_time's result."""
+    total = est["total_seconds"]
+    when = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min" if total < 7200 else f"{total / 3600:.1f} h"
+    return (
+        f"profile {cfg.profile}: {est['flops_per_step'] / 1e9:.1f} GFLOP per step, "
+        f"{est['seconds_per_step'] * 1e3:.0f} ms per step on {est['device']} -> {est['steps']:,} steps ~ {when} "
+        "(plus evaluations)"
+    )
+
+
 # ── checkpoints ──
 
 
@@ -1298,8 +1401,13 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA
     command line's): info has "step", "metrics" (possibly empty) and "history" from the checkpoint itself, and
     "command", "train_seconds", "device" (and the JSON's metrics) only when the command line's JSON is beside it."""
     ckpt = load_checkpoint(path, device=device)
-    info = {"path": str(path), "step": ckpt.get("step", 0), "metrics": dict(ckpt.get("metrics") or {}),
-            "history": ckpt.get("history") or {}, "command": None}
+    info = {
+        "path": str(path),
+        "step": ckpt.get("step", 0),
+        "metrics": dict(ckpt.get("metrics") or {}),
+        "history": ckpt.get("history") or {},
+        "command": None,
+    }
     side = Path(path).with_suffix(".json")
     if side.exists():
         saved = json.loads(side.read_text())

@@ -1,7 +1,8 @@
 """What the notebooks teach, pinned: causality of the predictor, SIGReg against its formula, AdaLN's modulate,
 CEM improving over its iterations; and the helpers the notebooks lean on (load_run, show_source, profiles)."""
 
-
+import pytest
+import torch
 
 import gridjepa_utils as gj
 
@@ -17,3 +18,41 @@ def test_load_run_reads_a_notebook_checkpoint_without_json(tmp_path, smoke_run, 
     path.with_suffix(".json").write_text('{"command": "python x.py", "metrics": {"plan_success": 1.0}}')
     _, _, run = gj.load_run(path)
     assert run["command"] == "python x.py" and run["metrics"] == {"plan_success": 1.0}
+
+
+def test_train_step_is_the_step_train_takes(smoke_cfg, open_world):
+    """train_step (shown in notebook 03, used by estimate_train_time) leaves the same weights as train's first step."""
+    data = gj.make_transitions(open_world, 500, seed=0)
+    ref = gj.train(smoke_cfg, world=open_world, data=data, progress=False, device="cpu", stop_after=1)
+    torch.manual_seed(smoke_cfg.seed)
+    model = gj.JEPA(smoke_cfg, open_world.image_size)
+    sigreg = gj.SIGReg(smoke_cfg.sigreg_dirs, seed=smoke_cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=smoke_cfg.lr, weight_decay=smoke_cfg.weight_decay)
+    gen = torch.Generator().manual_seed(smoke_cfg.seed * 1_000_003 + 0)
+    idx = torch.randint(len(data), (smoke_cfg.batch_size,), generator=gen)
+    obs, actions = gj.sample_batch(open_world, data, idx, "cpu")
+    terms = gj.train_step(model, sigreg, opt, obs, actions, smoke_cfg, 0)
+    assert set(terms) >= {"loss", "pred_loss", "sigreg"}
+    ref_params = dict(ref.model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], msg=name)
+
+
+def test_gpu_profile_and_the_default_profile(monkeypatch):
+    """'gpu' is the default on CUDA (never 'full', 78k steps); it is a scaled-up cpu recipe."""
+    cfg = gj.make_config("gpu")
+    assert (cfg.input_size, cfg.patch_size, cfg.width, cfg.depth, cfg.batch_size) == (64, 8, 192, 2, 128)
+    assert cfg.num_steps <= 5000 and cfg.width % cfg.heads == 0
+    monkeypatch.delenv("GRIDJEPA_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gj.active_profile() == "gpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gj.active_profile() == "cpu"
+
+
+def test_estimate_train_time(smoke_cfg):
+    """FLOPs counted for one step, time measured: total = steps x step time."""
+    est = gj.estimate_train_time(smoke_cfg, "cpu", timed_steps=2)
+    assert est["flops_per_step"] > 1e8 and est["seconds_per_step"] > 0 and est["steps"] == smoke_cfg.num_steps
+    assert est["total_seconds"] == pytest.approx(est["seconds_per_step"] * smoke_cfg.num_steps)
+    assert "GFLOP" in gj.format_estimate(est, smoke_cfg)
