@@ -56,3 +56,14 @@ def test_estimate_train_time(smoke_cfg):
     assert est["flops_per_step"] > 1e8 and est["seconds_per_step"] > 0 and est["steps"] == smoke_cfg.num_steps
     assert est["total_seconds"] == pytest.approx(est["seconds_per_step"] * smoke_cfg.num_steps)
     assert "GFLOP" in gj.format_estimate(est, smoke_cfg)
+
+
+def test_the_five_notebooks_share_one_setup_cell():
+    """The Colab setup is one short cell, identical in every notebook: one clone URL, no reinstall of torch."""
+    import nbformat
+
+    cells = [nbformat.read(p, as_version=4).cells[1].source for p in sorted(gj.REPO_ROOT.glob("notebooks/*.ipynb"))]
+    assert len(cells) == 5 and len(set(cells)) == 1
+    setup = cells[0]
+    assert setup.count("https://github.com/") == 1 and "pip install" not in setup
+    assert len([line for line in setup.splitlines() if line.strip()]) <= 12
