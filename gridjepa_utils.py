@@ -1450,7 +1450,8 @@ class LivePlot:
 
 @dataclass
 class LinearProbe:
-    """y = x @ weight + bias, fit by (ridge) least squares. Plain (alpha=0) is the minimum-norm solution."""
+    """y = x @ weight + bias: a fitted scikit-learn linear model's coefficients, callable on numpy arrays and
+    torch tensors (the planners decode imagined latents on the model's device)."""
 
     weight: np.ndarray  # (D, 2)
     bias: np.ndarray  # (2,)
@@ -1464,59 +1465,49 @@ class LinearProbe:
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, alpha: float = 0.0) -> LinearProbe:
-    """Fit a linear probe from latents x (P, D) to targets y (P, k); alpha > 0 is ridge regression."""
+    """Fit a linear probe from latents x (P, D) to targets y (P, k): sklearn's LinearRegression (least squares;
+    the minimum-norm solution when P <= D), or Ridge(alpha) for alpha > 0."""
+    from sklearn.linear_model import LinearRegression, Ridge
+
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    mx, my = x.mean(0), y.mean(0)
-    u, s, vt = np.linalg.svd(x - mx, full_matrices=False)
-    keep = s > 1e-10 * s.max() if s.size and s.max() > 0 else np.zeros_like(s, dtype=bool)
-    u, s, vt = u[:, keep], s[keep], vt[keep]
-    w = vt.T @ ((s / (s**2 + alpha))[:, None] * (u.T @ (y - my)))
-    return LinearProbe(w, my - mx @ w)
+    reg = (Ridge(alpha=alpha) if alpha > 0 else LinearRegression()).fit(x, y)
+    return LinearProbe(np.asarray(reg.coef_, np.float64).reshape(-1, x.shape[1]).T, np.atleast_1d(reg.intercept_))
 
 
 RIDGE_ALPHAS = tuple(np.logspace(-3, 4, 15))
 
 
 def ridge_alpha_loo(x: np.ndarray, y: np.ndarray, alphas=RIDGE_ALPHAS) -> float:
-    """The ridge alpha with the smallest leave-one-out error (closed form via the hat matrix)."""
+    """The ridge alpha with the smallest leave-one-out error: sklearn's RidgeCV (efficient closed-form LOO)."""
+    from sklearn.linear_model import RidgeCV
+
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    u, s, _ = np.linalg.svd(xc, full_matrices=False)
-    best, best_err = alphas[0], np.inf
-    n = len(x)
-    for a in alphas:
-        shrink = s**2 / (s**2 + a)
-        hat_diag = (u**2 * shrink).sum(1) + 1 / n
-        fitted = u @ (shrink[:, None] * (u.T @ yc))
-        loo = (yc - fitted) / np.clip(1 - hat_diag, 1e-6, None)[:, None]
-        err = (loo**2).mean()
-        if err < best_err:
-            best, best_err = a, err
-    return float(best)
+    return float(RidgeCV(alphas=alphas).fit(x, y).alpha_)
 
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Coefficient of determination per output column: (P, k) -> (k,). Negative = worse than the mean."""
+    """Coefficient of determination per output column (sklearn's): (P, k) -> (k,). Negative = worse than the mean."""
+    from sklearn.metrics import r2_score as sk_r2_score
+
     y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
-    return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0).clip(1e-12)
+    return np.atleast_1d(sk_r2_score(y, pred, multioutput="raw_values"))
 
 
 def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, seed: int = 0) -> dict:
     """R^2 of linear probes emb -> pos, three honest ways:
 
     fit      - fit and scored on the same cells (the write-up's 1.00; proves little with P points in D >> P dims);
-    heldout  - fit on some cells, scored on the others, ``num_splits`` random splits (mean and std);
+    heldout  - fit on some cells, scored on the others, ``num_splits`` random splits (sklearn's ShuffleSplit);
     ridge    - the same held-out test with ridge regression, alpha by leave-one-out on the fit cells.
     Each R^2 is the mean over (col, row).
     """
+    from sklearn.model_selection import ShuffleSplit
+
     emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
     P = len(emb)
     holdout = holdout or max(1, round(P * 0.3))
-    rng = np.random.default_rng(seed)
     plain, ridge = [], []
-    for _ in range(num_splits):
-        perm = rng.permutation(P)
-        test, fit = perm[:holdout], perm[holdout:]
+    for fit, test in ShuffleSplit(n_splits=num_splits, test_size=holdout, random_state=seed).split(emb):
         plain.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit])(emb[test])).mean())
         alpha = ridge_alpha_loo(emb[fit], pos[fit])
         ridge.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit], alpha)(emb[test])).mean())
@@ -1535,13 +1526,28 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
 
 
 def pca(emb, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Project latents (P, D) on their principal components: (P, k) coordinates and (min(P,D),) variance ratios."""
+    """Project latents (P, D) on their principal components (sklearn's PCA): (P, k) coordinates and the
+    (min(P, D),) explained-variance ratios of all components."""
+    from sklearn.decomposition import PCA
+
     x = np.asarray(emb, np.float64)
-    x = x - x.mean(0)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    ratio = s**2 / (s**2).sum()
-    k = k or len(s)
-    return x @ vt[:k].T, ratio
+    fitted = PCA(svd_solver="full").fit(x)
+    k = k or len(fitted.explained_variance_ratio_)
+    return fitted.transform(x)[:, :k], fitted.explained_variance_ratio_
+
+
+def latent_vs_grid_distance(emb, world: World) -> dict:
+    """Does latent L2 distance track grid distance? Over all pairs of free cells (emb: (N, D) in free-cell order):
+    L2 between latents, Manhattan between cells, and scipy's Spearman rank correlation of the two."""
+    from scipy.stats import spearmanr
+
+    emb = np.asarray(emb, np.float64)
+    pos = world.cell_pos(world.free_cells)
+    i, j = np.triu_indices(len(emb), k=1)
+    l2 = np.linalg.norm(emb[i] - emb[j], axis=1)
+    manhattan = np.abs(pos[i] - pos[j]).sum(1)
+    rho, pvalue = spearmanr(l2, manhattan)
+    return {"spearman": float(rho), "pvalue": float(pvalue), "l2": l2, "manhattan": manhattan, "pairs": (i, j)}
 
 
 def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -> JEPA:
