@@ -1062,9 +1062,14 @@ def calibrate_batchnorm(model: JEPA, world: World) -> None:
 
 @torch.no_grad()
 def encode_states(model: JEPA, world: World, states: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
-    """Latents of states (default: every free cell) in eval mode: (P,) -> (P, D)."""
+    """Latents of states (default: every free cell) in eval mode: (P,) -> (P, D). The model's train/eval mode
+    is restored afterwards."""
+    was_training = model.training
     model.eval()
-    return encode_cells(model, world, torch.as_tensor(world.free_cells if states is None else states).long())
+    try:
+        return encode_cells(model, world, torch.as_tensor(world.free_cells if states is None else states).long())
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

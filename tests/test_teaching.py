@@ -88,3 +88,13 @@ def test_fit_probe_is_the_minimum_norm_least_squares_fit():
     xc = x - x.mean(0)
     w = np.linalg.pinv(xc) @ (y - y.mean(0))
     assert np.allclose(probe.weight, w, atol=1e-8) and np.allclose(probe(x), y, atol=1e-8)
+
+
+def test_encode_states_restores_the_mode(smoke_cfg, open_world):
+    """encode_states encodes in eval mode and leaves a model in training mode in training mode (and eval in eval)."""
+    model = gj.JEPA(smoke_cfg).train()
+    z_train_mode = gj.encode_states(model, open_world)
+    assert model.training
+    model.eval()
+    torch.testing.assert_close(gj.encode_states(model, open_world), z_train_mode)
+    assert not model.training
