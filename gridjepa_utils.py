@@ -1717,6 +1717,7 @@ def cem_policy(
         probs = torch.full((P, horizon, A), 1 / A)
         best_cost, best_seq = torch.full((P,), float("inf")), torch.zeros(P, horizon, dtype=torch.long)
         scores = torch.full((P, A), float("inf"))
+        best_per_iter = []
         for _ in range(iterations):
             seqs = torch.multinomial(probs.flatten(0, 1), samples, replacement=True, generator=gen)
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
@@ -1728,7 +1729,8 @@ def cem_policy(
             top = costs.gather(1, order[:, :1])[:, 0]
             better = top < best_cost
             best_cost, best_seq[better] = torch.where(better, top, best_cost), elite[better, 0]
-        return {"action": best_seq[:, 0], "scores": scores}
+            best_per_iter.append(best_cost.clone())
+        return {"action": best_seq[:, 0], "scores": scores, "best_cost_per_iter": torch.stack(best_per_iter, 1)}
 
     return policy
 

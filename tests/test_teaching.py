@@ -98,3 +98,82 @@ def test_encode_states_restores_the_mode(smoke_cfg, open_world):
     model.eval()
     torch.testing.assert_close(gj.encode_states(model, open_world), z_train_mode)
     assert not model.training
+
+
+# ── what notebooks 02 and 05 teach, checked against the formulas ──
+
+
+def test_predictor_is_causal(smoke_cfg):
+    """Token t sees frames 0..t only: perturbing the latents (or actions) of frames >= 3 leaves the predictions
+    for frames 0..2 unchanged and changes the later ones. The modulation is randomised first: at init every
+    AdaLN-zero block is the identity, which would make any predictor trivially causal."""
+    torch.manual_seed(0)
+    pred = gj.Predictor(smoke_cfg).eval()
+    for block in pred.blocks:
+        torch.nn.init.normal_(block.modulation[1].weight, std=0.2)
+        torch.nn.init.normal_(block.modulation[1].bias, std=0.2)
+    emb, actions = torch.randn(4, 6, smoke_cfg.latent_dim), torch.randint(0, 4, (4, 6))
+    with torch.no_grad():
+        out = pred(emb, actions)
+        later = emb.clone()
+        later[:, 3:] += torch.randn_like(later[:, 3:])
+        out_later = pred(later, actions)
+        other_actions = actions.clone()
+        other_actions[:, 3:] = (other_actions[:, 3:] + 1) % 4
+        out_actions = pred(emb, other_actions)
+    torch.testing.assert_close(out_later[:, :3], out[:, :3])
+    torch.testing.assert_close(out_actions[:, :3], out[:, :3])
+    assert (out_later[:, 3:] - out[:, 3:]).abs().max() > 1e-3
+    assert (out_actions[:, 3:] - out[:, 3:]).abs().max() > 1e-3
+
+
+def epps_pulley_reference(z: torch.Tensor, dirs: torch.Tensor, t_max: float = 3.0, knots: int = 17) -> torch.Tensor:
+    """SIGReg from notebook 02's formula, in plain float64 torch: for each direction u, x = z u and
+    EP = N * integral_{-t_max}^{t_max} exp(-t^2/2) |mean_n exp(i t x_n) - exp(-t^2/2)|^2 dt (trapezoid rule on
+    2 * knots - 1 symmetric knots, the same spacing as SIGReg's one-sided grid); mean over directions."""
+    z, dirs = z.double(), dirs.double()
+    t = torch.linspace(-t_max, t_max, 2 * knots - 1, dtype=torch.float64)
+    values = []
+    for m in range(dirs.shape[1]):
+        x = z @ dirs[:, m]  # (N,)
+        ecf = torch.exp(1j * t[:, None] * x[None, :]).mean(1)  # (K,) complex
+        integrand = torch.exp(-(t**2) / 2) * (ecf - torch.exp(-(t**2) / 2)).abs() ** 2
+        values.append(len(x) * torch.trapezoid(integrand, t))
+    return torch.stack(values).mean()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "scaled", "collapsed", "shifted"])
+def test_sigreg_equals_the_epps_pulley_formula(kind):
+    """SIGReg.forward, on its own directions for a fixed step, equals the statistic computed from the formula."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(256, 32, generator=gen)
+    z = {"gaussian": z, "scaled": 3 * z, "collapsed": 1e-3 * z + 0.5, "shifted": z + 0.7}[kind]
+    sigreg = gj.SIGReg(num_dirs=16, seed=3)
+    dirs = sigreg.directions(32, step=7, device="cpu")  # (D, M): the same unit vectors forward draws at step 7
+    assert torch.allclose(dirs.norm(dim=0), torch.ones(16))
+    expected = epps_pulley_reference(z, dirs)
+    torch.testing.assert_close(sigreg(z, step=7).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_modulate_is_shift_and_scale():
+    """AdaLN's modulate(x, shift, scale) = x * (1 + scale) + shift (scale 0 and shift 0: the identity)."""
+    gen = torch.Generator().manual_seed(0)
+    x, shift, scale = (torch.randn(3, 5, 8, generator=gen) for _ in range(3))
+    torch.testing.assert_close(gj.modulate(x, shift, scale), x * (1 + scale) + shift)
+    torch.testing.assert_close(gj.modulate(x, torch.zeros_like(x), torch.zeros_like(x)), x)
+    torch.testing.assert_close(gj.modulate(x, shift, torch.zeros_like(x)), x + shift)
+
+
+def test_cem_best_cost_improves_over_iterations(smoke_run):
+    """CEM's best cost so far never rises from one iteration to the next, ends strictly below the first
+    iteration's on some pairs, and never beats the exhaustive optimum over all 4^H sequences."""
+    model, world = smoke_run.model, smoke_run.world
+    cells, goals = world.all_pairs()
+    policy = gj.cem_policy(model, world, horizon=3, samples=8, elites=2, iterations=4, seed=0)
+    out = policy(cells, goals)
+    best = out["best_cost_per_iter"]  # (P, iterations)
+    assert best.shape == (len(cells), 4)
+    assert torch.all(best[:, 1:] <= best[:, :-1])
+    assert (best[:, -1] < best[:, 0]).any()
+    optimum = gj.imagined_costs(model, world, cells, goals, 3).min(1).values
+    assert torch.all(best[:, -1] >= optimum - 1e-6)
