@@ -1875,6 +1875,25 @@ def run_mpc(
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
+def show_source(obj) -> str:
+    """Show the module's own code for ``obj`` (a function, class or method) in a notebook, as a Python code block,
+    so the page shows the code that runs - one source of truth. Prints it outside IPython. Returns the source."""
+    import inspect
+    import textwrap
+
+    src = textwrap.dedent(inspect.getsource(obj))
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Markdown(f"```python\n{src}```"))
+    else:
+        print(src)
+    return src
+
+
 def plot_history(history: dict, axes=None):
     """Five panels vs step: prediction loss, SIGReg, latent std, effective rank, next-state accuracy.
 

@@ -177,3 +177,11 @@ def test_cem_best_cost_improves_over_iterations(smoke_run):
     assert (best[:, -1] < best[:, 0]).any()
     optimum = gj.imagined_costs(model, world, cells, goals, 3).min(1).values
     assert torch.all(best[:, -1] >= optimum - 1e-6)
+
+
+def test_show_source_returns_the_module_code(capsys):
+    """show_source gives the module's own code (printed outside IPython), dedented for methods."""
+    src = gj.show_source(gj.SIGReg.forward)
+    assert src.startswith("def forward(self, emb") and "all_reduce_sum" in src
+    assert "def forward" in capsys.readouterr().out
+    assert gj.show_source(gj.modulate).strip().endswith("return x * (1 + scale) + shift")
