@@ -185,3 +185,24 @@ def test_show_source_returns_the_module_code(capsys):
     assert src.startswith("def forward(self, emb") and "all_reduce_sum" in src
     assert "def forward" in capsys.readouterr().out
     assert gj.show_source(gj.modulate).strip().endswith("return x * (1 + scale) + shift")
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.py --dry runs on the CPU with the smoke profile and writes its JSON report."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_check", gj.REPO_ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "gpu.json"
+    report = gpu_check.main(["--dry", "--steps", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["dry"] and set(saved["profiles"]) == {"smoke"} and saved["profiles"]["smoke"]["mfu"] is None
+    assert saved["profiles"]["smoke"]["steps_per_s"] > 0 and saved["profiles"]["smoke"]["flops_per_step"] > 0
+    assert 0.0 <= saved["train"]["next_state_accuracy"] <= 1.0 and "plan_success" in saved["train"]
+    assert report["train"]["profile"] == "smoke"
+    assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_check.peak_flops("Tesla T4") == 65e12 and gpu_check.peak_flops("NVIDIA L4") == 121e12
+    assert gpu_check.peak_flops("NVIDIA L40S") is None and gpu_check.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
