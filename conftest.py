@@ -1,4 +1,4 @@
-"""Shared test setup: import path, the fast profile, one trained smoke model for the whole session."""
+"""Shared test setup: import path, the fast profile, one trained smoke model for the whole test run."""
 
 import os
 import sys

@@ -112,7 +112,7 @@ class World:
 
     Deterministic: a move into a wall or off the board leaves the agent where it is. No target, no reward.
     States are cell indices (row * G + col); with ``show_target`` a state also carries a target cell
-    (state = agent + N * target) that is drawn but never moves - the seed's lesson 01.
+    (state = agent + N * target) that is drawn but never moves - the original write-up's lesson 01.
     """
 
     def __init__(
@@ -578,9 +578,9 @@ class Config:
     # world & data
     grid_size: int = 5
     layout: str = "open"  # a name from LAYOUTS; random layouts are passed to train() as a World
-    show_target: bool = False  # the seed's lesson 01: draw a fixed target marker
+    show_target: bool = False  # the original write-up's lesson 01: draw a fixed target marker
     num_transitions: int = 50_000
-    seq_len: int = 2  # T frames per training sequence; the seed's is 2 (one transition)
+    seq_len: int = 2  # T frames per training sequence; the original write-up's is 2 (one transition)
     data_seed: int = 0
     # encoder: a ViT over the (pooled) image, CLS token -> projector MLP -> latent
     input_size: int = 128  # the 128x128 observation is average-pooled to this before the ViT
@@ -596,7 +596,7 @@ class Config:
     pred_depth: int = 1
     pred_heads: int = 4
     # loss: MSE(predicted, real next latent) + lam * SIGReg
-    lam: float = 10.0  # the seed's lambda
+    lam: float = 10.0  # the full profile's (the write-up's) lambda; every other profile sets its own: read cfg.lam
     sigreg_dirs: int = 256
     rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
     # temporal smoothness: smooth_weight * MSE(z_t, z_t+1). Under SIGReg's whitening its optimum is the spectral
@@ -638,9 +638,10 @@ class Config:
 
 
 PROFILES = {
-    # the seed's recipe: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M parameters; for a GPU
+    # the original write-up's encoder and schedule: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M
+    # parameters; for a GPU. Its loss with the latent-map term; the write-up's own is lam=10, smooth_weight=0
     "full": dict(lam=0.1, smooth_weight=5.0),
-    # reaches the seed's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
+    # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
     "cpu": dict(
         smooth_weight=5.0,  # the latent map (notebook 04); 0 gives the original write-up's pure objective
         input_size=32,
@@ -658,6 +659,25 @@ PROFILES = {
         log_every=10,
         eval_every=25,
         ckpt_every=100,
+    ),
+    # sized for a free Colab T4 (the default on a GPU): 64x64 input, 2 blocks, 3000 steps
+    "gpu": dict(
+        smooth_weight=5.0,
+        input_size=64,
+        patch_size=8,
+        width=192,
+        depth=2,
+        heads=3,
+        pred_width=192,
+        pred_depth=2,
+        lam=0.1,
+        batch_size=128,
+        num_steps=3000,
+        lr=1e-3,
+        warmup_steps=200,
+        log_every=25,
+        eval_every=250,
+        ckpt_every=500,
     ),
     # seconds: CI re-executes the notebooks with it
     "smoke": dict(
@@ -684,8 +704,10 @@ PROFILES = {
 
 
 def active_profile() -> str:
-    """The profile named by $GRIDJEPA_PROFILE, else 'full' on a GPU and 'cpu' without one."""
-    name = os.environ.get("GRIDJEPA_PROFILE") or ("full" if torch.cuda.is_available() else "cpu")
+    """The profile named by $GRIDJEPA_PROFILE, else 'gpu' on a GPU and 'cpu' without one.
+
+    'full' (the write-up's 78,125 steps) is only ever chosen by name."""
+    name = os.environ.get("GRIDJEPA_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     if name not in PROFILES:
         raise ValueError(f"GRIDJEPA_PROFILE={name!r}; expected one of {sorted(PROFILES)}")
     return name
@@ -963,7 +985,7 @@ class Predictor(nn.Module):
     """Causal transformer over the latent history: (B, T, D) latents + (B, T) actions -> (B, T, D) next latents.
 
     Token t sees frames 0..t and is conditioned on action t; its output is the prediction of latent t+1.
-    With the seed's T=2 it sees a single frame; trained with T>2 it can use a history.
+    With the original write-up's T=2 it sees a single frame; trained with T>2 it can use a history.
     """
 
     max_len = 16
@@ -1083,7 +1105,7 @@ class JEPA(nn.Module):
     def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop imagination: each prediction is fed back as the next input. (B, D), (B, H) -> (B, H, D).
 
-        The predictor sees the last seq_len - 1 frames (real or imagined): one for the seed's T=2."""
+        The predictor sees the last seq_len - 1 frames (real or imagined): one for the original write-up's T=2."""
         actions = check_actions(actions).to(emb.device)
         if emb.ndim != 2 or actions.ndim != 2 or actions.shape[0] != emb.shape[0]:
             shapes = f"{tuple(emb.shape)} and {tuple(actions.shape)}"
@@ -1229,9 +1251,14 @@ def calibrate_batchnorm(model: JEPA, world: World) -> None:
 
 @torch.no_grad()
 def encode_states(model: JEPA, world: World, states: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
-    """Latents of states (default: every free cell) in eval mode: (P,) -> (P, D)."""
+    """Latents of states (default: every free cell) in eval mode: (P,) -> (P, D). The model's train/eval mode
+    is restored afterwards."""
+    was_training = model.training
     model.eval()
-    return encode_cells(model, world, torch.as_tensor(world.free_cells if states is None else states).long())
+    try:
+        return encode_cells(model, world, torch.as_tensor(world.free_cells if states is None else states).long())
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -1296,6 +1323,35 @@ def build_world(cfg: Config) -> World:
     return World(cfg.grid_size, walls=cfg.layout, show_target=cfg.show_target)
 
 
+def train_step(
+    model: JEPA,
+    sigreg: SIGReg,
+    opt: torch.optim.Optimizer,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    cfg: Config,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step, as train() takes it: schedule, loss (bf16 autocast on CUDA), backward, clip, AdamW.
+
+    obs (B, T, 1, H, W), actions (B, T-1); returns jepa_loss's named terms. ``model`` may be DDP-wrapped."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=obs.device.type == "cuda"):
+        terms = jepa_loss(model, sigreg, obs, actions, cfg, step)
+    if not torch.isfinite(terms["loss"]):  # before any weight is touched
+        raise FloatingPointError(
+            f"loss became {terms['loss'].item()} at step {step}: lower lr, or raise lam "
+            f"(now {cfg.lam}) if the latents collapsed first"
+        )
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return terms
+
+
 def train(
     cfg: Config,
     world: World | None = None,
@@ -1356,26 +1412,13 @@ def _train(cfg, world, data, ckpt_path, resume, live_plot, progress, device, sto
     bar = _progress(steps, progress and _is_main_process())
     notes: list[str] = []
     t0 = time.perf_counter()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step in bar:
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
         idx = idx[rank * cfg.batch_size // world_size : (rank + 1) * cfg.batch_size // world_size]
         obs, actions = sample_batch(world, data, idx, device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        with autocast:
-            terms = jepa_loss(train_model, sigreg, obs, actions, cfg, step)
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(
-                f"loss became {terms['loss'].item()} at step {step}: lower lr, or raise lam "
-                f"(now {cfg.lam}) if the latents collapsed first"
-            )
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        terms = train_step(train_model, sigreg, opt, obs, actions, cfg, step)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.num_steps:
             _log(history, "step", done)
@@ -1432,6 +1475,62 @@ def _progress(iterable, enabled: bool):
 def bar_postfix(bar, **values) -> None:
     if hasattr(bar, "set_postfix"):
         bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def estimate_train_time(
+    cfg: Config, device: torch.device | str | None = None, timed_steps: int = 5, world: World | None = None
+) -> dict:
+    """How long train(cfg) will take here, before it starts: FLOPs of one step (forward + backward, counted by
+    torch's FlopCounterMode on one real batch) and the measured time of ``timed_steps`` steps after a warm-up
+    step; total = cfg.num_steps x step time. Evaluation and checkpoints add a little on top.
+
+    Returns {"flops_per_step", "seconds_per_step", "steps", "total_seconds", "device"}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device(device) if device is not None else default_device()
+    world = world or build_world(cfg)
+    data = make_transitions(world, max(4 * cfg.batch_size, 256), cfg.seq_len, seed=cfg.data_seed)
+    gen = torch.Generator().manual_seed(0)
+    model = JEPA(cfg, world.image_size).to(device)
+    sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = lambda: sample_batch(world, data, torch.randint(len(data), (cfg.batch_size,), generator=gen), device)
+    obs, actions = batch()
+    with FlopCounterMode(display=False) as counter:
+        terms = jepa_loss(model, sigreg, obs, actions, cfg, 0)
+        terms["loss"].backward()
+    flops = int(counter.get_total_flops())
+    train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
+    _synchronize(device)
+    t0 = time.perf_counter()
+    for step in range(timed_steps):
+        obs, actions = batch()  # rendering is part of a step
+        train_step(model, sigreg, opt, obs, actions, cfg, step)
+    _synchronize(device)
+    per_step = (time.perf_counter() - t0) / timed_steps
+    return {
+        "flops_per_step": flops,
+        "seconds_per_step": per_step,
+        "steps": cfg.num_steps,
+        "total_seconds": per_step * cfg.num_steps,
+        "device": str(device),
+    }
+
+
+def format_estimate(est: dict, cfg: Config) -> str:
+    """One line for estimate_train_time's result."""
+    total = est["total_seconds"]
+    when = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min" if total < 7200 else f"{total / 3600:.1f} h"
+    return (
+        f"profile {cfg.profile}: {est['flops_per_step'] / 1e9:.1f} GFLOP per step, "
+        f"{est['seconds_per_step'] * 1e3:.0f} ms per step on {est['device']} -> {est['steps']:,} steps ~ {when} "
+        "(plus evaluations)"
+    )
 
 
 # ── checkpoints ──
@@ -1683,6 +1782,26 @@ def check_writable(path: str | Path) -> None:
         raise OSError(f"cannot use {path} as an output: it is a folder or unreadable")
 
 
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
+    """``load_model`` plus what the run recorded, for any checkpoint the series writes (notebook 03's or the
+    command line's): info has "step", "metrics" (possibly empty) and "history" from the checkpoint itself, and
+    "command", "train_seconds", "device" (and the JSON's metrics) only when the command line's JSON is beside it."""
+    ckpt = load_checkpoint(path, device=device)
+    info = {
+        "path": str(path),
+        "step": ckpt.get("step", 0),
+        "metrics": dict(ckpt.get("metrics") or {}),
+        "history": ckpt.get("history") or {},
+        "command": None,
+    }
+    side = Path(path).with_suffix(".json")
+    if side.exists():
+        saved = json.loads(side.read_text())
+        info["metrics"] = {**info["metrics"], **saved.get("metrics", {})}
+        info.update({k: v for k, v in saved.items() if k not in ("metrics", "config")})
+    return ckpt["model_obj"], ckpt["cfg"], info
+
+
 class LivePlot:
     """Loss and latent-health curves redrawn in place in a notebook while training runs."""
 
@@ -1717,7 +1836,8 @@ class LivePlot:
 
 @dataclass
 class LinearProbe:
-    """y = x @ weight + bias, fit by (ridge) least squares. Plain (alpha=0) is the minimum-norm solution."""
+    """y = x @ weight + bias: a fitted scikit-learn linear model's coefficients, callable on numpy arrays and
+    torch tensors (the planners decode imagined latents on the model's device)."""
 
     weight: np.ndarray  # (D, 2)
     bias: np.ndarray  # (2,)
@@ -1731,51 +1851,44 @@ class LinearProbe:
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, alpha: float = 0.0) -> LinearProbe:
-    """Fit a linear probe from latents x (P, D) to targets y (P, k); alpha > 0 is ridge regression."""
+    """Fit a linear probe from latents x (P, D) to targets y (P, k): sklearn's LinearRegression (least squares;
+    the minimum-norm solution when P <= D), or Ridge(alpha) for alpha > 0."""
+    from sklearn.linear_model import LinearRegression, Ridge
+
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    mx, my = x.mean(0), y.mean(0)
-    u, s, vt = np.linalg.svd(x - mx, full_matrices=False)
-    keep = s > 1e-10 * s.max() if s.size and s.max() > 0 else np.zeros_like(s, dtype=bool)
-    u, s, vt = u[:, keep], s[keep], vt[keep]
-    w = vt.T @ ((s / (s**2 + alpha))[:, None] * (u.T @ (y - my)))
-    return LinearProbe(w, my - mx @ w)
+    reg = (Ridge(alpha=alpha) if alpha > 0 else LinearRegression()).fit(x, y)
+    return LinearProbe(np.asarray(reg.coef_, np.float64).reshape(-1, x.shape[1]).T, np.atleast_1d(reg.intercept_))
 
 
 RIDGE_ALPHAS = tuple(np.logspace(-3, 4, 15))
 
 
 def ridge_alpha_loo(x: np.ndarray, y: np.ndarray, alphas=RIDGE_ALPHAS) -> float:
-    """The ridge alpha with the smallest leave-one-out error (closed form via the hat matrix)."""
+    """The ridge alpha with the smallest leave-one-out error: sklearn's RidgeCV (efficient closed-form LOO)."""
+    from sklearn.linear_model import RidgeCV
+
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    u, s, _ = np.linalg.svd(xc, full_matrices=False)
-    best, best_err = alphas[0], np.inf
-    n = len(x)
-    for a in alphas:
-        shrink = s**2 / (s**2 + a)
-        hat_diag = (u**2 * shrink).sum(1) + 1 / n
-        fitted = u @ (shrink[:, None] * (u.T @ yc))
-        loo = (yc - fitted) / np.clip(1 - hat_diag, 1e-6, None)[:, None]
-        err = (loo**2).mean()
-        if err < best_err:
-            best, best_err = a, err
-    return float(best)
+    return float(RidgeCV(alphas=alphas).fit(x, y).alpha_)
 
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Coefficient of determination per output column: (P, k) -> (k,). Negative = worse than the mean."""
+    """Coefficient of determination per output column (sklearn's): (P, k) -> (k,). Negative = worse than the mean."""
+    from sklearn.metrics import r2_score as sk_r2_score
+
     y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
-    return 1 - ((y - pred) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0).clip(1e-12)
+    return np.atleast_1d(sk_r2_score(y, pred, multioutput="raw_values"))
 
 
 def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, seed: int = 0) -> dict:
     """R^2 of linear probes emb -> pos, three honest ways:
 
-    fit      - fit and scored on the same cells (the seed's 1.00; proves little with P points in D >> P dims);
-    heldout  - fit on some cells, scored on the others, ``num_splits`` random splits (mean and std);
+    fit      - fit and scored on the same cells (the write-up's 1.00; proves little with P points in D >> P dims);
+    heldout  - fit on some cells, scored on the others, ``num_splits`` random splits (sklearn's ShuffleSplit);
     ridge    - the same held-out test with ridge regression, alpha by leave-one-out on the fit cells.
     Each R^2 is the mean over (col, row).
     """
+    from sklearn.model_selection import ShuffleSplit
+
     emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
     P = len(emb)
     if emb.ndim != 2 or pos.ndim != 2 or len(pos) != P:
@@ -1789,11 +1902,8 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
         raise ValueError(f"holdout must be in [2, P - 2] = [2, {P - 2}] (R^2 needs 2 points to score), got {holdout}")
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    rng = np.random.default_rng(seed)
     plain, ridge = [], []
-    for _ in range(num_splits):
-        perm = rng.permutation(P)
-        test, fit = perm[:holdout], perm[holdout:]
+    for fit, test in ShuffleSplit(n_splits=num_splits, test_size=holdout, random_state=seed).split(emb):
         plain.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit])(emb[test])).mean())
         alpha = ridge_alpha_loo(emb[fit], pos[fit])
         ridge.append(r2_score(pos[test], fit_probe(emb[fit], pos[fit], alpha)(emb[test])).mean())
@@ -1812,13 +1922,28 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
 
 
 def pca(emb, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Project latents (P, D) on their principal components: (P, k) coordinates and (min(P,D),) variance ratios."""
+    """Project latents (P, D) on their principal components (sklearn's PCA): (P, k) coordinates and the
+    (min(P, D),) explained-variance ratios of all components."""
+    from sklearn.decomposition import PCA
+
     x = np.asarray(emb, np.float64)
-    x = x - x.mean(0)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    ratio = s**2 / (s**2).sum()
-    k = k or len(s)
-    return x @ vt[:k].T, ratio
+    fitted = PCA(svd_solver="full").fit(x)
+    k = k or len(fitted.explained_variance_ratio_)
+    return fitted.transform(x)[:, :k], fitted.explained_variance_ratio_
+
+
+def latent_vs_grid_distance(emb, world: World) -> dict:
+    """Does latent L2 distance track grid distance? Over all pairs of free cells (emb: (N, D) in free-cell order):
+    L2 between latents, Manhattan between cells, and scipy's Spearman rank correlation of the two."""
+    from scipy.stats import spearmanr
+
+    emb = np.asarray(emb, np.float64)
+    pos = world.cell_pos(world.free_cells)
+    i, j = np.triu_indices(len(emb), k=1)
+    l2 = np.linalg.norm(emb[i] - emb[j], axis=1)
+    manhattan = np.abs(pos[i] - pos[j]).sum(1)
+    rho, pvalue = spearmanr(l2, manhattan)
+    return {"spearman": float(rho), "pvalue": float(pvalue), "l2": l2, "manhattan": manhattan, "pairs": (i, j)}
 
 
 def geometry_report(model: JEPA, world: World, num_splits: int = 20) -> dict:
@@ -1885,7 +2010,7 @@ def imagine_next(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor
 
 
 def greedy_decoder_policy(model: JEPA, world: World, decode: Callable[[torch.Tensor], torch.Tensor]) -> Policy:
-    """The seed's planner: imagine the 4 next latents, decode each to a (col, row), pick the smallest
+    """The original write-up's planner: imagine the 4 next latents, decode each to a (col, row), pick the smallest
     Manhattan distance to the goal (ties: the first action)."""
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
@@ -1898,7 +2023,7 @@ def greedy_decoder_policy(model: JEPA, world: World, decode: Callable[[torch.Ten
 
 
 def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
-    """Greedy planner decoding imagined latents with a linear probe (the seed's)."""
+    """Greedy planner decoding imagined latents with a linear probe (the original write-up's)."""
     return greedy_decoder_policy(model, world, lambda z: probe(z.float().cpu()))
 
 
@@ -2050,6 +2175,7 @@ def cem_policy(
         probs = torch.full((P, horizon, A), 1 / A)
         best_cost, best_seq = torch.full((P,), float("inf")), torch.zeros(P, horizon, dtype=torch.long)
         scores = torch.full((P, A), float("inf"))
+        best_per_iter = []
         for _ in range(iterations):
             seqs = torch.multinomial(probs.flatten(0, 1), samples, replacement=True, generator=gen)
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
@@ -2061,7 +2187,8 @@ def cem_policy(
             top = costs.gather(1, order[:, :1])[:, 0]
             better = top < best_cost
             best_cost, best_seq[better] = torch.where(better, top, best_cost), elite[better, 0]
-        return {"action": best_seq[:, 0], "scores": scores}
+            best_per_iter.append(best_cost.clone())
+        return {"action": best_seq[:, 0], "scores": scores, "best_cost_per_iter": torch.stack(best_per_iter, 1)}
 
     return policy
 
@@ -2221,6 +2348,25 @@ def run_mpc(
 # ════════════════════════════════════════════════════════════════════════════════════════
 # Plots and widgets (used by the notebooks)
 # ════════════════════════════════════════════════════════════════════════════════════════
+
+
+def show_source(obj) -> str:
+    """Show the module's own code for ``obj`` (a function, class or method) in a notebook, as a Python code block,
+    so the page shows the code that runs - one source of truth. Prints it outside IPython. Returns the source."""
+    import inspect
+    import textwrap
+
+    src = textwrap.dedent(inspect.getsource(obj))
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Markdown(f"```python\n{src}```"))
+    else:
+        print(src)
+    return src
 
 
 def plot_history(history: dict, axes=None):
@@ -2448,7 +2594,7 @@ PLANNERS = ("probe", "nearest", "cem", "search", "graph", "random")
 
 
 def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
-    """A planner by name: probe (the seed's), nearest (probe-free greedy), cem, search (4^H), graph, random."""
+    """A planner by name: probe (the write-up's), nearest (probe-free greedy), cem, search (4^H), graph, random."""
     if name == "probe":
         if probe is None:
             probe = fit_probe(encode_states(model, world).cpu().numpy(), world.cell_pos(world.free_cells))

@@ -6,12 +6,9 @@ seeded from the step, so the loss (averaged over ranks) and the averaged gradien
 process that sees all 16 transitions.
 """
 
-import datetime
-import os
-import socket
-
+import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo import init_gloo, spawn_two
 
 import gridjepa_utils as gj
 
@@ -38,11 +35,7 @@ def _loss_and_grads(model, obs, actions, cfg):
 
 
 def _rank(rank, world_size, port, out_dir, cfg_kwargs):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist = init_gloo(rank, world_size, port)
     try:
         cfg = gj.make_config("smoke", **cfg_kwargs)
         obs, actions = _batch(cfg)
@@ -55,10 +48,7 @@ def _rank(rank, world_size, port, out_dir, cfg_kwargs):
 
 
 def _compare(tmp_path, **cfg_kwargs):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(2, port, str(tmp_path), cfg_kwargs), nprocs=2, join=True)
+    spawn_two(_rank, tmp_path, cfg_kwargs)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     cfg = gj.make_config("smoke", **cfg_kwargs)
@@ -80,10 +70,12 @@ def _compare(tmp_path, **cfg_kwargs):
             assert float((r["grads"][name] - g).abs().max()) <= 1e-4 * scale, name
 
 
+@pytest.mark.slow
 def test_two_process_loss_and_gradients_equal_single_process(tmp_path):
     _compare(tmp_path)
 
 
+@pytest.mark.slow
 def test_two_process_rollout_loss_equals_single_process(tmp_path):
     """The same with 4-frame sequences and the self-fed rollout loss."""
     _compare(tmp_path, seq_len=4, rollout_weight=1.0)

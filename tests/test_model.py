@@ -131,7 +131,7 @@ def test_encode_in_eval_mode_is_per_image(model, open_world):
 
 
 def test_full_profile_parameter_count():
-    """The full (seed) architecture has between 2.5M and 4.5M parameters (measured 3.38M)."""
+    """The full (the write-up's) architecture has between 2.5M and 4.5M parameters (measured 3.38M)."""
     table = gj.parameter_table(gj.JEPA(gj.make_config("full")))
     assert 2_500_000 <= table["total"] <= 4_500_000
     assert table["encoder (ViT)"] + table["projector"] + table["predictor"] == table["total"]

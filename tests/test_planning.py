@@ -8,7 +8,7 @@ import gridjepa_utils as gj
 
 def manhattan_greedy_policy(world):
     """Greedy with a perfect decoder: the action whose TRUE next cell is nearest to the goal in Manhattan
-    distance (ties: the first action). The seed's planner at its best, with no model error at all."""
+    distance (ties: the first action). The original write-up's planner at its best, with no model error at all."""
 
     def policy(cells, goals):
         nxt = world.next_cell[cells]  # (P, A)

@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from gloo import init_gloo, spawn_two
 
 import gridjepa_utils as gj
 
@@ -85,7 +86,7 @@ def test_two_runs_are_identical(smoke_run, smoke_cfg):
 
 
 def test_different_seed_gives_a_different_run(smoke_cfg):
-    """The seed matters: another seed gives another loss curve."""
+    """The random seed matters: another seed gives another loss curve."""
     cfg = dataclasses.replace(smoke_cfg, num_steps=5, num_transitions=500)
     a = gj.train(cfg, progress=False, device="cpu")
     b = gj.train(dataclasses.replace(cfg, seed=1), progress=False, device="cpu")
@@ -111,7 +112,8 @@ def test_calibrate_batchnorm_uses_one_image_per_free_cell(smoke_run):
     assert not model.training
 
 
-# Slow (~45-70 s on 2 CPU cores): the project's issue requires the CPU profile's quality, not its speed.
+# Slow (~45-70 s on 2 CPU cores): it checks the CPU profile's quality, not its speed.
+@pytest.mark.slow
 def test_cpu_profile_reaches_the_headline_results():
     """make_config('cpu') with seed 0 trains to next-state accuracy 1.0 and plans >= 99% of the 600 pairs."""
     cfg = gj.make_config("cpu", seed=0)
@@ -144,33 +146,9 @@ def test_rollout_error_report(smoke_run):
         gj.rollout_error(smoke_run.model, smoke_run.world, horizon=0)
 
 
-def _init_gloo(rank, world_size, port):
-    import datetime
-    import os
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-    return dist
-
-
-def _spawn_two(fn, out_dir):
-    """Run fn(rank, world_size=2, port, out_dir) in 2 processes joined by a gloo process group."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(fn, args=(2, port, str(out_dir)), nprocs=2, join=True)
-
-
 def _calibrate_on_rank(rank, world_size, port, out_dir):
     """One rank of the calibration check below: calibrate the same untrained model, save the statistics."""
-    dist = _init_gloo(rank, world_size, port)
+    dist = init_gloo(rank, world_size, port)
     try:
         torch.manual_seed(0)
         world, model = gj.World(5), gj.JEPA(gj.make_config("smoke"))
@@ -195,10 +173,11 @@ def _calibrate_on_rank(rank, world_size, port, out_dir):
 # The two checks below spawn 2 gloo processes (~5 s each). They document module bugs (see the reasons).
 
 
+@pytest.mark.slow
 def test_calibrate_batchnorm_under_torch_distributed(tmp_path):
     """With 2 gloo processes, calibration still sets the BatchNorm statistics to the free cells' exact ones
     (every rank renders the same cells, so the global statistics equal the local ones)."""
-    _spawn_two(_calibrate_on_rank, tmp_path)
+    spawn_two(_calibrate_on_rank, tmp_path)
     for rank in range(2):
         stats = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.allclose(stats["running_mean"], stats["mean"], atol=1e-5)
@@ -207,7 +186,7 @@ def test_calibrate_batchnorm_under_torch_distributed(tmp_path):
 
 def _train_on_rank(rank, world_size, port, out_dir):
     """One rank of the 2-process training check below: 4 smoke steps, then save the weights."""
-    dist = _init_gloo(rank, world_size, port)
+    dist = init_gloo(rank, world_size, port)
     try:
         cfg = gj.make_config("smoke", num_steps=4, num_transitions=500, log_every=2, eval_every=100, ckpt_every=100)
         result = gj.train(cfg, progress=False, device="cpu")
@@ -216,10 +195,11 @@ def _train_on_rank(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_training_keeps_ranks_identical(tmp_path):
     """train() under a 2-process gloo group finishes on both ranks with identical weights (data parallel:
     each rank sees half of every batch, gradients are averaged)."""
-    _spawn_two(_train_on_rank, tmp_path)
+    spawn_two(_train_on_rank, tmp_path)
     m0 = torch.load(tmp_path / "model0.pt", weights_only=True)
     m1 = torch.load(tmp_path / "model1.pt", weights_only=True)
     assert set(m0) == set(m1)

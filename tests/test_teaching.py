@@ -1,0 +1,208 @@
+"""What the notebooks teach, pinned: causality of the predictor, SIGReg against its formula, AdaLN's modulate,
+CEM improving over its iterations; and the helpers the notebooks lean on (load_run, show_source, profiles)."""
+
+import numpy as np
+import pytest
+import torch
+
+import gridjepa_utils as gj
+
+
+def test_load_run_reads_a_notebook_checkpoint_without_json(tmp_path, smoke_run, smoke_cfg):
+    """A checkpoint written by train() alone (notebook 03) has no JSON beside it: load_run still gives the model,
+    its config and what the checkpoint recorded; a JSON beside it adds the command line's fields."""
+    path = tmp_path / "nb03.pt"
+    gj.save_checkpoint(path, smoke_run.model, smoke_cfg, None, 30, smoke_run.history)
+    model, cfg, run = gj.load_run(path)
+    assert cfg == smoke_cfg and run["step"] == 30 and run["command"] is None and run["metrics"] == {}
+    assert run["history"] == smoke_run.history
+    path.with_suffix(".json").write_text('{"command": "python x.py", "metrics": {"plan_success": 1.0}}')
+    _, _, run = gj.load_run(path)
+    assert run["command"] == "python x.py" and run["metrics"] == {"plan_success": 1.0}
+
+
+def test_train_step_is_the_step_train_takes(smoke_cfg, open_world):
+    """train_step (shown in notebook 03, used by estimate_train_time) leaves the same weights as train's first step."""
+    data = gj.make_transitions(open_world, 500, seed=0)
+    ref = gj.train(smoke_cfg, world=open_world, data=data, progress=False, device="cpu", stop_after=1)
+    torch.manual_seed(smoke_cfg.seed)
+    model = gj.JEPA(smoke_cfg, open_world.image_size)
+    sigreg = gj.SIGReg(smoke_cfg.sigreg_dirs, seed=smoke_cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=smoke_cfg.lr, weight_decay=smoke_cfg.weight_decay)
+    gen = torch.Generator().manual_seed(smoke_cfg.seed * 1_000_003 + 0)
+    idx = torch.randint(len(data), (smoke_cfg.batch_size,), generator=gen)
+    obs, actions = gj.sample_batch(open_world, data, idx, "cpu")
+    terms = gj.train_step(model, sigreg, opt, obs, actions, smoke_cfg, 0)
+    assert set(terms) >= {"loss", "pred_loss", "sigreg"}
+    ref_params = dict(ref.model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], msg=name)
+
+
+def test_gpu_profile_and_the_default_profile(monkeypatch):
+    """'gpu' is the default on CUDA (never 'full', 78k steps); it is a scaled-up cpu recipe."""
+    cfg = gj.make_config("gpu")
+    assert (cfg.input_size, cfg.patch_size, cfg.width, cfg.depth, cfg.batch_size) == (64, 8, 192, 2, 128)
+    assert cfg.num_steps <= 5000 and cfg.width % cfg.heads == 0
+    monkeypatch.delenv("GRIDJEPA_PROFILE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gj.active_profile() == "gpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gj.active_profile() == "cpu"
+
+
+def test_estimate_train_time(smoke_cfg):
+    """FLOPs counted for one step, time measured: total = steps x step time."""
+    est = gj.estimate_train_time(smoke_cfg, "cpu", timed_steps=2)
+    assert est["flops_per_step"] > 1e8 and est["seconds_per_step"] > 0 and est["steps"] == smoke_cfg.num_steps
+    assert est["total_seconds"] == pytest.approx(est["seconds_per_step"] * smoke_cfg.num_steps)
+    assert "GFLOP" in gj.format_estimate(est, smoke_cfg)
+
+
+def test_the_five_notebooks_share_one_setup_cell():
+    """The Colab setup is one short cell, identical in every notebook: one clone URL, no reinstall of torch."""
+    import nbformat
+
+    cells = [nbformat.read(p, as_version=4).cells[1].source for p in sorted(gj.REPO_ROOT.glob("notebooks/*.ipynb"))]
+    assert len(cells) == 5 and len(set(cells)) == 1
+    setup = cells[0]
+    assert setup.count("https://github.com/") == 1 and "pip install" not in setup
+    assert len([line for line in setup.splitlines() if line.strip()]) <= 12
+
+
+def test_latent_vs_grid_distance(open_world):
+    """Latents that are the cells' positions rank pairs exactly like Manhattan distance... nearly (L2 vs L1);
+    random latents do not. 300 pairs of 25 cells."""
+    pos = open_world.cell_pos(open_world.free_cells).astype(float)
+    exact = gj.latent_vs_grid_distance(pos, open_world)
+    assert len(exact["l2"]) == len(exact["manhattan"]) == 300 and exact["spearman"] > 0.9
+    noise = gj.latent_vs_grid_distance(np.random.default_rng(0).standard_normal((25, 64)), open_world)
+    assert abs(noise["spearman"]) < 0.2
+
+
+def test_fit_probe_is_the_minimum_norm_least_squares_fit():
+    """With fewer points than dimensions (25 cells, 64-d) the plain probe is the pseudo-inverse solution."""
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((25, 64)), rng.standard_normal((25, 2))
+    probe = gj.fit_probe(x, y)
+    xc = x - x.mean(0)
+    w = np.linalg.pinv(xc) @ (y - y.mean(0))
+    assert np.allclose(probe.weight, w, atol=1e-8) and np.allclose(probe(x), y, atol=1e-8)
+
+
+def test_encode_states_restores_the_mode(smoke_cfg, open_world):
+    """encode_states encodes in eval mode and leaves a model in training mode in training mode (and eval in eval)."""
+    model = gj.JEPA(smoke_cfg).train()
+    z_train_mode = gj.encode_states(model, open_world)
+    assert model.training
+    model.eval()
+    torch.testing.assert_close(gj.encode_states(model, open_world), z_train_mode)
+    assert not model.training
+
+
+# ── what notebooks 02 and 05 teach, checked against the formulas ──
+
+
+def test_predictor_is_causal(smoke_cfg):
+    """Token t sees frames 0..t only: perturbing the latents (or actions) of frames >= 3 leaves the predictions
+    for frames 0..2 unchanged and changes the later ones. The modulation is randomised first: at init every
+    AdaLN-zero block is the identity, which would make any predictor trivially causal."""
+    torch.manual_seed(0)
+    pred = gj.Predictor(smoke_cfg).eval()
+    for block in pred.blocks:
+        torch.nn.init.normal_(block.modulation[1].weight, std=0.2)
+        torch.nn.init.normal_(block.modulation[1].bias, std=0.2)
+    emb, actions = torch.randn(4, 6, smoke_cfg.latent_dim), torch.randint(0, 4, (4, 6))
+    with torch.no_grad():
+        out = pred(emb, actions)
+        later = emb.clone()
+        later[:, 3:] += torch.randn_like(later[:, 3:])
+        out_later = pred(later, actions)
+        other_actions = actions.clone()
+        other_actions[:, 3:] = (other_actions[:, 3:] + 1) % 4
+        out_actions = pred(emb, other_actions)
+    torch.testing.assert_close(out_later[:, :3], out[:, :3])
+    torch.testing.assert_close(out_actions[:, :3], out[:, :3])
+    assert (out_later[:, 3:] - out[:, 3:]).abs().max() > 1e-3
+    assert (out_actions[:, 3:] - out[:, 3:]).abs().max() > 1e-3
+
+
+def epps_pulley_reference(z: torch.Tensor, dirs: torch.Tensor, t_max: float = 3.0, knots: int = 17) -> torch.Tensor:
+    """SIGReg from notebook 02's formula, in plain float64 torch: for each direction u, x = z u and
+    EP = N * integral_{-t_max}^{t_max} exp(-t^2/2) |mean_n exp(i t x_n) - exp(-t^2/2)|^2 dt (trapezoid rule on
+    2 * knots - 1 symmetric knots, the same spacing as SIGReg's one-sided grid); mean over directions."""
+    z, dirs = z.double(), dirs.double()
+    t = torch.linspace(-t_max, t_max, 2 * knots - 1, dtype=torch.float64)
+    values = []
+    for m in range(dirs.shape[1]):
+        x = z @ dirs[:, m]  # (N,)
+        ecf = torch.exp(1j * t[:, None] * x[None, :]).mean(1)  # (K,) complex
+        integrand = torch.exp(-(t**2) / 2) * (ecf - torch.exp(-(t**2) / 2)).abs() ** 2
+        values.append(len(x) * torch.trapezoid(integrand, t))
+    return torch.stack(values).mean()
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "scaled", "collapsed", "shifted"])
+def test_sigreg_equals_the_epps_pulley_formula(kind):
+    """SIGReg.forward, on its own directions for a fixed step, equals the statistic computed from the formula."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(256, 32, generator=gen)
+    z = {"gaussian": z, "scaled": 3 * z, "collapsed": 1e-3 * z + 0.5, "shifted": z + 0.7}[kind]
+    sigreg = gj.SIGReg(num_dirs=16, seed=3)
+    dirs = sigreg.directions(32, step=7, device="cpu")  # (D, M): the same unit vectors forward draws at step 7
+    assert torch.allclose(dirs.norm(dim=0), torch.ones(16))
+    expected = epps_pulley_reference(z, dirs)
+    torch.testing.assert_close(sigreg(z, step=7).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_modulate_is_shift_and_scale():
+    """AdaLN's modulate(x, shift, scale) = x * (1 + scale) + shift (scale 0 and shift 0: the identity)."""
+    gen = torch.Generator().manual_seed(0)
+    x, shift, scale = (torch.randn(3, 5, 8, generator=gen) for _ in range(3))
+    torch.testing.assert_close(gj.modulate(x, shift, scale), x * (1 + scale) + shift)
+    torch.testing.assert_close(gj.modulate(x, torch.zeros_like(x), torch.zeros_like(x)), x)
+    torch.testing.assert_close(gj.modulate(x, shift, torch.zeros_like(x)), x + shift)
+
+
+def test_cem_best_cost_improves_over_iterations(smoke_run):
+    """CEM's best cost so far never rises from one iteration to the next, ends strictly below the first
+    iteration's on some pairs, and never beats the exhaustive optimum over all 4^H sequences."""
+    model, world = smoke_run.model, smoke_run.world
+    cells, goals = world.all_pairs()
+    policy = gj.cem_policy(model, world, horizon=3, samples=8, elites=2, iterations=4, seed=0)
+    out = policy(cells, goals)
+    best = out["best_cost_per_iter"]  # (P, iterations)
+    assert best.shape == (len(cells), 4)
+    assert torch.all(best[:, 1:] <= best[:, :-1])
+    assert (best[:, -1] < best[:, 0]).any()
+    optimum = gj.imagined_costs(model, world, cells, goals, 3).min(1).values
+    assert torch.all(best[:, -1] >= optimum - 1e-6)
+
+
+def test_show_source_returns_the_module_code(capsys):
+    """show_source gives the module's own code (printed outside IPython), dedented for methods."""
+    src = gj.show_source(gj.SIGReg.forward)
+    assert src.startswith("def forward(self, emb") and "all_reduce_sum" in src
+    assert "def forward" in capsys.readouterr().out
+    assert gj.show_source(gj.modulate).strip().endswith("return x * (1 + scale) + shift")
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.py --dry runs on the CPU with the smoke profile and writes its JSON report."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("gpu_check", gj.REPO_ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "gpu.json"
+    report = gpu_check.main(["--dry", "--steps", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["dry"] and set(saved["profiles"]) == {"smoke"} and saved["profiles"]["smoke"]["mfu"] is None
+    assert saved["profiles"]["smoke"]["steps_per_s"] > 0 and saved["profiles"]["smoke"]["flops_per_step"] > 0
+    assert 0.0 <= saved["train"]["next_state_accuracy"] <= 1.0 and "plan_success" in saved["train"]
+    assert report["train"]["profile"] == "smoke"
+    assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_check.peak_flops("Tesla T4") == 65e12 and gpu_check.peak_flops("NVIDIA L4") == 121e12
+    assert gpu_check.peak_flops("NVIDIA L40S") is None and gpu_check.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
