@@ -2,6 +2,8 @@
 
     python bench/studies.py probes    # what moves held-out-cell probe R^2 (notebook 04) -> assets/probe_study.json
     python bench/studies.py scaling   # grids 5, 8, 12: time to 99% next-state accuracy (05) -> assets/scaling.json
+    python bench/studies.py geometry --seeds 0 1 2 3 4   # what makes the latent a map (04) -> geometry_study.json
+    python bench/studies.py layouts-geometry --seeds 0 1 2  # the map recipe on obstacle layouts (05)
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
 """
@@ -34,6 +36,80 @@ PROBE_ROWS = {  # name -> overrides of the cpu profile
     "T=8 + rollout loss": {"seq_len": 8, "rollout_weight": 1.0, "batch_size": 9},
     "T=4 + rollout loss, input 64x64": {"seq_len": 4, "rollout_weight": 1.0, "batch_size": 21, "input_size": 64},
 }
+
+
+GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the map recipe)
+    "write-up objective (w 0)": {"smooth_weight": 0.0},
+    "w 1": {"smooth_weight": 1.0},
+    "w 3": {"smooth_weight": 3.0},
+    "w 5 (the recipe)": {},
+    "w 5 without the ramp": {"smooth_ramp": 0.0},
+    "w 10": {"smooth_weight": 10.0},
+    "w 0, lam 10": {"smooth_weight": 0.0, "lam": 10.0},
+    "w 5, T=4 + rollout loss": {"seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
+    "w 5, latent dim 32": {"latent_dim": 32},
+}
+
+
+def plan_summary(world, policy) -> dict:
+    """Success and optimal share over every ordered pair of free cells, and ms per batched MPC decision."""
+    result = g.run_mpc(world, policy)
+    decisions = max(1, int(result.steps.clamp(max=result.paths.shape[1] - 1).max()))
+    return {
+        "success": float(result.success.float().mean()),
+        "optimal": float(result.optimal.float().mean()),
+        "ms_per_decision": 1e3 * result.seconds / decisions,
+    }
+
+
+def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem")) -> dict:
+    """Train cfg, then everything the latent-map question asks of it."""
+    run = g.train(cfg, progress=False)
+    model, world = run.model, run.world
+    row = {
+        "train_seconds": run.train_seconds,
+        "next_state_accuracy": g.next_state_accuracy(model, world),
+        **g.geometry_report(model, world),
+        "plans": {name: plan_summary(world, g.make_policy(name, model, world)) for name in planners},
+    }
+    row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
+    row["plans"]["bfs (optimum)"] = plan_summary(world, g.bfs_policy(world))
+    if with_untrained:
+        row["untrained"] = g.geometry_report(g.untrained_model(cfg, world), world)
+    return row
+
+
+def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("open",)) -> list[dict]:
+    """Each lever against the unchanged write-up objective, per seed; the untrained encoder beside the control.
+    On obstacle layouts: the control and the recipe only, with every planner."""
+    rows = []
+    for layout in layouts:
+        names = list(GEOMETRY_ROWS) if layout == "open" else ["write-up objective (w 0)", "w 5 (the recipe)"]
+        planners = ("probe", "latent", "cem") if layout == "open" else ("probe", "latent", "cem", "search", "graph")
+        for name in [n for n in names if not only or n in only]:
+            for seed in seeds:
+                cfg = g.make_config("cpu", seed=seed, layout=layout, **GEOMETRY_ROWS[name])
+                row = {"row": name, "layout": layout, "seed": seed, "overrides": GEOMETRY_ROWS[name]}
+                row |= geometry_row(cfg, name.startswith("write-up"), planners)
+                rows.append(row)
+                p = row["plans"]
+                print(
+                    f"{layout:9s} {name:26s} seed {seed}: PC1+2 {row['pc1'] + row['pc2']:.0%}"
+                    f"  rho {row['spearman_l2_grid']:.2f}  held-out R2 {row['probe_r2_heldout']:.3f}"
+                    f"  std {row['latent_std']:.2f} rank {row['effective_rank']:.0f}"
+                    f" | next {row['next_state_accuracy']:.2f} probe {p['probe']['success']:.3f}"
+                    f" latent {p['latent']['success']:.3f}/{p['latent']['optimal']:.3f}"
+                    f" cem {p['cem']['success']:.3f}/{p['cem']['optimal']:.3f}"
+                    f" ({p['cem']['ms_per_decision']:.0f} ms)"
+                    + (
+                        f" search {p['search']['success']:.3f} graph {p['graph']['success']:.3f}"
+                        if "graph" in p
+                        else ""
+                    )
+                    + f" | {row['train_seconds']:.0f} s",
+                    flush=True,
+                )
+    return rows
 
 
 def probe_study(seeds: list[int], only: list[str] | None = None) -> list[dict]:
@@ -119,26 +195,40 @@ def scaling_study(sizes: list[int]) -> list[dict]:
     return rows
 
 
+STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
+    "probes": ("probe_study.json", ("row", "seed")),
+    "scaling": ("scaling.json", ("grid_size",)),
+    "geometry": ("geometry_study.json", ("layout", "row", "seed")),
+    "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=["probes", "scaling"])
+    parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
-    parser.add_argument("--only", nargs="+", help="probes: run these rows and update them in the saved file")
+    parser.add_argument("--only", nargs="+", help="probes/geometry: run these rows (the others are kept)")
     args = parser.parse_args()
-    rows = probe_study(args.seeds, args.only) if args.study == "probes" else scaling_study(args.sizes)
-    out = g.ASSETS / ("probe_study.json" if args.study == "probes" else "scaling.json")
+    if args.study == "probes":
+        rows = probe_study(args.seeds, args.only)
+    elif args.study == "scaling":
+        rows = scaling_study(args.sizes)
+    elif args.study == "geometry":
+        rows = geometry_study(args.seeds, args.only)
+    else:
+        rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"))
+    filename, key_fields = STUDIES[args.study]
+    out = g.ASSETS / filename
     command = "python bench/studies.py " + shlex.join(sys.argv[1:])
-    key = "row" if args.study == "probes" else "grid_size"
-    redone = {r[key] for r in rows}
-    if out.exists() and (args.only or args.study == "scaling"):  # update the rows redone, keep the others
+    key = lambda r: tuple(r.get(k) for k in key_fields)
+    if out.exists():  # update the rows redone, keep the others
         saved = json.loads(out.read_text())
-        kept = [r for r in saved["rows"] if r[key] not in redone]
-        order = list(PROBE_ROWS) if args.study == "probes" else sorted({r[key] for r in kept + rows})
-        rows = sorted(kept + rows, key=lambda r: (order.index(r[key]), r.get("seed", 0)))
+        redone = {key(r) for r in rows}
+        rows = [r for r in saved["rows"] if key(r) not in redone] + rows
         command = f"{saved['command']}; {command}"
     device = g.describe_device(torch.device("cpu"))
-    meta = {"command": command, "device": device, "rows": rows}
+    meta = {"command": command, "device": device, "threads": torch.get_num_threads(), "rows": rows}
     out.write_text(json.dumps(meta, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
     print(f"written to {out}")
 

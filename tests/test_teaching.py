@@ -75,7 +75,7 @@ def test_latent_vs_grid_distance(open_world):
     random latents do not. 300 pairs of 25 cells."""
     pos = open_world.cell_pos(open_world.free_cells).astype(float)
     exact = gj.latent_vs_grid_distance(pos, open_world)
-    assert len(exact["l2"]) == len(exact["manhattan"]) == 300 and exact["spearman"] > 0.9
+    assert len(exact["l2"]) == len(exact["grid_distance"]) == 300 and exact["spearman"] > 0.9
     noise = gj.latent_vs_grid_distance(np.random.default_rng(0).standard_normal((25, 64)), open_world)
     assert abs(noise["spearman"]) < 0.2
 
