@@ -681,6 +681,7 @@ PROFILES = {
     ),
     # seconds: CI re-executes the notebooks with it
     "smoke": dict(
+        smooth_weight=5.0,
         num_transitions=4000,
         input_size=32,
         patch_size=8,
@@ -2563,25 +2564,28 @@ def planning_player(
 
 
 def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> dict:
-    """Headline metrics of a trained model on its world: next-state accuracy, latent std, probes, planning."""
+    """Headline metrics of a trained model on its world: next-state accuracy, the latent's geometry (PCA, latent vs
+    grid distance, held-out probes), planning with ``planner`` and with the latent cost alone (greedy, no probe)."""
     calibrate_batchnorm(model, world)
-    emb = encode_states(model, world).cpu()
-    pos = world.cell_pos(world.free_cells)
-    report = probe_report(emb.numpy(), pos)
-    probe = fit_probe(emb.numpy(), pos)
-    policy = make_policy(planner, model, world, probe)
-    plan = run_mpc(world, policy).summary()
+    geometry = geometry_report(model, world)
+    plan = run_mpc(world, make_policy(planner, model, world)).summary()
+    latent = run_mpc(world, latent_greedy_policy(model, world)).summary()
     return {
         "next_state_accuracy": next_state_accuracy(model, world),
-        "latent_std": float(emb.std(0).mean()),
-        "probe_r2_fit": report["fit"],
-        "probe_r2_heldout": report["heldout_mean"],
-        "probe_r2_heldout_std": report["heldout_std"],
-        "probe_r2_ridge_heldout": report["ridge_heldout_mean"],
+        "latent_std": geometry["latent_std"],
+        "effective_rank": geometry["effective_rank"],
+        "pc1_plus_pc2": geometry["pc1"] + geometry["pc2"],
+        "spearman_l2_grid": geometry["spearman_l2_grid"],
+        "probe_r2_fit": geometry["probe_r2_fit"],
+        "probe_r2_heldout": geometry["probe_r2_heldout"],
+        "probe_r2_heldout_std": geometry["probe_r2_heldout_std"],
+        "probe_r2_ridge_heldout": geometry["probe_r2_ridge_heldout"],
         "planner": planner,
         "plan_success": plan["success"],
         "plan_optimal": plan["optimal"],
         "plan_seconds": plan["seconds"],
+        "latent_greedy_success": latent["success"],
+        "latent_greedy_optimal": latent["optimal"],
     }
 
 
@@ -2680,6 +2684,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--planner", default="probe", choices=PLANNERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lam", type=float, default=None, help="SIGReg weight >= 0 (default: the profile's)")
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=None,
+        help="temporal-smoothness weight >= 0 (default: the profile's; 0 = the original write-up's pure objective)",
+    )
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps >= 1 (default: the profile's)")
     parser.add_argument(
@@ -2690,7 +2700,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     overrides = {"layout": args.layout, "seed": args.seed}
-    for key, value in (("lam", args.lam), ("seq_len", args.seq_len), ("num_steps", args.steps)):
+    for key, value in (
+        ("lam", args.lam),
+        ("smooth_weight", args.smooth),
+        ("seq_len", args.seq_len),
+        ("num_steps", args.steps),
+    ):
         if value is not None:
             overrides[key] = value
     try:

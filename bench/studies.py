@@ -47,7 +47,6 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
     "w 10": {"smooth_weight": 10.0},
     "w 0, lam 10": {"smooth_weight": 0.0, "lam": 10.0},
     "w 5, T=4 + rollout loss": {"seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
-    "w 5, latent dim 32": {"latent_dim": 32},
 }
 
 
@@ -72,14 +71,15 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
         **g.geometry_report(model, world),
         "plans": {name: plan_summary(world, g.make_policy(name, model, world)) for name in planners},
     }
-    row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
+    if with_untrained or cfg.layout != "open":  # LeWM's own cost, on the control and on the obstacle layouts
+        row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
     row["plans"]["bfs (optimum)"] = plan_summary(world, g.bfs_policy(world))
     if with_untrained:
         row["untrained"] = g.geometry_report(g.untrained_model(cfg, world), world)
     return row
 
 
-def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("open",)) -> list[dict]:
+def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("open",), save=None) -> list[dict]:
     """Each lever against the unchanged write-up objective, per seed; the untrained encoder beside the control.
     On obstacle layouts: the control and the recipe only, with every planner."""
     rows = []
@@ -92,6 +92,8 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
                 row = {"row": name, "layout": layout, "seed": seed, "overrides": GEOMETRY_ROWS[name]}
                 row |= geometry_row(cfg, name.startswith("write-up"), planners)
                 rows.append(row)
+                if save is not None:
+                    save(rows)  # a long study: each row is on disk as soon as it is done
                 p = row["plans"]
                 print(
                     f"{layout:9s} {name:26s} seed {seed}: PC1+2 {row['pc1'] + row['pc2']:.0%}"
@@ -148,56 +150,69 @@ def probe_study(seeds: list[int], only: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def scaling_study(sizes: list[int]) -> list[dict]:
-    """Train on G x G grids until next-state accuracy >= 99% (checked every 25 steps); then plan with the
-    probe-free imagined-graph planner on up to 600 random pairs."""
+SCALING_STEPS = {5: 300, 8: 600, 12: 1200, 16: 1500}
+
+
+def scaling_study(sizes: list[int], pairs: int = 600) -> list[dict]:
+    """The cpu recipe (latent-map term on) on G x G grids, open and with 10% random walls (a seeded connected
+    layout): steps to 99% next-state accuracy (checked every 25 steps), the latent's geometry, and planning on up
+    to ``pairs`` random start->goal pairs with the latent cost (greedy, CEM) beside the privileged imagined graph,
+    the greedy probe, random and BFS."""
     rows = []
     for size in sizes:
-        steps = {5: 300, 8: 600, 12: 900}.get(size, 900)
-        cfg = g.make_config("cpu", grid_size=size, input_size=32 if size <= 5 else 64, num_steps=steps, eval_every=25)
-        run = g.train(cfg, progress=False)
-        evals = list(zip(run.history["eval_step"], run.history["next_state_acc"]))
-        reached = next((s for s, acc in evals if acc >= 0.99), None)
-        seconds_per_step = run.train_seconds / cfg.num_steps
-        world = run.world
-        starts, goals = world.all_pairs()
-        pick = torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:600]
-        policy = g.graph_policy(run.model, world)
-        plan = g.run_mpc(world, policy, starts[pick], goals[pick])
-        decisions = int(plan.steps.clamp(max=plan.paths.shape[1] - 1).sum())
-        t0 = time.perf_counter()
-        policy(starts[pick], goals[pick])
-        decision_ms = (time.perf_counter() - t0) * 1e3
-        row = {
-            "grid_size": size,
-            "input_size": cfg.input_size,
-            "num_steps": cfg.num_steps,
-            "train_seconds": run.train_seconds,
-            "steps_to_99": reached,
-            "seconds_to_99": None if reached is None else reached * seconds_per_step,
-            "final_next_state_accuracy": evals[-1][1],
-            "plan_success": plan.summary()["success"],
-            "plan_optimal": plan.summary()["optimal"],
-            "plan_pairs": len(pick),
-            "ms_per_decision_all_pairs": decision_ms,
-            "ms_per_plan_step": decision_ms / len(pick),
-            "episode_seconds_all_pairs": plan.seconds,
-            "decisions": decisions,
-        }
-        rows.append(row)
-        print(
-            f"grid {size:2d}: 99% next-state accuracy after {reached} steps "
-            f"({row['seconds_to_99'] or float('nan'):.0f} s; final {evals[-1][1]:.3f}); graph planner "
-            f"{row['plan_success']:.1%} solved, {row['plan_optimal']:.1%} optimal, "
-            f"{row['ms_per_plan_step']:.3f} ms per plan step",
-            flush=True,
-        )
+        for layout in ("open", "walls 10%"):
+            walls = None if layout == "open" else g.random_layout(size, 0.1, seed=size)
+            steps = SCALING_STEPS.get(size, 1500)
+            input_size = 32 if size <= 5 else 64
+            cfg = g.make_config("cpu", grid_size=size, input_size=input_size, num_steps=steps, eval_every=25)
+            world = g.World(size, walls=walls)
+            run = g.train(cfg, world=world, progress=False)
+            evals = list(zip(run.history["eval_step"], run.history["next_state_acc"]))
+            reached = next((s for s, acc in evals if acc >= 0.99), None)
+            starts, goals = world.all_pairs()
+            pick = torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:pairs]
+            planners = {
+                "latent greedy": g.latent_greedy_policy(run.model, world),
+                "cem": g.cem_policy(run.model, world),
+                "graph (privileged)": g.graph_policy(run.model, world),
+                "probe": g.make_policy("probe", run.model, world),
+                "random": g.random_policy(0),
+                "bfs": g.bfs_policy(world),
+            }
+            plans = {}
+            for name, policy in planners.items():
+                plan = g.run_mpc(world, policy, starts[pick], goals[pick])
+                t0 = time.perf_counter()
+                policy(starts[pick], goals[pick])
+                plans[name] = plan.summary() | {"ms_per_decision_all_pairs": 1e3 * (time.perf_counter() - t0)}
+            row = {
+                "grid_size": size,
+                "layout": layout,
+                "walls": int(world.walls.sum()),
+                "input_size": input_size,
+                "num_steps": steps,
+                "train_seconds": run.train_seconds,
+                "steps_to_99": reached,
+                "seconds_to_99": None if reached is None else reached * run.train_seconds / steps,
+                "final_next_state_accuracy": evals[-1][1],
+                **g.geometry_report(run.model, world, num_splits=5),
+                "plan_pairs": len(pick),
+                "plans": plans,
+            }
+            rows.append(row)
+            print(
+                f"grid {size:2d} {layout:9s}: next-state {evals[-1][1]:.3f} (99% at {reached}), "
+                f"PC1+2 {row['pc1'] + row['pc2']:.0%}, rho {row['spearman_l2_grid']:.2f} | "
+                + " ".join(f"{n} {p['success']:.1%}" for n, p in plans.items())
+                + f" | {run.train_seconds:.0f} s",
+                flush=True,
+            )
     return rows
 
 
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "probes": ("probe_study.json", ("row", "seed")),
-    "scaling": ("scaling.json", ("grid_size",)),
+    "scaling": ("scaling.json", ("grid_size", "layout")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
 }
@@ -210,26 +225,34 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
     parser.add_argument("--only", nargs="+", help="probes/geometry: run these rows (the others are kept)")
     args = parser.parse_args()
+    filename, key_fields = STUDIES[args.study]
+    out = g.ASSETS / filename
+    command = "python bench/studies.py " + shlex.join(sys.argv[1:])
+    key = lambda r: tuple(r.get(k) for k in key_fields)
+    saved = json.loads(out.read_text()) if out.exists() else None
+
+    def save(rows: list[dict]) -> None:
+        """Write rows, keeping the saved rows this run does not redo."""
+        redone = {key(r) for r in rows}
+        kept = [r for r in saved["rows"] if key(r) not in redone] if saved else []
+        meta = {
+            "command": f"{saved['command']}; {command}" if saved else command,
+            "device": g.describe_device(torch.device("cpu")),
+            "threads": torch.get_num_threads(),
+            "rows": kept + rows,
+        }
+        default = lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)
+        out.write_text(json.dumps(meta, indent=2, default=default))
+
     if args.study == "probes":
         rows = probe_study(args.seeds, args.only)
     elif args.study == "scaling":
         rows = scaling_study(args.sizes)
     elif args.study == "geometry":
-        rows = geometry_study(args.seeds, args.only)
+        rows = geometry_study(args.seeds, args.only, save=save)
     else:
-        rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"))
-    filename, key_fields = STUDIES[args.study]
-    out = g.ASSETS / filename
-    command = "python bench/studies.py " + shlex.join(sys.argv[1:])
-    key = lambda r: tuple(r.get(k) for k in key_fields)
-    if out.exists():  # update the rows redone, keep the others
-        saved = json.loads(out.read_text())
-        redone = {key(r) for r in rows}
-        rows = [r for r in saved["rows"] if key(r) not in redone] + rows
-        command = f"{saved['command']}; {command}"
-    device = g.describe_device(torch.device("cpu"))
-    meta = {"command": command, "device": device, "threads": torch.get_num_threads(), "rows": rows}
-    out.write_text(json.dumps(meta, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
+        rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
+    save(rows)
     print(f"written to {out}")
 
 
