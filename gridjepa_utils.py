@@ -1,12 +1,17 @@
 """GridJEPA: a JEPA world model that learns a small isometric grid world from pixels and actions.
 
-One module shared by the five notebooks, in their order:
+One module shared by the five notebooks, in their order, a banner per part; no part refers to a later one:
 
-    1. world & data      (notebook 01)  World, layouts, rendering from a sprite atlas, datasets
-    2. model             (notebook 02)  Encoder (ViT + BatchNorm projector), AdaLN-zero predictor, SIGReg
-    3. training          (notebook 03)  Config profiles, train(), checkpoints, collapse detection
-    4. analysis          (notebook 04)  encodings of every cell, linear probes scored honestly, PCA
-    5. planning          (notebook 05)  batched MPC: greedy probe planner, CEM, exhaustive and graph search
+    settings             (all five)     Config, its profiles (make_config) and its validation
+    1. world & data      (notebook 01)  the sprite atlas, World, layouts, datasets
+    2. model             (notebook 02)  distributed statistics, Encoder (ViT + BatchNorm projector),
+                                        AdaLN-zero predictor, SIGReg, JEPA
+    3. training          (notebook 03)  the loss, encodings of every cell, checkpoints, output locks, train()
+    4. analysis          (notebook 04)  linear probes scored honestly, PCA, latent vs grid distance
+    5. planning          (notebook 05)  batched MPC: greedy probe planner, CEM, exhaustive and graph search;
+                                        make_policy (a planner by name)
+    plots & widgets      (notebooks)    training curves, LivePlot, grid maps, the explorer and the player
+    the main job         (CLI)          evaluate, run records, main()
 
 Shape vocabulary used in comments:  B batch, T frames per sequence, D latent dim, W width,
 G grid side, N = G*G cells, A = 4 actions, P start->goal pairs, S sampled action sequences, H horizon.
@@ -48,15 +53,6 @@ REPO_ROOT = Path(__file__).resolve().parent
 ASSETS = REPO_ROOT / "assets"
 
 
-def default_device() -> torch.device:
-    """The GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 1. World & data (notebook 01)
-# ════════════════════════════════════════════════════════════════════════════════════════
-
 LAYOUTS = {  # named 5x5 obstacle layouts, '#' = wall; rows top to bottom
     "open": [".....", ".....", ".....", ".....", "....."],
     # a wall down the middle with one door: greedy Manhattan planning walks into the wall
@@ -65,6 +61,305 @@ LAYOUTS = {  # named 5x5 obstacle layouts, '#' = wall; rows top to bottom
     "u_trap": [".....", ".###.", ".#.#.", ".....", "....."],
     "maze": ["...#.", "##.#.", ".....", ".###.", "...#."],
 }
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# Settings: one Config for a run, its profiles, and its validation (every notebook)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+@dataclass
+class Config:
+    """Everything that defines a run; saved with every checkpoint. Change it with dataclasses.replace."""
+
+    # world & data
+    grid_size: int = 5
+    layout: str = "open"  # a name from LAYOUTS; random layouts are passed to train() as a World
+    show_target: bool = False  # the original write-up's lesson 01: draw a fixed target marker
+    num_transitions: int = 50_000
+    seq_len: int = 2  # T frames per training sequence; the original write-up's is 2 (one transition)
+    data_seed: int = 0
+    # encoder: a ViT over the (pooled) image, CLS token -> projector MLP -> latent
+    input_size: int = 128  # the 128x128 observation is average-pooled to this before the ViT
+    patch_size: int = 16
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    latent_dim: int = 192
+    proj_hidden: int = 2048
+    projector_norm: str = "batchnorm"  # LeWM: a BatchNorm projector; "layernorm" collapses here
+    # predictor: a causal transformer over the latent history, action enters by AdaLN-zero
+    pred_width: int = 192
+    pred_depth: int = 1
+    pred_heads: int = 4
+    # loss: MSE(predicted, real next latent) + lam * SIGReg
+    lam: float = 10.0  # the full profile's (the write-up's) lambda; every other profile sets its own: read cfg.lam
+    sigreg_dirs: int = 256
+    rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
+    # temporal smoothness: smooth_weight * MSE(z_t, z_t+1). Under SIGReg's whitening its optimum is the spectral
+    # (Laplacian) embedding of the world's transition graph: a map. 0 gives the original write-up's pure objective.
+    smooth_weight: float = 0.0
+    smooth_ramp: float = 0.5  # the weight rises linearly from 0 over this fraction of training (0: full from step 0)
+    # optimisation
+    batch_size: int = 128
+    num_steps: int = 78_125  # 200 epochs of 50k transitions at batch 128
+    lr: float = 5e-4
+    weight_decay: float = 1e-3
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    seed: int = 0
+    # bookkeeping
+    log_every: int = 50
+    eval_every: int = 1000
+    ckpt_every: int = 5000
+    profile: str = "full"
+
+    def model_fields(self) -> dict:
+        """The fields a checkpoint's weights depend on: they must match to load it."""
+        names = (
+            "grid_size",
+            "input_size",
+            "patch_size",
+            "width",
+            "depth",
+            "heads",
+            "latent_dim",
+            "proj_hidden",
+            "projector_norm",
+            "pred_width",
+            "pred_depth",
+            "pred_heads",
+            "seq_len",
+        )
+        return {k: getattr(self, k) for k in names}
+
+
+PROFILES = {
+    # the original write-up's encoder and schedule: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M
+    # parameters; for a GPU. Its loss with the latent-map term; the write-up's own is lam=10, smooth_weight=0
+    "full": dict(lam=0.1, smooth_weight=5.0),
+    # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
+    "cpu": dict(
+        smooth_weight=5.0,  # the latent map (notebook 04); 0 gives the original write-up's pure objective
+        input_size=32,
+        patch_size=8,
+        width=128,
+        depth=1,
+        heads=4,
+        pred_width=128,
+        pred_depth=2,
+        lam=0.1,
+        batch_size=64,
+        num_steps=300,
+        lr=1e-3,
+        warmup_steps=50,
+        log_every=10,
+        eval_every=25,
+        ckpt_every=100,
+    ),
+    # sized for a free Colab T4 (the default on a GPU): 64x64 input, 2 blocks, 3000 steps
+    "gpu": dict(
+        smooth_weight=5.0,
+        input_size=64,
+        patch_size=8,
+        width=192,
+        depth=2,
+        heads=3,
+        pred_width=192,
+        pred_depth=2,
+        lam=0.1,
+        batch_size=128,
+        num_steps=3000,
+        lr=1e-3,
+        warmup_steps=200,
+        log_every=25,
+        eval_every=250,
+        ckpt_every=500,
+    ),
+    # seconds: CI re-executes the notebooks with it
+    "smoke": dict(
+        smooth_weight=5.0,
+        num_transitions=4000,
+        input_size=32,
+        patch_size=8,
+        width=64,
+        depth=1,
+        heads=2,
+        pred_width=64,
+        pred_depth=1,
+        pred_heads=2,
+        proj_hidden=256,
+        lam=0.1,
+        batch_size=32,
+        num_steps=30,
+        lr=1e-3,
+        warmup_steps=5,
+        log_every=5,
+        eval_every=15,
+        ckpt_every=15,
+    ),
+}
+
+
+def active_profile() -> str:
+    """The profile named by $GRIDJEPA_PROFILE, else 'gpu' on a GPU and 'cpu' without one.
+
+    'full' (the write-up's 78,125 steps) is only ever chosen by name."""
+    name = os.environ.get("GRIDJEPA_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    if name not in PROFILES:
+        raise ValueError(f"GRIDJEPA_PROFILE={name!r}; expected one of {sorted(PROFILES)}")
+    return name
+
+
+def study_profile() -> str:
+    """The recipe for the notebooks' side studies (collapse study, lesson 01, held-out cells, layout family):
+    'smoke' in CI, else 'cpu' - also on a GPU, where eight runs of the 'full' recipe would take hours."""
+    return "smoke" if active_profile() == "smoke" else "cpu"
+
+
+# ── validation at the boundary: every setting named, with its allowed range ──
+
+
+# (low, high) inclusive bounds of the numeric Config fields; a field missing here only has to be finite.
+CONFIG_RANGES = {
+    "grid_size": (2, 16),
+    "num_transitions": (1, 10_000_000),
+    "seq_len": (2, 17),  # the predictor sees at most 16 frames of history (T - 1 tokens)
+    "data_seed": (0, 2**63 - 1),
+    "input_size": (1, 128),
+    "patch_size": (1, 128),
+    "width": (1, 4096),
+    "depth": (1, 64),
+    "heads": (1, 256),
+    "latent_dim": (1, 8192),
+    "proj_hidden": (1, 65536),
+    "pred_width": (1, 4096),
+    "pred_depth": (1, 64),
+    "pred_heads": (1, 256),
+    "lam": (0.0, math.inf),
+    "sigreg_dirs": (1, 65536),
+    "rollout_weight": (0.0, math.inf),
+    "smooth_weight": (0.0, math.inf),
+    "smooth_ramp": (0.0, 1.0),
+    "batch_size": (1, 1_000_000),
+    "num_steps": (1, 10**9),
+    "lr": (0.0, 10.0),
+    "weight_decay": (0.0, math.inf),
+    "warmup_steps": (0, 10**9),
+    "grad_clip": (0.0, math.inf),
+    "seed": (0, 2**63 - 1),
+    "log_every": (1, 10**9),
+    "eval_every": (1, 10**9),
+    "ckpt_every": (1, 10**9),
+}
+CONFIG_CHOICES = {"projector_norm": ("batchnorm", "layernorm"), "profile": tuple(PROFILES), "layout": tuple(LAYOUTS)}
+CONFIG_POSITIVE = ("lr", "grad_clip")  # must be > 0, not only >= 0
+MAX_PARAMETERS = 200_000_000  # ~0.8 GB of float32 weights (the full profile has ~3.4M)
+
+
+def memory_limit_bytes() -> int:
+    """The largest allocation the memory checks allow: $GRIDJEPA_MEMORY_LIMIT_GB (default 4) GiB."""
+    return int(float(os.environ.get("GRIDJEPA_MEMORY_LIMIT_GB", "4")) * 2**30)
+
+
+def check_memory(estimate_bytes: float, what: str) -> None:
+    """Refuse an allocation estimated above memory_limit_bytes(), naming what asked for it."""
+    limit = memory_limit_bytes()
+    if estimate_bytes > limit:
+        raise ValueError(
+            f"{what} would need about {estimate_bytes / 2**30:.1f} GiB of memory, above the limit of "
+            f"{limit / 2**30:.1f} GiB; ask for less (or raise $GRIDJEPA_MEMORY_LIMIT_GB)"
+        )
+
+
+def estimate_parameters(cfg: Config) -> int:
+    """The JEPA's parameter count from its config alone (without building it): what a model would allocate."""
+    W, Wp, P = cfg.width, cfg.pred_width, (cfg.input_size // max(1, cfg.patch_size)) ** 2
+    encoder = W * cfg.patch_size**2 + W + (P + 2) * W + cfg.depth * (12 * W * W + 13 * W) + 2 * W
+    projector = W * cfg.proj_hidden + 3 * cfg.proj_hidden + cfg.proj_hidden * cfg.latent_dim + cfg.latent_dim
+    predictor = (cfg.latent_dim + 1) * Wp + 16 * Wp + 4 * Wp + cfg.pred_depth * (18 * Wp * Wp + 15 * Wp)
+    return int(encoder + projector + predictor + 2 * Wp + (Wp + 1) * cfg.latent_dim)
+
+
+def validate_config(cfg: Config) -> Config:
+    """Check every field of ``cfg``: type, finiteness, range, choices, consistency and model size.
+
+    Raises a ValueError (TypeError for a wrong type) naming the field and its allowed range. Generic over the
+    fields: a new float field only has to be finite unless CONFIG_RANGES says more. Returns ``cfg``.
+    """
+    if not isinstance(cfg, Config):
+        raise TypeError(f"expected a Config, got {type(cfg).__name__}")
+    for f in dataclasses.fields(cfg):
+        value, default = getattr(cfg, f.name), f.default
+        if isinstance(default, bool):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"Config.{f.name} must be True or False, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"Config.{f.name} must be an integer, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"Config.{f.name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"Config.{f.name} must be a finite number, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise TypeError(f"Config.{f.name} must be a string, got {value!r}")
+        if f.name in CONFIG_RANGES:
+            lo, hi = CONFIG_RANGES[f.name]
+            if not lo <= value <= hi or (f.name in CONFIG_POSITIVE and value <= 0):
+                low = f"> {lo}" if f.name in CONFIG_POSITIVE else f">= {lo}"
+                span = f"{low}" if hi == math.inf else f"{low} and <= {hi}"
+                raise ValueError(f"Config.{f.name} must be {span}, got {value!r}")
+        if f.name in CONFIG_CHOICES and value not in CONFIG_CHOICES[f.name]:
+            raise ValueError(f"Config.{f.name} must be one of {list(CONFIG_CHOICES[f.name])}, got {value!r}")
+    if cfg.layout != "open" and cfg.grid_size != len(LAYOUTS[cfg.layout]):
+        n = len(LAYOUTS[cfg.layout])
+        raise ValueError(f"Config.layout {cfg.layout!r} is {n}x{n}, but Config.grid_size={cfg.grid_size}")
+    if 128 % cfg.input_size or cfg.input_size % cfg.patch_size:
+        raise ValueError(
+            f"Config.input_size must divide the 128-pixel image and Config.patch_size must divide input_size, "
+            f"got input_size={cfg.input_size}, patch_size={cfg.patch_size}"
+        )
+    for width, heads in (("width", "heads"), ("pred_width", "pred_heads")):
+        if getattr(cfg, width) % getattr(cfg, heads):
+            raise ValueError(
+                f"Config.{width} ({getattr(cfg, width)}) must be divisible by Config.{heads} ({getattr(cfg, heads)})"
+            )
+    params = estimate_parameters(cfg)
+    if params > MAX_PARAMETERS:
+        raise ValueError(f"this Config describes a model of ~{params:,} parameters, above the limit {MAX_PARAMETERS:,}")
+    tokens = (cfg.input_size // cfg.patch_size) ** 2 + 1
+    per_image = 128 * 128 + 16 * tokens * cfg.width * cfg.depth + 4 * cfg.proj_hidden  # floats, roughly
+    batch_bytes = 4 * cfg.batch_size * cfg.seq_len * per_image
+    check_memory(batch_bytes, f"a training batch of Config.batch_size={cfg.batch_size} x seq_len={cfg.seq_len}")
+    return cfg
+
+
+# ── a run's Config: a profile with overrides, validated ──
+
+
+def make_config(profile: str | None = None, **overrides) -> Config:
+    """The Config of a profile ('full', 'cpu', 'smoke'; default from the environment) with overrides."""
+    profile = profile or active_profile()
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
+    if unknown:
+        raise TypeError(f"unknown Config fields: {sorted(unknown)}")
+    return validate_config(Config(**{**PROFILES[profile], "profile": profile, **overrides}))
+
+
+# ════════════════════════════════════════════════════════════════════════════════════════
+# 1. World & data (notebook 01)
+# ════════════════════════════════════════════════════════════════════════════════════════
+
+
+# ── layouts, and the checks of states and actions ──
 
 
 def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndarray:
@@ -90,21 +385,161 @@ def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndar
     return walls.copy()
 
 
-def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
-    """A seeded random layout whose free cells are all reachable from each other (checked by BFS)."""
-    if not 0 <= wall_fraction < 1:
-        raise ValueError(f"wall_fraction must be in [0, 1), got {wall_fraction}")
-    rng = np.random.default_rng(seed)
-    num_walls = int(round(wall_fraction * grid_size**2))
-    for _ in range(max_tries):
-        walls = np.zeros(grid_size * grid_size, dtype=bool)
-        walls[rng.choice(grid_size**2, size=num_walls, replace=False)] = True
-        walls = walls.reshape(grid_size, grid_size)
-        world = World(grid_size, walls=walls, check_connected=False)
-        dist_from_first = world.bfs_from(world.free_cells[0])
-        if (dist_from_first[world.free_cells] >= 0).all():
-            return walls
-    raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
+def check_int_tensor(x, name: str) -> torch.Tensor:
+    """Raise a clear TypeError unless ``x`` is an integer tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers (torch.long), got dtype {x.dtype}")
+    return x.long()
+
+
+def check_actions(action) -> torch.Tensor:
+    """Actions as a long tensor, each in 0..3 (up, down, left, right); clear errors otherwise."""
+    action = check_int_tensor(action, "action")
+    if action.numel() and (action.min() < 0 or action.max() >= len(ACTIONS)):
+        bad = action[(action < 0) | (action >= len(ACTIONS))][0].item()
+        raise ValueError(f"action {bad} is not valid; expected 0..3 = {dict(enumerate(ACTIONS))}")
+    return action
+
+
+# ── the sprite atlas: every state drawn once with numpy, 2x supersampled for smooth edges ──
+
+
+def _iso_geometry(G: int, size: int) -> tuple[float, float, float, float]:
+    """Tile width, tile height, board origin x, board top y for a G x G board in a size x size image."""
+    tw = 0.86 * size / G
+    th = tw / 2
+    x0 = size / 2
+    y0 = (size - G * th) / 2 + 0.35 * th
+    return tw, th, x0, y0
+
+
+def _cell_center(col: float, row: float, G: int, size: int) -> tuple[float, float]:
+    tw, th, x0, y0 = _iso_geometry(G, size)
+    return x0 + (col - row) * tw / 2, y0 + (col + row + 1) * th / 2
+
+
+class _Canvas:
+    """A float image with a few vectorised fill operations restricted to bounding boxes."""
+
+    def __init__(self, img: np.ndarray):
+        self.img = img
+        self.yy, self.xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]].astype(np.float32) + 0.5
+
+    def _box(self, x0, x1, y0, y1):
+        h, w = self.img.shape
+        sl = (slice(max(int(y0) - 1, 0), min(int(y1) + 2, h)), slice(max(int(x0) - 1, 0), min(int(x1) + 2, w)))
+        return sl, self.xx[sl], self.yy[sl]
+
+    def diamond(self, cx, cy, hw, hh, value):
+        sl, x, y = self._box(cx - hw, cx + hw, cy - hh, cy + hh)
+        mask = np.abs(x - cx) / hw + np.abs(y - cy) / hh <= 1
+        self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
+
+    def ellipse(self, cx, cy, rx, ry, value):
+        sl, x, y = self._box(cx - rx, cx + rx, cy - ry, cy + ry)
+        mask = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+        self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
+
+    def side_face(self, x_from, x_to, y_from, y_to, height, value):
+        """The vertical face under the edge (x_from, y_from)-(x_to, y_to), extruded ``height`` upwards."""
+        lo, hi = min(x_from, x_to), max(x_from, x_to)
+        sl, x, y = self._box(lo, hi, min(y_from, y_to) - height, max(y_from, y_to))
+        y_edge = y_from + (x - x_from) * (y_to - y_from) / (x_to - x_from)
+        mask = (x >= lo) & (x <= hi) & (y <= y_edge) & (y >= y_edge - height)
+        self.img[sl][mask] = value
+
+
+def _draw_board(canvas: _Canvas, G: int, size: int) -> None:
+    tw, th, x0, y0 = _iso_geometry(G, size)
+    slab = th * 0.45
+    left, bottom, right = (
+        _cell_center(0, G - 1, G, size),
+        _cell_center(G - 1, G - 1, G, size),
+        _cell_center(G - 1, 0, G, size),
+    )
+    # the board is a slab: its two front faces give it depth
+    canvas.side_face(left[0] - tw / 2, bottom[0], left[1] + slab, bottom[1] + th / 2 + slab, slab, 0.30)
+    canvas.side_face(bottom[0], right[0] + tw / 2, bottom[1] + th / 2 + slab, right[1] + slab, slab, 0.20)
+    for row in range(G):
+        for col in range(G):
+            cx, cy = _cell_center(col, row, G, size)
+            canvas.diamond(cx, cy, tw / 2, th / 2, 0.36)  # grout line
+            canvas.diamond(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64)
+
+
+def _draw_wall(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
+    tw, th, _, _ = _iso_geometry(G, size)
+    cx, cy = _cell_center(col, row, G, size)
+    height = th * 1.1
+    canvas.side_face(cx - tw / 2, cx, cy, cy + th / 2, height, 0.34)  # left face
+    canvas.side_face(cx, cx + tw / 2, cy + th / 2, cy, height, 0.22)  # right face, in shadow
+    canvas.diamond(cx, cy - height, tw / 2, th / 2, 0.86)  # lit top
+    canvas.diamond(cx, cy - height, tw / 2 * 0.7, th / 2 * 0.7, 0.80)
+
+
+def _draw_target(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
+    tw, th, _, _ = _iso_geometry(G, size)
+    cx, cy = _cell_center(col, row, G, size)
+    canvas.diamond(cx, cy, tw * 0.32, th * 0.32, 0.08)
+    canvas.diamond(cx, cy, tw * 0.22, th * 0.22, 0.95)
+    canvas.diamond(cx, cy, tw * 0.11, th * 0.11, 0.08)
+
+
+def _draw_agent(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
+    tw, th, _, _ = _iso_geometry(G, size)
+    cx, cy = _cell_center(col, row, G, size)
+    r = tw * 0.16
+    body_bottom, body_top = cy, cy - th * 1.05
+    canvas.ellipse(cx, cy + th * 0.05, tw * 0.27, th * 0.27, 0.18)  # shadow on the tile
+
+    def shaded(bright):  # light from the upper left gives the sprite roundness
+        return lambda x, y: np.clip(bright - 0.30 * (x - cx + 0.5 * r) / (2 * r), 0, 1)
+
+    outline = r * 0.35
+    canvas.ellipse(cx, body_bottom, r + outline, (r + outline) * 0.5, 0.04)
+    sl, x, y = canvas._box(cx - r - outline, cx + r + outline, body_top, body_bottom)
+    canvas.img[sl][(np.abs(x - cx) <= r + outline) & (y >= body_top) & (y <= body_bottom)] = 0.04
+    canvas.ellipse(cx, body_top - r * 0.9, r * 1.05 + outline, r * 1.05 + outline, 0.04)
+    canvas.ellipse(cx, body_bottom, r, r * 0.5, shaded(0.90))
+    sl, x, y = canvas._box(cx - r, cx + r, body_top, body_bottom)
+    mask = (np.abs(x - cx) <= r) & (y >= body_top) & (y <= body_bottom)
+    canvas.img[sl][mask] = shaded(0.90)(x, y)[mask]
+    canvas.ellipse(cx, body_top - r * 0.9, r * 1.05, r * 1.05, shaded(1.0))  # head
+    canvas.ellipse(cx - r * 0.35, body_top - r * 1.2, r * 0.3, r * 0.3, 1.0)  # highlight
+
+
+def render_atlas(world: World, supersample: int = 2) -> np.ndarray:
+    """Draw every state of ``world`` once: (num_states, H, W) uint8. Objects are painted back to front."""
+    G, size = world.grid_size, world.image_size * supersample
+    background = np.zeros((size, size), dtype=np.float32)
+    background += np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None]  # a soft vertical gradient
+    base = _Canvas(background)
+    _draw_board(base, G, size)
+    walls = [(c, r) for r in range(G) for c in range(G) if world.walls[r, c]]
+    targets = range(world.num_cells) if world.show_target else [None]
+    images = np.zeros((world.num_states, world.image_size, world.image_size), dtype=np.uint8)
+    for target in targets:
+        board = _Canvas(base.img.copy())
+        if target is not None:
+            _draw_target(board, target % G, target // G, G, size)
+        for cell in range(world.num_cells):
+            col, row = cell % G, cell // G
+            canvas = _Canvas(board.img.copy())
+            canvas.yy, canvas.xx = base.yy, base.xx
+            sprites = [(c + r, 0, c, r) for c, r in walls]
+            if not world.walls[row, col]:
+                sprites.append((col + row, 1, col, row))
+            for _, is_agent, c, r in sorted(sprites):  # painter's order: far (small col+row) first
+                (_draw_agent if is_agent else _draw_wall)(canvas, c, r, G, size)
+            img = canvas.img.reshape(world.image_size, supersample, world.image_size, supersample).mean((1, 3))
+            state = cell + (world.num_cells * target if target is not None else 0)
+            images[state] = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return images
+
+
+# ── the world: rules, walls, BFS, rendering by one gather from the atlas ──
 
 
 class World:
@@ -302,158 +737,25 @@ class WorldFamily(World):
         return f"WorldFamily({len(self.members)} layouts of {self.grid_size}x{self.grid_size})"
 
 
-def check_int_tensor(x, name: str) -> torch.Tensor:
-    """Raise a clear TypeError unless ``x`` is an integer tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers (torch.long), got dtype {x.dtype}")
-    return x.long()
+def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
+    """A seeded random layout whose free cells are all reachable from each other (checked by BFS)."""
+    if not 0 <= wall_fraction < 1:
+        raise ValueError(f"wall_fraction must be in [0, 1), got {wall_fraction}")
+    rng = np.random.default_rng(seed)
+    num_walls = int(round(wall_fraction * grid_size**2))
+    for _ in range(max_tries):
+        walls = np.zeros(grid_size * grid_size, dtype=bool)
+        walls[rng.choice(grid_size**2, size=num_walls, replace=False)] = True
+        walls = walls.reshape(grid_size, grid_size)
+        world = World(grid_size, walls=walls, check_connected=False)
+        dist_from_first = world.bfs_from(world.free_cells[0])
+        if (dist_from_first[world.free_cells] >= 0).all():
+            return walls
+    raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
 
 
-def check_actions(action) -> torch.Tensor:
-    """Actions as a long tensor, each in 0..3 (up, down, left, right); clear errors otherwise."""
-    action = check_int_tensor(action, "action")
-    if action.numel() and (action.min() < 0 or action.max() >= len(ACTIONS)):
-        bad = action[(action < 0) | (action >= len(ACTIONS))][0].item()
-        raise ValueError(f"action {bad} is not valid; expected 0..3 = {dict(enumerate(ACTIONS))}")
-    return action
-
-
-# ── the sprite atlas: every state drawn once with numpy, 2x supersampled for smooth edges ──
-
-
-def _iso_geometry(G: int, size: int) -> tuple[float, float, float, float]:
-    """Tile width, tile height, board origin x, board top y for a G x G board in a size x size image."""
-    tw = 0.86 * size / G
-    th = tw / 2
-    x0 = size / 2
-    y0 = (size - G * th) / 2 + 0.35 * th
-    return tw, th, x0, y0
-
-
-def _cell_center(col: float, row: float, G: int, size: int) -> tuple[float, float]:
-    tw, th, x0, y0 = _iso_geometry(G, size)
-    return x0 + (col - row) * tw / 2, y0 + (col + row + 1) * th / 2
-
-
-class _Canvas:
-    """A float image with a few vectorised fill operations restricted to bounding boxes."""
-
-    def __init__(self, img: np.ndarray):
-        self.img = img
-        self.yy, self.xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]].astype(np.float32) + 0.5
-
-    def _box(self, x0, x1, y0, y1):
-        h, w = self.img.shape
-        sl = (slice(max(int(y0) - 1, 0), min(int(y1) + 2, h)), slice(max(int(x0) - 1, 0), min(int(x1) + 2, w)))
-        return sl, self.xx[sl], self.yy[sl]
-
-    def diamond(self, cx, cy, hw, hh, value):
-        sl, x, y = self._box(cx - hw, cx + hw, cy - hh, cy + hh)
-        mask = np.abs(x - cx) / hw + np.abs(y - cy) / hh <= 1
-        self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
-
-    def ellipse(self, cx, cy, rx, ry, value):
-        sl, x, y = self._box(cx - rx, cx + rx, cy - ry, cy + ry)
-        mask = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
-        self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
-
-    def side_face(self, x_from, x_to, y_from, y_to, height, value):
-        """The vertical face under the edge (x_from, y_from)-(x_to, y_to), extruded ``height`` upwards."""
-        lo, hi = min(x_from, x_to), max(x_from, x_to)
-        sl, x, y = self._box(lo, hi, min(y_from, y_to) - height, max(y_from, y_to))
-        y_edge = y_from + (x - x_from) * (y_to - y_from) / (x_to - x_from)
-        mask = (x >= lo) & (x <= hi) & (y <= y_edge) & (y >= y_edge - height)
-        self.img[sl][mask] = value
-
-
-def _draw_board(canvas: _Canvas, G: int, size: int) -> None:
-    tw, th, x0, y0 = _iso_geometry(G, size)
-    slab = th * 0.45
-    left, bottom, right = (
-        _cell_center(0, G - 1, G, size),
-        _cell_center(G - 1, G - 1, G, size),
-        _cell_center(G - 1, 0, G, size),
-    )
-    # the board is a slab: its two front faces give it depth
-    canvas.side_face(left[0] - tw / 2, bottom[0], left[1] + slab, bottom[1] + th / 2 + slab, slab, 0.30)
-    canvas.side_face(bottom[0], right[0] + tw / 2, bottom[1] + th / 2 + slab, right[1] + slab, slab, 0.20)
-    for row in range(G):
-        for col in range(G):
-            cx, cy = _cell_center(col, row, G, size)
-            canvas.diamond(cx, cy, tw / 2, th / 2, 0.36)  # grout line
-            canvas.diamond(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64)
-
-
-def _draw_wall(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
-    tw, th, _, _ = _iso_geometry(G, size)
-    cx, cy = _cell_center(col, row, G, size)
-    height = th * 1.1
-    canvas.side_face(cx - tw / 2, cx, cy, cy + th / 2, height, 0.34)  # left face
-    canvas.side_face(cx, cx + tw / 2, cy + th / 2, cy, height, 0.22)  # right face, in shadow
-    canvas.diamond(cx, cy - height, tw / 2, th / 2, 0.86)  # lit top
-    canvas.diamond(cx, cy - height, tw / 2 * 0.7, th / 2 * 0.7, 0.80)
-
-
-def _draw_target(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
-    tw, th, _, _ = _iso_geometry(G, size)
-    cx, cy = _cell_center(col, row, G, size)
-    canvas.diamond(cx, cy, tw * 0.32, th * 0.32, 0.08)
-    canvas.diamond(cx, cy, tw * 0.22, th * 0.22, 0.95)
-    canvas.diamond(cx, cy, tw * 0.11, th * 0.11, 0.08)
-
-
-def _draw_agent(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
-    tw, th, _, _ = _iso_geometry(G, size)
-    cx, cy = _cell_center(col, row, G, size)
-    r = tw * 0.16
-    body_bottom, body_top = cy, cy - th * 1.05
-    canvas.ellipse(cx, cy + th * 0.05, tw * 0.27, th * 0.27, 0.18)  # shadow on the tile
-
-    def shaded(bright):  # light from the upper left gives the sprite roundness
-        return lambda x, y: np.clip(bright - 0.30 * (x - cx + 0.5 * r) / (2 * r), 0, 1)
-
-    outline = r * 0.35
-    canvas.ellipse(cx, body_bottom, r + outline, (r + outline) * 0.5, 0.04)
-    sl, x, y = canvas._box(cx - r - outline, cx + r + outline, body_top, body_bottom)
-    canvas.img[sl][(np.abs(x - cx) <= r + outline) & (y >= body_top) & (y <= body_bottom)] = 0.04
-    canvas.ellipse(cx, body_top - r * 0.9, r * 1.05 + outline, r * 1.05 + outline, 0.04)
-    canvas.ellipse(cx, body_bottom, r, r * 0.5, shaded(0.90))
-    sl, x, y = canvas._box(cx - r, cx + r, body_top, body_bottom)
-    mask = (np.abs(x - cx) <= r) & (y >= body_top) & (y <= body_bottom)
-    canvas.img[sl][mask] = shaded(0.90)(x, y)[mask]
-    canvas.ellipse(cx, body_top - r * 0.9, r * 1.05, r * 1.05, shaded(1.0))  # head
-    canvas.ellipse(cx - r * 0.35, body_top - r * 1.2, r * 0.3, r * 0.3, 1.0)  # highlight
-
-
-def render_atlas(world: World, supersample: int = 2) -> np.ndarray:
-    """Draw every state of ``world`` once: (num_states, H, W) uint8. Objects are painted back to front."""
-    G, size = world.grid_size, world.image_size * supersample
-    background = np.zeros((size, size), dtype=np.float32)
-    background += np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None]  # a soft vertical gradient
-    base = _Canvas(background)
-    _draw_board(base, G, size)
-    walls = [(c, r) for r in range(G) for c in range(G) if world.walls[r, c]]
-    targets = range(world.num_cells) if world.show_target else [None]
-    images = np.zeros((world.num_states, world.image_size, world.image_size), dtype=np.uint8)
-    for target in targets:
-        board = _Canvas(base.img.copy())
-        if target is not None:
-            _draw_target(board, target % G, target // G, G, size)
-        for cell in range(world.num_cells):
-            col, row = cell % G, cell // G
-            canvas = _Canvas(board.img.copy())
-            canvas.yy, canvas.xx = base.yy, base.xx
-            sprites = [(c + r, 0, c, r) for c, r in walls]
-            if not world.walls[row, col]:
-                sprites.append((col + row, 1, col, row))
-            for _, is_agent, c, r in sorted(sprites):  # painter's order: far (small col+row) first
-                (_draw_agent if is_agent else _draw_wall)(canvas, c, r, G, size)
-            img = canvas.img.reshape(world.image_size, supersample, world.image_size, supersample).mean((1, 3))
-            state = cell + (world.num_cells * target if target is not None else 0)
-            images[state] = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-    return images
+def build_world(cfg: Config) -> World:
+    return World(cfg.grid_size, walls=cfg.layout, show_target=cfg.show_target)
 
 
 # ── datasets: integers in memory, pixels on demand ──
@@ -571,302 +873,11 @@ class TransitionDataset(torch.utils.data.Dataset):
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-@dataclass
-class Config:
-    """Everything that defines a run; saved with every checkpoint. Change it with dataclasses.replace."""
-
-    # world & data
-    grid_size: int = 5
-    layout: str = "open"  # a name from LAYOUTS; random layouts are passed to train() as a World
-    show_target: bool = False  # the original write-up's lesson 01: draw a fixed target marker
-    num_transitions: int = 50_000
-    seq_len: int = 2  # T frames per training sequence; the original write-up's is 2 (one transition)
-    data_seed: int = 0
-    # encoder: a ViT over the (pooled) image, CLS token -> projector MLP -> latent
-    input_size: int = 128  # the 128x128 observation is average-pooled to this before the ViT
-    patch_size: int = 16
-    width: int = 192
-    depth: int = 4
-    heads: int = 3
-    latent_dim: int = 192
-    proj_hidden: int = 2048
-    projector_norm: str = "batchnorm"  # LeWM: a BatchNorm projector; "layernorm" collapses here
-    # predictor: a causal transformer over the latent history, action enters by AdaLN-zero
-    pred_width: int = 192
-    pred_depth: int = 1
-    pred_heads: int = 4
-    # loss: MSE(predicted, real next latent) + lam * SIGReg
-    lam: float = 10.0  # the full profile's (the write-up's) lambda; every other profile sets its own: read cfg.lam
-    sigreg_dirs: int = 256
-    rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
-    # temporal smoothness: smooth_weight * MSE(z_t, z_t+1). Under SIGReg's whitening its optimum is the spectral
-    # (Laplacian) embedding of the world's transition graph: a map. 0 gives the original write-up's pure objective.
-    smooth_weight: float = 0.0
-    smooth_ramp: float = 0.5  # the weight rises linearly from 0 over this fraction of training (0: full from step 0)
-    # optimisation
-    batch_size: int = 128
-    num_steps: int = 78_125  # 200 epochs of 50k transitions at batch 128
-    lr: float = 5e-4
-    weight_decay: float = 1e-3
-    warmup_steps: int = 1000
-    grad_clip: float = 1.0
-    seed: int = 0
-    # bookkeeping
-    log_every: int = 50
-    eval_every: int = 1000
-    ckpt_every: int = 5000
-    profile: str = "full"
-
-    def model_fields(self) -> dict:
-        """The fields a checkpoint's weights depend on: they must match to load it."""
-        names = (
-            "grid_size",
-            "input_size",
-            "patch_size",
-            "width",
-            "depth",
-            "heads",
-            "latent_dim",
-            "proj_hidden",
-            "projector_norm",
-            "pred_width",
-            "pred_depth",
-            "pred_heads",
-            "seq_len",
-        )
-        return {k: getattr(self, k) for k in names}
+# ── distributed: statistics over all ranks ──
 
 
-PROFILES = {
-    # the original write-up's encoder and schedule: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M
-    # parameters; for a GPU. Its loss with the latent-map term; the write-up's own is lam=10, smooth_weight=0
-    "full": dict(lam=0.1, smooth_weight=5.0),
-    # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
-    "cpu": dict(
-        smooth_weight=5.0,  # the latent map (notebook 04); 0 gives the original write-up's pure objective
-        input_size=32,
-        patch_size=8,
-        width=128,
-        depth=1,
-        heads=4,
-        pred_width=128,
-        pred_depth=2,
-        lam=0.1,
-        batch_size=64,
-        num_steps=300,
-        lr=1e-3,
-        warmup_steps=50,
-        log_every=10,
-        eval_every=25,
-        ckpt_every=100,
-    ),
-    # sized for a free Colab T4 (the default on a GPU): 64x64 input, 2 blocks, 3000 steps
-    "gpu": dict(
-        smooth_weight=5.0,
-        input_size=64,
-        patch_size=8,
-        width=192,
-        depth=2,
-        heads=3,
-        pred_width=192,
-        pred_depth=2,
-        lam=0.1,
-        batch_size=128,
-        num_steps=3000,
-        lr=1e-3,
-        warmup_steps=200,
-        log_every=25,
-        eval_every=250,
-        ckpt_every=500,
-    ),
-    # seconds: CI re-executes the notebooks with it
-    "smoke": dict(
-        smooth_weight=5.0,
-        num_transitions=4000,
-        input_size=32,
-        patch_size=8,
-        width=64,
-        depth=1,
-        heads=2,
-        pred_width=64,
-        pred_depth=1,
-        pred_heads=2,
-        proj_hidden=256,
-        lam=0.1,
-        batch_size=32,
-        num_steps=30,
-        lr=1e-3,
-        warmup_steps=5,
-        log_every=5,
-        eval_every=15,
-        ckpt_every=15,
-    ),
-}
-
-
-def active_profile() -> str:
-    """The profile named by $GRIDJEPA_PROFILE, else 'gpu' on a GPU and 'cpu' without one.
-
-    'full' (the write-up's 78,125 steps) is only ever chosen by name."""
-    name = os.environ.get("GRIDJEPA_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
-    if name not in PROFILES:
-        raise ValueError(f"GRIDJEPA_PROFILE={name!r}; expected one of {sorted(PROFILES)}")
-    return name
-
-
-def study_profile() -> str:
-    """The recipe for the notebooks' side studies (collapse study, lesson 01, held-out cells, layout family):
-    'smoke' in CI, else 'cpu' - also on a GPU, where eight runs of the 'full' recipe would take hours."""
-    return "smoke" if active_profile() == "smoke" else "cpu"
-
-
-def make_config(profile: str | None = None, **overrides) -> Config:
-    """The Config of a profile ('full', 'cpu', 'smoke'; default from the environment) with overrides."""
-    profile = profile or active_profile()
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Config)}
-    if unknown:
-        raise TypeError(f"unknown Config fields: {sorted(unknown)}")
-    return validate_config(Config(**{**PROFILES[profile], "profile": profile, **overrides}))
-
-
-# ── validation at the boundary: every setting named, with its allowed range ──
-
-# (low, high) inclusive bounds of the numeric Config fields; a field missing here only has to be finite.
-CONFIG_RANGES = {
-    "grid_size": (2, 16),
-    "num_transitions": (1, 10_000_000),
-    "seq_len": (2, 17),  # the predictor sees at most 16 frames of history (T - 1 tokens)
-    "data_seed": (0, 2**63 - 1),
-    "input_size": (1, 128),
-    "patch_size": (1, 128),
-    "width": (1, 4096),
-    "depth": (1, 64),
-    "heads": (1, 256),
-    "latent_dim": (1, 8192),
-    "proj_hidden": (1, 65536),
-    "pred_width": (1, 4096),
-    "pred_depth": (1, 64),
-    "pred_heads": (1, 256),
-    "lam": (0.0, math.inf),
-    "sigreg_dirs": (1, 65536),
-    "rollout_weight": (0.0, math.inf),
-    "smooth_weight": (0.0, math.inf),
-    "smooth_ramp": (0.0, 1.0),
-    "batch_size": (1, 1_000_000),
-    "num_steps": (1, 10**9),
-    "lr": (0.0, 10.0),
-    "weight_decay": (0.0, math.inf),
-    "warmup_steps": (0, 10**9),
-    "grad_clip": (0.0, math.inf),
-    "seed": (0, 2**63 - 1),
-    "log_every": (1, 10**9),
-    "eval_every": (1, 10**9),
-    "ckpt_every": (1, 10**9),
-}
-CONFIG_CHOICES = {"projector_norm": ("batchnorm", "layernorm"), "profile": tuple(PROFILES), "layout": tuple(LAYOUTS)}
-CONFIG_POSITIVE = ("lr", "grad_clip")  # must be > 0, not only >= 0
-MAX_PARAMETERS = 200_000_000  # ~0.8 GB of float32 weights (the full profile has ~3.4M)
-
-
-def memory_limit_bytes() -> int:
-    """The largest allocation the memory checks allow: $GRIDJEPA_MEMORY_LIMIT_GB (default 4) GiB."""
-    return int(float(os.environ.get("GRIDJEPA_MEMORY_LIMIT_GB", "4")) * 2**30)
-
-
-def check_memory(estimate_bytes: float, what: str) -> None:
-    """Refuse an allocation estimated above memory_limit_bytes(), naming what asked for it."""
-    limit = memory_limit_bytes()
-    if estimate_bytes > limit:
-        raise ValueError(
-            f"{what} would need about {estimate_bytes / 2**30:.1f} GiB of memory, above the limit of "
-            f"{limit / 2**30:.1f} GiB; ask for less (or raise $GRIDJEPA_MEMORY_LIMIT_GB)"
-        )
-
-
-def estimate_parameters(cfg: Config) -> int:
-    """The JEPA's parameter count from its config alone (without building it): what a model would allocate."""
-    W, Wp, P = cfg.width, cfg.pred_width, (cfg.input_size // max(1, cfg.patch_size)) ** 2
-    encoder = W * cfg.patch_size**2 + W + (P + 2) * W + cfg.depth * (12 * W * W + 13 * W) + 2 * W
-    projector = W * cfg.proj_hidden + 3 * cfg.proj_hidden + cfg.proj_hidden * cfg.latent_dim + cfg.latent_dim
-    predictor = (cfg.latent_dim + 1) * Wp + 16 * Wp + 4 * Wp + cfg.pred_depth * (18 * Wp * Wp + 15 * Wp)
-    return int(encoder + projector + predictor + 2 * Wp + (Wp + 1) * cfg.latent_dim)
-
-
-def validate_config(cfg: Config) -> Config:
-    """Check every field of ``cfg``: type, finiteness, range, choices, consistency and model size.
-
-    Raises a ValueError (TypeError for a wrong type) naming the field and its allowed range. Generic over the
-    fields: a new float field only has to be finite unless CONFIG_RANGES says more. Returns ``cfg``.
-    """
-    if not isinstance(cfg, Config):
-        raise TypeError(f"expected a Config, got {type(cfg).__name__}")
-    for f in dataclasses.fields(cfg):
-        value, default = getattr(cfg, f.name), f.default
-        if isinstance(default, bool):
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"Config.{f.name} must be True or False, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"Config.{f.name} must be an integer, got {value!r}")
-        elif isinstance(default, float):
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise TypeError(f"Config.{f.name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"Config.{f.name} must be a finite number, got {value!r}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise TypeError(f"Config.{f.name} must be a string, got {value!r}")
-        if f.name in CONFIG_RANGES:
-            lo, hi = CONFIG_RANGES[f.name]
-            if not lo <= value <= hi or (f.name in CONFIG_POSITIVE and value <= 0):
-                low = f"> {lo}" if f.name in CONFIG_POSITIVE else f">= {lo}"
-                span = f"{low}" if hi == math.inf else f"{low} and <= {hi}"
-                raise ValueError(f"Config.{f.name} must be {span}, got {value!r}")
-        if f.name in CONFIG_CHOICES and value not in CONFIG_CHOICES[f.name]:
-            raise ValueError(f"Config.{f.name} must be one of {list(CONFIG_CHOICES[f.name])}, got {value!r}")
-    if cfg.layout != "open" and cfg.grid_size != len(LAYOUTS[cfg.layout]):
-        n = len(LAYOUTS[cfg.layout])
-        raise ValueError(f"Config.layout {cfg.layout!r} is {n}x{n}, but Config.grid_size={cfg.grid_size}")
-    if 128 % cfg.input_size or cfg.input_size % cfg.patch_size:
-        raise ValueError(
-            f"Config.input_size must divide the 128-pixel image and Config.patch_size must divide input_size, "
-            f"got input_size={cfg.input_size}, patch_size={cfg.patch_size}"
-        )
-    for width, heads in (("width", "heads"), ("pred_width", "pred_heads")):
-        if getattr(cfg, width) % getattr(cfg, heads):
-            raise ValueError(
-                f"Config.{width} ({getattr(cfg, width)}) must be divisible by Config.{heads} ({getattr(cfg, heads)})"
-            )
-    params = estimate_parameters(cfg)
-    if params > MAX_PARAMETERS:
-        raise ValueError(f"this Config describes a model of ~{params:,} parameters, above the limit {MAX_PARAMETERS:,}")
-    tokens = (cfg.input_size // cfg.patch_size) ** 2 + 1
-    per_image = 128 * 128 + 16 * tokens * cfg.width * cfg.depth + 4 * cfg.proj_hidden  # floats, roughly
-    batch_bytes = 4 * cfg.batch_size * cfg.seq_len * per_image
-    check_memory(batch_bytes, f"a training batch of Config.batch_size={cfg.batch_size} x seq_len={cfg.seq_len}")
-    return cfg
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics cover the global batch when torch.distributed is running.
-
-    torch's SyncBatchNorm only runs on GPUs; this one all-reduces the same two moments on any backend,
-    so the 2-process CPU test exercises the code path a multi-GPU run takes. Single process: plain BN.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        n = all_reduce_sum(torch.tensor(float(x.shape[0]), device=x.device))
-        mean = all_reduce_sum(x.sum(0)) / n  # (C,)
-        var = all_reduce_sum(((x - mean) ** 2).sum(0)) / n
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.lerp_(mean.detach(), m)
-            self.running_var.lerp_(var.detach() * n / (n - 1), m)
-            self.num_batches_tracked += 1
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+def _is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -890,6 +901,30 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _AllReduceSum.apply(x)
     return x
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch when torch.distributed is running.
+
+    torch's SyncBatchNorm only runs on GPUs; this one all-reduces the same two moments on any backend,
+    so the 2-process CPU test exercises the code path a multi-GPU run takes. Single process: plain BN.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        n = all_reduce_sum(torch.tensor(float(x.shape[0]), device=x.device))
+        mean = all_reduce_sum(x.sum(0)) / n  # (C,)
+        var = all_reduce_sum(((x - mean) ** 2).sum(0)) / n
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.lerp_(mean.detach(), m)
+            self.running_var.lerp_(var.detach() * n / (n - 1), m)
+            self.num_batches_tracked += 1
+        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+
+
+# ── the networks: encoder, predictor, SIGReg, the JEPA ──
 
 
 class Projector(nn.Module):
@@ -1052,6 +1087,24 @@ class SIGReg(nn.Module):
         return n * (err * self.weights).sum(-1).mean()
 
 
+def check_images(obs, size: int = 128) -> torch.Tensor:
+    """Observations as a (B, 1, size, size) float tensor of finite values in [0, 1], B >= 1; clear errors
+    otherwise (0..255 pixels get a hint to divide by 255)."""
+    if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
+        raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
+    if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
+        raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
+    if obs.shape[0] == 0:
+        raise ValueError("obs is an empty batch (B = 0); pass at least one image")
+    if not torch.isfinite(obs).all():
+        raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
+    lo, hi = float(obs.min()), float(obs.max())
+    if lo < 0 or hi > 1:
+        hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
+        raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
+    return obs
+
+
 class JEPA(nn.Module):
     """Encoder + predictor. The public API:  encode(obs) -> (B, D);  predict(emb, action) -> (B, D);
     rollout(emb, actions) -> (B, H, D). One encoder serves both frames; no EMA, no stop-gradient."""
@@ -1121,24 +1174,6 @@ class JEPA(nn.Module):
         return history[:, 1:]
 
 
-def check_images(obs, size: int = 128) -> torch.Tensor:
-    """Observations as a (B, 1, size, size) float tensor of finite values in [0, 1], B >= 1; clear errors
-    otherwise (0..255 pixels get a hint to divide by 255)."""
-    if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
-        raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
-    if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
-        raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
-    if obs.shape[0] == 0:
-        raise ValueError("obs is an empty batch (B = 0); pass at least one image")
-    if not torch.isfinite(obs).all():
-        raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
-    lo, hi = float(obs.min()), float(obs.max())
-    if lo < 0 or hi > 1:
-        hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
-        raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
-    return obs
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -1159,6 +1194,9 @@ def parameter_table(model: JEPA) -> dict[str, int]:
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
+# ── the loss, its schedule, and the measures of a model ──
+
+
 def smoothness_loss(emb: torch.Tensor) -> torch.Tensor:
     """MSE between consecutive latents of a trajectory, emb (B, T, D) -> scalar: 0 when they coincide, growing
     with their squared distance. It pulls the latents of neighbouring cells together; SIGReg keeps them spread
@@ -1173,6 +1211,14 @@ def smooth_weight_at(step: int | None, cfg: Config) -> float:
     if step is None or ramp_steps <= 0:
         return cfg.smooth_weight
     return cfg.smooth_weight * min(1.0, (step + 1) / ramp_steps)
+
+
+def effective_rank(emb: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the normalised singular values of centred latents (B, D): up to min(B, D) when spread,
+    near 1 when collapsed to a line. A scalar tensor."""
+    s = torch.linalg.svdvals(emb.float() - emb.float().mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
 def jepa_loss(
@@ -1214,14 +1260,6 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def effective_rank(emb: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of the normalised singular values of centred latents (B, D): up to min(B, D) when spread,
-    near 1 when collapsed to a line. A scalar tensor."""
-    s = torch.linalg.svdvals(emb.float() - emb.float().mean(0))
-    p = s / s.sum().clamp_min(1e-12)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-
-
 @torch.no_grad()
 def calibrate_batchnorm(model: JEPA, world: World) -> None:
     """Set the projector's BatchNorm running statistics to those of the data being evaluated.
@@ -1248,6 +1286,14 @@ def calibrate_batchnorm(model: JEPA, world: World) -> None:
         bn.running_mean.copy_(x.mean(0))
         bn.running_var.copy_(x.var(0, unbiased=True) if len(x) > 1 else torch.ones_like(bn.running_var))
     model.train(was_training)
+
+
+@torch.no_grad()
+def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
+    """Render and encode the current cells: (P,) -> (P, D). Identical images give identical latents in
+    eval mode, so each distinct cell is encoded once and gathered."""
+    unique, inverse = torch.unique(cells, return_inverse=True)
+    return model.encode(world.render(unique, model.device))[inverse.to(model.device)]
 
 
 @torch.no_grad()
@@ -1301,237 +1347,6 @@ def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, s
         "relative_mse": (((pred - emb[:, 1:]) ** 2).sum(-1).mean(0) / var).tolist(),
         "accuracy": (nearest == world.agent_cell(states[:, 1:])).float().mean(0).tolist(),
     }
-
-
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-@dataclass
-class TrainResult:
-    model: JEPA
-    history: dict[str, list]
-    world: World
-    data: Transitions
-    cfg: Config
-    train_seconds: float = 0.0  # in this call
-    warnings: list[str] = field(default_factory=list)
-    total_train_seconds: float = 0.0  # summed over every call that trained this run (resumes included)
-    steps_trained: int = 0  # steps taken in this call (0 when the checkpoint was already finished)
-
-
-def build_world(cfg: Config) -> World:
-    return World(cfg.grid_size, walls=cfg.layout, show_target=cfg.show_target)
-
-
-def train_step(
-    model: JEPA,
-    sigreg: SIGReg,
-    opt: torch.optim.Optimizer,
-    obs: torch.Tensor,
-    actions: torch.Tensor,
-    cfg: Config,
-    step: int,
-) -> dict[str, torch.Tensor]:
-    """One optimisation step, as train() takes it: schedule, loss (bf16 autocast on CUDA), backward, clip, AdamW.
-
-    obs (B, T, 1, H, W), actions (B, T-1); returns jepa_loss's named terms. ``model`` may be DDP-wrapped."""
-    model.train()
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, cfg)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=obs.device.type == "cuda"):
-        terms = jepa_loss(model, sigreg, obs, actions, cfg, step)
-    if not torch.isfinite(terms["loss"]):  # before any weight is touched
-        raise FloatingPointError(
-            f"loss became {terms['loss'].item()} at step {step}: lower lr, or raise lam "
-            f"(now {cfg.lam}) if the latents collapsed first"
-        )
-    opt.zero_grad(set_to_none=True)
-    terms["loss"].backward()
-    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    return terms
-
-
-def train(
-    cfg: Config,
-    world: World | None = None,
-    data: Transitions | None = None,
-    ckpt_path: str | Path | None = None,
-    resume: bool = True,
-    live_plot: bool = False,
-    progress: bool = True,
-    device: torch.device | str | None = None,
-    stop_after: int | None = None,
-) -> TrainResult:
-    """Train a JEPA with cfg: MSE(predicted, real next latent) + lam * SIGReg, AdamW, warmup + cosine.
-
-    Reproducible: batch k and SIGReg's directions at step k are functions of (seed, k), so a run resumed
-    from a checkpoint follows the same path as one that never stopped. ``ckpt_path``: a checkpoint is
-    written every cfg.ckpt_every steps and at the end; with ``resume`` an existing one is continued.
-    ``stop_after``: leave after this many steps (simulates a disconnect). Under torchrun each rank takes
-    its slice of the global batch (DistributedDataParallel, global SIGReg and BatchNorm).
-    While it runs, ``<ckpt_path>.lock`` keeps a second process from writing the same checkpoint.
-    """
-    validate_config(cfg)
-    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
-        raise ValueError(f"stop_after must be an integer >= 0 or None, got {stop_after!r}")
-    if ckpt_path is not None and _is_main_process():
-        check_writable(ckpt_path)
-        with output_lock(ckpt_path):
-            return _train(cfg, world, data, ckpt_path, resume, live_plot, progress, device, stop_after)
-    return _train(cfg, world, data, ckpt_path, resume, live_plot, progress, device, stop_after)
-
-
-def _train(cfg, world, data, ckpt_path, resume, live_plot, progress, device, stop_after) -> TrainResult:
-    device = torch.device(device) if device is not None else default_device()
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if cfg.batch_size % world_size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world_size}")
-    world = world or build_world(cfg)
-    data = data or make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)
-    torch.manual_seed(cfg.seed)
-    model = JEPA(cfg, world.image_size).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: dict[str, list] = {}
-    start, earlier_seconds = 0, 0.0
-    if ckpt_path is not None and resume and Path(ckpt_path).exists():
-        ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
-        if ckpt["optimizer"]:  # a finished run's final checkpoint keeps no optimiser state
-            opt.load_state_dict(ckpt["optimizer"])
-        start, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
-        if _is_main_process() and progress:
-            print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
-    train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
-    plotter = LivePlot() if live_plot and _is_main_process() else None
-    steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
-    bar = _progress(steps, progress and _is_main_process())
-    notes: list[str] = []
-    t0 = time.perf_counter()
-    for step in bar:
-        model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-        idx = idx[rank * cfg.batch_size // world_size : (rank + 1) * cfg.batch_size // world_size]
-        obs, actions = sample_batch(world, data, idx, device)
-        terms = train_step(train_model, sigreg, opt, obs, actions, cfg, step)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.num_steps:
-            _log(history, "step", done)
-            _log(history, "lr", lr_at(step, cfg))
-            for k, v in terms.items():
-                _log(history, k, float(v.detach()))
-            bar_postfix(bar, pred=history["pred_loss"][-1], sig=history["sigreg"][-1], std=history["latent_std"][-1])
-        if _is_main_process() and (done % cfg.eval_every == 0 or done == cfg.num_steps):
-            calibrate_batchnorm(model, world)
-            _log(history, "eval_step", done)
-            _log(history, "next_state_acc", next_state_accuracy(model, world))
-            note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
-            if note and not notes:  # say it once per run
-                notes.append(note)
-                print(note)
-        if plotter is not None and done % cfg.log_every == 0:
-            plotter.update(history)
-        if ckpt_path is not None and _is_main_process() and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
-            seconds = earlier_seconds + time.perf_counter() - t0
-            save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
-    train_seconds = time.perf_counter() - t0
-    calibrate_batchnorm(model, world)
-    model.eval()
-    if plotter is not None:
-        plotter.close()
-    return TrainResult(
-        model, history, world, data, cfg, train_seconds, notes, earlier_seconds + train_seconds, len(steps)
-    )
-
-
-def collapse_warning(latent_std: float, cfg: Config) -> str | None:
-    """A message with what to try when the latents have (almost) stopped varying."""
-    if latent_std < 0.05:
-        return (
-            f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to "
-            f"nearly the same vector. Try a larger lam (now {cfg.lam}) or projector_norm='batchnorm' "
-            f"(now {cfg.projector_norm!r})."
-        )
-    return None
-
-
-def _log(history: dict, key: str, value) -> None:
-    history.setdefault(key, []).append(value)
-
-
-def _progress(iterable, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc="training", mininterval=0.5)
-
-
-def bar_postfix(bar, **values) -> None:
-    if hasattr(bar, "set_postfix"):
-        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def estimate_train_time(
-    cfg: Config, device: torch.device | str | None = None, timed_steps: int = 5, world: World | None = None
-) -> dict:
-    """How long train(cfg) will take here, before it starts: FLOPs of one step (forward + backward, counted by
-    torch's FlopCounterMode on one real batch) and the measured time of ``timed_steps`` steps after a warm-up
-    step; total = cfg.num_steps x step time. Evaluation and checkpoints add a little on top.
-
-    Returns {"flops_per_step", "seconds_per_step", "steps", "total_seconds", "device"}."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    device = torch.device(device) if device is not None else default_device()
-    world = world or build_world(cfg)
-    data = make_transitions(world, max(4 * cfg.batch_size, 256), cfg.seq_len, seed=cfg.data_seed)
-    gen = torch.Generator().manual_seed(0)
-    model = JEPA(cfg, world.image_size).to(device)
-    sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batch = lambda: sample_batch(world, data, torch.randint(len(data), (cfg.batch_size,), generator=gen), device)
-    obs, actions = batch()
-    with FlopCounterMode(display=False) as counter:
-        terms = jepa_loss(model, sigreg, obs, actions, cfg, 0)
-        terms["loss"].backward()
-    flops = int(counter.get_total_flops())
-    train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
-    _synchronize(device)
-    t0 = time.perf_counter()
-    for step in range(timed_steps):
-        obs, actions = batch()  # rendering is part of a step
-        train_step(model, sigreg, opt, obs, actions, cfg, step)
-    _synchronize(device)
-    per_step = (time.perf_counter() - t0) / timed_steps
-    return {
-        "flops_per_step": flops,
-        "seconds_per_step": per_step,
-        "steps": cfg.num_steps,
-        "total_seconds": per_step * cfg.num_steps,
-        "device": str(device),
-    }
-
-
-def format_estimate(est: dict, cfg: Config) -> str:
-    """One line for estimate_train_time's result."""
-    total = est["total_seconds"]
-    when = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min" if total < 7200 else f"{total / 3600:.1f} h"
-    return (
-        f"profile {cfg.profile}: {est['flops_per_step'] / 1e9:.1f} GFLOP per step, "
-        f"{est['seconds_per_step'] * 1e3:.0f} ms per step on {est['device']} -> {est['steps']:,} steps ~ {when} "
-        "(plus evaluations)"
-    )
 
 
 # ── checkpoints ──
@@ -1705,7 +1520,28 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JE
     return ckpt["model_obj"], ckpt["cfg"]
 
 
+def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
+    """``load_model`` plus what the run recorded, for any checkpoint the series writes (notebook 03's or the
+    command line's): info has "step", "metrics" (possibly empty) and "history" from the checkpoint itself, and
+    "command", "train_seconds", "device" (and the JSON's metrics) only when the command line's JSON is beside it."""
+    ckpt = load_checkpoint(path, device=device)
+    info = {
+        "path": str(path),
+        "step": ckpt.get("step", 0),
+        "metrics": dict(ckpt.get("metrics") or {}),
+        "history": ckpt.get("history") or {},
+        "command": None,
+    }
+    side = Path(path).with_suffix(".json")
+    if side.exists():
+        saved = json.loads(side.read_text())
+        info["metrics"] = {**info["metrics"], **saved.get("metrics", {})}
+        info.update({k: v for k, v in saved.items() if k not in ("metrics", "config")})
+    return ckpt["model_obj"], ckpt["cfg"], info
+
+
 # ── output files: one lock per output, a writable folder checked before training ──
+
 
 _HELD_LOCKS: dict[str, int] = {}  # lock path -> how many times this process holds it (locks are re-entrant)
 
@@ -1783,51 +1619,232 @@ def check_writable(path: str | Path) -> None:
         raise OSError(f"cannot use {path} as an output: it is a folder or unreadable")
 
 
-def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
-    """``load_model`` plus what the run recorded, for any checkpoint the series writes (notebook 03's or the
-    command line's): info has "step", "metrics" (possibly empty) and "history" from the checkpoint itself, and
-    "command", "train_seconds", "device" (and the JSON's metrics) only when the command line's JSON is beside it."""
-    ckpt = load_checkpoint(path, device=device)
-    info = {
-        "path": str(path),
-        "step": ckpt.get("step", 0),
-        "metrics": dict(ckpt.get("metrics") or {}),
-        "history": ckpt.get("history") or {},
-        "command": None,
+# ── the training loop ──
+
+
+@dataclass
+class TrainResult:
+    model: JEPA
+    history: dict[str, list]
+    world: World
+    data: Transitions
+    cfg: Config
+    train_seconds: float = 0.0  # in this call
+    warnings: list[str] = field(default_factory=list)
+    total_train_seconds: float = 0.0  # summed over every call that trained this run (resumes included)
+    steps_trained: int = 0  # steps taken in this call (0 when the checkpoint was already finished)
+
+
+def train_step(
+    model: JEPA,
+    sigreg: SIGReg,
+    opt: torch.optim.Optimizer,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    cfg: Config,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """One optimisation step, as train() takes it: schedule, loss (bf16 autocast on CUDA), backward, clip, AdamW.
+
+    obs (B, T, 1, H, W), actions (B, T-1); returns jepa_loss's named terms. ``model`` may be DDP-wrapped."""
+    model.train()
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=obs.device.type == "cuda"):
+        terms = jepa_loss(model, sigreg, obs, actions, cfg, step)
+    if not torch.isfinite(terms["loss"]):  # before any weight is touched
+        raise FloatingPointError(
+            f"loss became {terms['loss'].item()} at step {step}: lower lr, or raise lam "
+            f"(now {cfg.lam}) if the latents collapsed first"
+        )
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return terms
+
+
+def collapse_warning(latent_std: float, cfg: Config) -> str | None:
+    """A message with what to try when the latents have (almost) stopped varying."""
+    if latent_std < 0.05:
+        return (
+            f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to "
+            f"nearly the same vector. Try a larger lam (now {cfg.lam}) or projector_norm='batchnorm' "
+            f"(now {cfg.projector_norm!r})."
+        )
+    return None
+
+
+def _log(history: dict, key: str, value) -> None:
+    history.setdefault(key, []).append(value)
+
+
+def _progress(iterable, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc="training", mininterval=0.5)
+
+
+def bar_postfix(bar, **values) -> None:
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+
+
+def _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_after) -> TrainResult:
+    device = torch.device(device) if device is not None else default_device()
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world_size}")
+    world = world or build_world(cfg)
+    data = data or make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)
+    torch.manual_seed(cfg.seed)
+    model = JEPA(cfg, world.image_size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: dict[str, list] = {}
+    start, earlier_seconds = 0, 0.0
+    if ckpt_path is not None and resume and Path(ckpt_path).exists():
+        ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
+        if ckpt["optimizer"]:  # a finished run's final checkpoint keeps no optimiser state
+            opt.load_state_dict(ckpt["optimizer"])
+        start, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
+        if _is_main_process() and progress:
+            print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
+    train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+    steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
+    bar = _progress(steps, progress and _is_main_process())
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    for step in bar:
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+        idx = idx[rank * cfg.batch_size // world_size : (rank + 1) * cfg.batch_size // world_size]
+        obs, actions = sample_batch(world, data, idx, device)
+        terms = train_step(train_model, sigreg, opt, obs, actions, cfg, step)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.num_steps:
+            _log(history, "step", done)
+            _log(history, "lr", lr_at(step, cfg))
+            for k, v in terms.items():
+                _log(history, k, float(v.detach()))
+            bar_postfix(bar, pred=history["pred_loss"][-1], sig=history["sigreg"][-1], std=history["latent_std"][-1])
+            if on_log is not None and _is_main_process():
+                on_log(history)
+        if _is_main_process() and (done % cfg.eval_every == 0 or done == cfg.num_steps):
+            calibrate_batchnorm(model, world)
+            _log(history, "eval_step", done)
+            _log(history, "next_state_acc", next_state_accuracy(model, world))
+            note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
+            if note and not notes:  # say it once per run
+                notes.append(note)
+                print(note)
+        if ckpt_path is not None and _is_main_process() and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
+            seconds = earlier_seconds + time.perf_counter() - t0
+            save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
+    train_seconds = time.perf_counter() - t0
+    calibrate_batchnorm(model, world)
+    model.eval()
+    return TrainResult(
+        model, history, world, data, cfg, train_seconds, notes, earlier_seconds + train_seconds, len(steps)
+    )
+
+
+def train(
+    cfg: Config,
+    world: World | None = None,
+    data: Transitions | None = None,
+    ckpt_path: str | Path | None = None,
+    resume: bool = True,
+    on_log: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train a JEPA with cfg: MSE(predicted, real next latent) + lam * SIGReg, AdamW, warmup + cosine.
+
+    Reproducible: batch k and SIGReg's directions at step k are functions of (seed, k), so a run resumed
+    from a checkpoint follows the same path as one that never stopped. ``ckpt_path``: a checkpoint is
+    written every cfg.ckpt_every steps and at the end; with ``resume`` an existing one is continued.
+    ``stop_after``: leave after this many steps (simulates a disconnect). Under torchrun each rank takes
+    its slice of the global batch (DistributedDataParallel, global SIGReg and BatchNorm).
+    ``on_log``: called with the history each time a log line is added (every cfg.log_every steps and at the
+    last), on the main process only - e.g. ``plot = LivePlot(); train(cfg, on_log=plot.update); plot.close()``.
+    While it runs, ``<ckpt_path>.lock`` keeps a second process from writing the same checkpoint.
+    """
+    validate_config(cfg)
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
+        raise ValueError(f"stop_after must be an integer >= 0 or None, got {stop_after!r}")
+    if ckpt_path is not None and _is_main_process():
+        check_writable(ckpt_path)
+        with output_lock(ckpt_path):
+            return _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_after)
+    return _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_after)
+
+
+# ── how long training will take, measured before it starts ──
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def estimate_train_time(
+    cfg: Config, device: torch.device | str | None = None, timed_steps: int = 5, world: World | None = None
+) -> dict:
+    """How long train(cfg) will take here, before it starts: FLOPs of one step (forward + backward, counted by
+    torch's FlopCounterMode on one real batch) and the measured time of ``timed_steps`` steps after a warm-up
+    step; total = cfg.num_steps x step time. Evaluation and checkpoints add a little on top.
+
+    Returns {"flops_per_step", "seconds_per_step", "steps", "total_seconds", "device"}."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device(device) if device is not None else default_device()
+    world = world or build_world(cfg)
+    data = make_transitions(world, max(4 * cfg.batch_size, 256), cfg.seq_len, seed=cfg.data_seed)
+    gen = torch.Generator().manual_seed(0)
+    model = JEPA(cfg, world.image_size).to(device)
+    sigreg = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = lambda: sample_batch(world, data, torch.randint(len(data), (cfg.batch_size,), generator=gen), device)
+    obs, actions = batch()
+    with FlopCounterMode(display=False) as counter:
+        terms = jepa_loss(model, sigreg, obs, actions, cfg, 0)
+        terms["loss"].backward()
+    flops = int(counter.get_total_flops())
+    train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
+    _synchronize(device)
+    t0 = time.perf_counter()
+    for step in range(timed_steps):
+        obs, actions = batch()  # rendering is part of a step
+        train_step(model, sigreg, opt, obs, actions, cfg, step)
+    _synchronize(device)
+    per_step = (time.perf_counter() - t0) / timed_steps
+    return {
+        "flops_per_step": flops,
+        "seconds_per_step": per_step,
+        "steps": cfg.num_steps,
+        "total_seconds": per_step * cfg.num_steps,
+        "device": str(device),
     }
-    side = Path(path).with_suffix(".json")
-    if side.exists():
-        saved = json.loads(side.read_text())
-        info["metrics"] = {**info["metrics"], **saved.get("metrics", {})}
-        info.update({k: v for k, v in saved.items() if k not in ("metrics", "config")})
-    return ckpt["model_obj"], ckpt["cfg"], info
 
 
-class LivePlot:
-    """Loss and latent-health curves redrawn in place in a notebook while training runs."""
-
-    def __init__(self):
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-
-        self.plt = plt
-        self.fig, self.axes = plt.subplots(1, 5, figsize=(17, 3))
-        self.handle = display(self.fig, display_id=True)
-        self.last, self.history = 0.0, None
-        plt.close(self.fig)
-
-    def update(self, history: dict, every_seconds: float = 3.0) -> None:
-        """Redraw at most every few seconds: drawing costs more than a CPU training step."""
-        self.history = history
-        if time.perf_counter() - self.last >= every_seconds:
-            plot_history(history, self.axes)
-            self.handle.update(self.fig)
-            self.last = time.perf_counter()
-
-    def close(self) -> None:
-        if self.history is not None:
-            self.update(self.history, every_seconds=0)  # the final state
-        self.plt.close(self.fig)
+def format_estimate(est: dict, cfg: Config) -> str:
+    """One line for estimate_train_time's result."""
+    total = est["total_seconds"]
+    when = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min" if total < 7200 else f"{total / 3600:.1f} h"
+    return (
+        f"profile {cfg.profile}: {est['flops_per_step'] / 1e9:.1f} GFLOP per step, "
+        f"{est['seconds_per_step'] * 1e3:.0f} ms per step on {est['device']} -> {est['steps']:,} steps ~ {when} "
+        "(plus evaluations)"
+    )
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1985,15 +2002,8 @@ def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -
 # A policy maps (cells (P,), goals (P,)) to a dict with "action" (P,) and "scores" (P, A): the planner's
 # predicted cost of each first action (lower is better). run_mpc acts in the real world and repeats.
 
+
 Policy = Callable[[torch.Tensor, torch.Tensor], dict]
-
-
-@torch.no_grad()
-def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
-    """Render and encode the current cells: (P,) -> (P, D). Identical images give identical latents in
-    eval mode, so each distinct cell is encoded once and gathered."""
-    unique, inverse = torch.unique(cells, return_inverse=True)
-    return model.encode(world.render(unique, model.device))[inverse.to(model.device)]
 
 
 @torch.no_grad()
@@ -2189,6 +2199,18 @@ def cem_policy(
     return policy
 
 
+def _bfs_reverse(edges: np.ndarray, goal: int) -> np.ndarray:
+    V = len(edges)
+    dist_to = np.full(V, -1)
+    dist_to[goal] = 0
+    frontier = [goal]
+    while frontier:
+        reach = np.isin(edges, frontier).any(1) & (dist_to < 0)
+        dist_to[reach] = dist_to[frontier[0]] + 1
+        frontier = list(np.flatnonzero(reach))
+    return dist_to
+
+
 def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) -> Policy:
     """Plan by breadth-first search in the model's imagined graph - no probe, no position labels.
 
@@ -2221,18 +2243,6 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
         return {"action": scores.argmin(1), "scores": scores}
 
     return policy
-
-
-def _bfs_reverse(edges: np.ndarray, goal: int) -> np.ndarray:
-    V = len(edges)
-    dist_to = np.full(V, -1)
-    dist_to[goal] = 0
-    frontier = [goal]
-    while frontier:
-        reach = np.isin(edges, frontier).any(1) & (dist_to < 0)
-        dist_to[reach] = dist_to[frontier[0]] + 1
-        frontier = list(np.flatnonzero(reach))
-    return dist_to
 
 
 @dataclass
@@ -2341,6 +2351,30 @@ def run_mpc(
     return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
 
 
+PLANNERS = ("probe", "latent", "nearest", "cem", "search", "graph", "random")
+
+
+def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
+    """A planner by name: probe (the write-up's), latent (greedy one-step latent L2 to the goal image), nearest
+    (probe-free greedy), cem and search (4^H) with the latent cost, graph (privileged: every cell's image), random."""
+    if name == "probe":
+        if probe is None:
+            probe = fit_probe(encode_states(model, world).cpu().numpy(), world.cell_pos(world.free_cells))
+        return probe_policy(model, world, probe)
+    makers = {
+        "latent": latent_greedy_policy,
+        "nearest": nearest_cell_policy,
+        "cem": cem_policy,
+        "search": exhaustive_policy,
+        "graph": graph_policy,
+    }
+    if name == "random":
+        return random_policy()
+    if name not in makers:
+        raise ValueError(f"unknown planner {name!r}; expected one of {PLANNERS}")
+    return makers[name](model, world)
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════
 # Plots and widgets (used by the notebooks)
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -2395,6 +2429,33 @@ def plot_history(history: dict, axes=None):
         ax.set_xlabel("step")
     axes[0].figure.tight_layout()
     return axes
+
+
+class LivePlot:
+    """Loss and latent-health curves redrawn in place in a notebook while training runs."""
+
+    def __init__(self):
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        self.plt = plt
+        self.fig, self.axes = plt.subplots(1, 5, figsize=(17, 3))
+        self.handle = display(self.fig, display_id=True)
+        self.last, self.history = 0.0, None
+        plt.close(self.fig)
+
+    def update(self, history: dict, every_seconds: float = 3.0) -> None:
+        """Redraw at most every few seconds: drawing costs more than a CPU training step."""
+        self.history = history
+        if time.perf_counter() - self.last >= every_seconds:
+            plot_history(history, self.axes)
+            self.handle.update(self.fig)
+            self.last = time.perf_counter()
+
+    def close(self) -> None:
+        if self.history is not None:
+            self.update(self.history, every_seconds=0)  # the final state
+        self.plt.close(self.fig)
 
 
 def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title: str | None = None):
@@ -2589,30 +2650,6 @@ def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> 
     }
 
 
-PLANNERS = ("probe", "latent", "nearest", "cem", "search", "graph", "random")
-
-
-def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
-    """A planner by name: probe (the write-up's), latent (greedy one-step latent L2 to the goal image), nearest
-    (probe-free greedy), cem and search (4^H) with the latent cost, graph (privileged: every cell's image), random."""
-    if name == "probe":
-        if probe is None:
-            probe = fit_probe(encode_states(model, world).cpu().numpy(), world.cell_pos(world.free_cells))
-        return probe_policy(model, world, probe)
-    makers = {
-        "latent": latent_greedy_policy,
-        "nearest": nearest_cell_policy,
-        "cem": cem_policy,
-        "search": exhaustive_policy,
-        "graph": graph_policy,
-    }
-    if name == "random":
-        return random_policy()
-    if name not in makers:
-        raise ValueError(f"unknown planner {name!r}; expected one of {PLANNERS}")
-    return makers[name](model, world)
-
-
 RECORD_KIND = "gridjepa run record"
 
 
@@ -2668,6 +2705,57 @@ def read_record(out: str | Path, cfg: Config) -> dict | None:
 def write_record(out: str | Path, record: dict) -> None:
     path = record_path(out)
     _atomic_write(path, lambda f: f.write(json.dumps(record, indent=2).encode()))
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def _main_run(args, argv, cfg: Config, out: Path, device: torch.device) -> dict:
+    record = read_record(out, cfg) if _is_main_process() else None  # refuses before any training
+    result = train(cfg, ckpt_path=out, resume=True, device=device)
+    if not _is_main_process():
+        return {}
+    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner)
+    command = "python gridjepa_utils.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    evaluation = {
+        "command": command,
+        "planner": args.planner,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "device": describe_device(device),
+        "metrics": metrics,
+    }
+    if result.steps_trained or record is None:
+        metrics["train_seconds"] = result.total_train_seconds
+        save_checkpoint(
+            out, result.model, cfg, None, cfg.num_steps, result.history, metrics, result.total_train_seconds
+        )
+        evaluations = (record or {}).get("evaluations", [])
+        record = {
+            "kind": RECORD_KIND,
+            "checkpoint": out.name,
+            "config": dataclasses.asdict(cfg),
+            "command": (record or {}).get("command", command) if not result.steps_trained else command,
+            "train_seconds": result.total_train_seconds,
+            "device": describe_device(device),
+            "metrics": metrics,
+            "evaluations": evaluations,
+        }
+    record.setdefault("kind", RECORD_KIND)
+    record.setdefault("checkpoint", out.name)
+    record.setdefault("evaluations", [])
+    record["evaluations"].append(evaluation)
+    write_record(out, record)
+    print(
+        f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: "
+        f"{result.steps_trained} steps trained now, {result.total_train_seconds:.1f} s of training in all"
+    )
+    for k, v in metrics.items():
+        print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
+    print(f"checkpoint: {out}\nrecord:     {record_path(out)}")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -2738,57 +2826,6 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.is_initialized():
         dist.destroy_process_group()
     return metrics
-
-
-def _main_run(args, argv, cfg: Config, out: Path, device: torch.device) -> dict:
-    record = read_record(out, cfg) if _is_main_process() else None  # refuses before any training
-    result = train(cfg, ckpt_path=out, resume=True, device=device)
-    if not _is_main_process():
-        return {}
-    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner)
-    command = "python gridjepa_utils.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    evaluation = {
-        "command": command,
-        "planner": args.planner,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "device": describe_device(device),
-        "metrics": metrics,
-    }
-    if result.steps_trained or record is None:
-        metrics["train_seconds"] = result.total_train_seconds
-        save_checkpoint(
-            out, result.model, cfg, None, cfg.num_steps, result.history, metrics, result.total_train_seconds
-        )
-        evaluations = (record or {}).get("evaluations", [])
-        record = {
-            "kind": RECORD_KIND,
-            "checkpoint": out.name,
-            "config": dataclasses.asdict(cfg),
-            "command": (record or {}).get("command", command) if not result.steps_trained else command,
-            "train_seconds": result.total_train_seconds,
-            "device": describe_device(device),
-            "metrics": metrics,
-            "evaluations": evaluations,
-        }
-    record.setdefault("kind", RECORD_KIND)
-    record.setdefault("checkpoint", out.name)
-    record.setdefault("evaluations", [])
-    record["evaluations"].append(evaluation)
-    write_record(out, record)
-    print(
-        f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: "
-        f"{result.steps_trained} steps trained now, {result.total_train_seconds:.1f} s of training in all"
-    )
-    for k, v in metrics.items():
-        print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
-    print(f"checkpoint: {out}\nrecord:     {record_path(out)}")
-    return metrics
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
 
 
 if __name__ == "__main__":

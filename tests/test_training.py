@@ -78,6 +78,14 @@ def test_resume_false_starts_over(tmp_path, smoke_cfg):
     assert run.history["step"] == [5]
 
 
+def test_train_calls_on_log_with_the_history(smoke_cfg):
+    """on_log is called with the history each time a log line is added: the live plot's hook."""
+    cfg = dataclasses.replace(smoke_cfg, num_steps=10, num_transitions=500, log_every=5)
+    seen = []
+    run = gj.train(cfg, on_log=lambda history: seen.append(list(history["step"])), progress=False, device="cpu")
+    assert seen == [[5], [5, 10]] and run.history["step"] == [5, 10]
+
+
 def test_two_runs_are_identical(smoke_run, smoke_cfg):
     """Two uninterrupted smoke runs with the same Config give identical histories and latents."""
     again = gj.train(smoke_cfg, progress=False, device="cpu")
