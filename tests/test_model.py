@@ -146,7 +146,9 @@ def _batch(world, seq_len, n=8, seed=0):
 
 
 def test_jepa_loss_terms(smoke_cfg, open_world):
-    """jepa_loss returns pred_loss, sigreg, loss, latent_std, eff_rank, with loss = pred_loss + lam * sigreg."""
+    """The write-up's objective (smooth_weight=0): jepa_loss returns pred_loss, sigreg, loss, latent_std, eff_rank,
+    with loss = pred_loss + lam * sigreg."""
+    smoke_cfg = dataclasses.replace(smoke_cfg, smooth_weight=0.0)
     torch.manual_seed(0)
     model = gj.JEPA(smoke_cfg).train()
     obs, actions = _batch(open_world, 2)
@@ -162,7 +164,7 @@ def test_jepa_loss_terms(smoke_cfg, open_world):
 
 def test_jepa_loss_with_rollout(smoke_cfg, open_world):
     """With seq_len=4 and rollout_weight > 0 there is also a rollout_loss, added with its weight."""
-    cfg = dataclasses.replace(smoke_cfg, seq_len=4, rollout_weight=0.5)
+    cfg = dataclasses.replace(smoke_cfg, seq_len=4, rollout_weight=0.5, smooth_weight=0.0)
     torch.manual_seed(0)
     model = gj.JEPA(cfg).train()
     obs, actions = _batch(open_world, 4)
