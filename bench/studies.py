@@ -71,7 +71,7 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
         **g.geometry_report(model, world),
         "plans": {name: plan_summary(world, g.make_policy(name, model, world)) for name in planners},
     }
-    if with_untrained or cfg.layout != "open":  # LeWM's own cost, on the control and on the obstacle layouts
+    if with_untrained:  # LeWM's own cost, on the control
         row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
     row["plans"]["bfs (optimum)"] = plan_summary(world, g.bfs_policy(world))
     if with_untrained:
@@ -84,7 +84,11 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
     On obstacle layouts: the control and the recipe only, with every planner."""
     rows = []
     for layout in layouts:
-        names = list(GEOMETRY_ROWS) if layout == "open" else ["write-up objective (w 0)", "w 5 (the recipe)"]
+        names = (
+            list(GEOMETRY_ROWS)
+            if layout == "open"
+            else ["write-up objective (w 0)", "w 5 (the recipe)", "w 5, T=4 + rollout loss"]
+        )
         planners = ("probe", "latent", "cem") if layout == "open" else ("probe", "latent", "cem", "search", "graph")
         for name in [n for n in names if not only or n in only]:
             for seed in seeds:
