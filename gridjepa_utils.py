@@ -1670,7 +1670,8 @@ def collapse_warning(latent_std: float, cfg: Config) -> str | None:
         return (
             f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to "
             f"nearly the same vector. Try a larger lam (now {cfg.lam}) or projector_norm='batchnorm' "
-            f"(now {cfg.projector_norm!r})."
+            f"(now {cfg.projector_norm!r})"
+            + (f", or a smaller smooth_weight (now {cfg.smooth_weight:g})." if cfg.smooth_weight > 0 else ".")
         )
     return None
 
