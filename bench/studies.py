@@ -71,10 +71,9 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
         **g.geometry_report(model, world),
         "plans": {name: plan_summary(world, g.make_policy(name, model, world)) for name in planners},
     }
-    if with_untrained:  # LeWM's own cost, on the control
-        row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
     row["plans"]["bfs (optimum)"] = plan_summary(world, g.bfs_policy(world))
-    if with_untrained:
+    if with_untrained:  # the control row: LeWM's own cost, and the untrained encoder
+        row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
         row["untrained"] = g.geometry_report(g.untrained_model(cfg, world), world)
     return row
 
