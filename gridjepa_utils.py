@@ -2079,6 +2079,14 @@ def bfs_policy(world: World) -> Policy:
     return policy
 
 
+LATENT_COSTS = ("final", "steps")  # imagined_costs' two ways to score an imagined sequence against a goal latent
+
+
+def check_latent_cost(cost: str) -> None:
+    if cost not in LATENT_COSTS:
+        raise ValueError(f"cost must be one of {LATENT_COSTS}, got {cost!r}")
+
+
 @torch.no_grad()
 def imagined_costs(
     model: JEPA, world: World, cells: torch.Tensor, goals: torch.Tensor, horizon: int, cost: str = "steps"
@@ -2095,8 +2103,7 @@ def imagined_costs(
     The imagined rollout depends only on the start frame and the actions, so it is computed once per distinct
     start cell (U <= N) and shared by every pair starting there: (U * 4^H) rollouts, not (P * S).
     """
-    if cost not in ("final", "steps"):
-        raise ValueError(f"cost must be 'final' or 'steps', got {cost!r}")
+    check_latent_cost(cost)
     seqs = torch.cartesian_prod(*[torch.arange(len(ACTIONS))] * horizon).view(-1, horizon)  # (4^H, H)
     start_u, start_inv = torch.unique(cells, return_inverse=True)
     goal_u, goal_inv = torch.unique(goals, return_inverse=True)
@@ -2142,6 +2149,7 @@ def _first_action_scores(costs: torch.Tensor, first: torch.Tensor) -> torch.Tens
 def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "steps") -> Policy:
     """Search all 4^H action sequences for every pair at once; execute the first action of the best."""
     check_search_size(model, world, horizon, "exhaustive_policy")
+    check_latent_cost(cost)
     first = torch.arange(len(ACTIONS) ** horizon) // len(ACTIONS) ** (horizon - 1)  # (4^H,) first action
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
@@ -2168,6 +2176,7 @@ def cem_policy(
     to them, repeat; execute the first action of the best sequence seen. Batched over all pairs; sampled
     sequences are scored by the model's imagined rollouts (computed once per start cell, see imagined_costs)."""
     check_search_size(model, world, horizon, "cem_policy")
+    check_latent_cost(cost)
     if not 1 <= elites <= samples:
         raise ValueError(f"need 1 <= elites <= samples, got elites={elites}, samples={samples}")
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:

@@ -115,3 +115,9 @@ def test_geometry_report_on_the_smoke_run(smoke_run):
     assert 0 < report["pc1"] + report["pc2"] <= 1
     assert -1 <= report["spearman_l2_grid"] <= 1
     assert report["latent_std"] > 0 and 1 <= report["effective_rank"] <= 25
+
+
+@pytest.mark.parametrize("make", [gj.cem_policy, gj.exhaustive_policy])
+def test_an_unknown_latent_cost_is_refused_when_the_planner_is_made(smoke_run, make):
+    with pytest.raises(ValueError, match=r"cost must be one of \('final', 'steps'\), got 'l1'"):
+        make(smoke_run.model, smoke_run.world, cost="l1")
