@@ -533,13 +533,113 @@ def render_atlas(world: World, supersample: int = 2) -> np.ndarray:
                 sprites.append((col + row, 1, col, row))
             for _, is_agent, c, r in sorted(sprites):  # painter's order: far (small col+row) first
                 (_draw_agent if is_agent else _draw_wall)(canvas, c, r, G, size)
-            img = canvas.img.reshape(world.image_size, supersample, world.image_size, supersample).mean((1, 3))
             state = cell + (world.num_cells * target if target is not None else 0)
-            images[state] = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+            images[state] = _downsample(torch.from_numpy(canvas.img), supersample).numpy()
     return images
 
 
+def _downsample(img: torch.Tensor, s: int) -> torch.Tensor:
+    """Average s x s blocks of a supersampled image (..., s*H, s*W) -> (..., H, W) uint8. The sum runs in one fixed
+    order, so the atlas and the on-demand renderer give bit-identical pixels."""
+    blocks = img.unflatten(-1, (img.shape[-1] // s, s)).unflatten(-3, (img.shape[-2] // s, s))  # (..., H, s, W, s)
+    acc = sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)
+    return torch.round(acc.clamp(0, 1) * 255).to(torch.uint8)
+
+
+class SpriteSheet:
+    """The board and every cell's wall and agent sprites, cut once from the atlas painter, for drawing any layout on
+    demand: a batch of (wall mask, agent cell) pairs is painted back to front with tensor ops, on any device.
+
+    Bit-identical to the atlas (the same sprites, the same order, the same downsampling) and needs no image per
+    state - what a fresh layout per trajectory needs."""
+
+    def __init__(self, grid_size: int, image_size: int = 128, supersample: int = 2):
+        G, size = grid_size, image_size * supersample
+        self.grid_size, self.image_size, self.supersample = G, image_size, supersample
+        background = np.zeros((size, size), dtype=np.float32)
+        background += np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None]
+        base = _Canvas(background)
+        _draw_board(base, G, size)
+        self.board = torch.from_numpy(base.img.copy())
+        self.sprites: list[tuple[int, int, tuple[slice, slice], torch.Tensor, torch.Tensor]] = []
+        for key in sorted((c + r, is_agent, c, r) for r in range(G) for c in range(G) for is_agent in (0, 1)):
+            _, is_agent, c, r = key
+            canvas = _Canvas(np.full((size, size), np.nan, dtype=np.float32))
+            canvas.yy, canvas.xx = base.yy, base.xx
+            (_draw_agent if is_agent else _draw_wall)(canvas, c, r, G, size)
+            drawn = ~np.isnan(canvas.img)
+            rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
+            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+            value = torch.from_numpy(np.nan_to_num(canvas.img[box]))
+            self.sprites.append((is_agent, r * G + c, box, value, torch.from_numpy(drawn[box])))
+        self._on: dict[str, tuple] = {}
+
+    def _tensors(self, device) -> tuple:
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (
+                self.board.to(device),
+                [(a, cell, box, v.to(device), m.to(device)) for a, cell, box, v, m in self.sprites],
+            )
+        return self._on[key]
+
+    @torch.no_grad()
+    def paint(self, walls: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """walls (B, N) bool, agent cells (B,) -> images (B, H, W) uint8, on walls' device."""
+        board, sprites = self._tensors(walls.device)
+        img = board.expand(len(cells), *board.shape).clone()
+        cells = cells.to(walls.device)
+        for is_agent, cell, (ys, xs), value, mask in sprites:  # painter's order: far (small col+row) first
+            idx = (cells == cell if is_agent else walls[:, cell]).nonzero()[:, 0]
+            if len(idx):
+                img[idx, ys, xs] = torch.where(mask, value, img[idx, ys, xs])
+        return _downsample(img, self.supersample)
+
+
+_SHEETS: dict[tuple[int, int], SpriteSheet] = {}
+
+
+def sprite_sheet(grid_size: int, image_size: int = 128) -> SpriteSheet:
+    """The SpriteSheet of a grid size, cut once per process."""
+    key = (int(grid_size), int(image_size))
+    if key not in _SHEETS:
+        _SHEETS[key] = SpriteSheet(*key)
+    return _SHEETS[key]
+
+
 # ── the world: rules, walls, BFS, rendering by one gather from the atlas ──
+
+
+def transition_tables(walls: np.ndarray) -> np.ndarray:
+    """The rules, for K layouts at once: walls (K, G, G) bool -> (K, N, A) the cell after each action. A move off
+    the board or into a wall leaves the agent where it is."""
+    K, G = walls.shape[0], walls.shape[1]
+    row, col = np.divmod(np.arange(G * G), G)
+    table = np.empty((K, G * G, len(ACTIONS)), dtype=np.int64)
+    for a, (dc, dr) in enumerate(ACTION_DELTAS):
+        c, r = col + dc, row + dr
+        inside = (c >= 0) & (c < G) & (r >= 0) & (r < G)
+        target = np.clip(r, 0, G - 1) * G + np.clip(c, 0, G - 1)
+        blocked = ~inside[None] | walls.reshape(K, G * G)[:, target]
+        table[:, :, a] = np.where(blocked, np.arange(G * G)[None], target[None])
+    return table
+
+
+def layouts_connected(walls: np.ndarray) -> np.ndarray:
+    """(K, G, G) bool -> (K,) bool: whether every free cell of each layout is reachable from every other
+    (a flood fill of all K layouts at once)."""
+    K, G = walls.shape[0], walls.shape[1]
+    free = ~walls.reshape(K, G * G)
+    table = transition_tables(walls)
+    reach = np.zeros_like(free)
+    first = free.argmax(1)
+    reach[np.arange(K), first] = free[np.arange(K), first]
+    while True:  # moves are symmetric: a free cell is reached when one of its 4 neighbours is
+        near = np.take_along_axis(reach, table.reshape(K, -1), 1).reshape(K, G * G, len(ACTIONS)).any(2)
+        grown = reach | (near & free)
+        if (grown == reach).all():
+            return (reach == free).all(1) & free.any(1)
+        reach = grown
 
 
 class World:
@@ -617,15 +717,7 @@ class World:
 
     # ── dynamics ──
     def _transition_table(self) -> np.ndarray:
-        G, walls = self.grid_size, self.walls
-        table = np.zeros((G * G, len(ACTIONS)), dtype=np.int64)
-        for row in range(G):
-            for col in range(G):
-                for a, (dc, dr) in enumerate(ACTION_DELTAS):
-                    c, r = col + dc, row + dr
-                    blocked = not (0 <= c < G and 0 <= r < G) or walls[r, c]
-                    table[row * G + col, a] = row * G + col if blocked else r * G + c
-        return table
+        return transition_tables(self.walls[None])[0]
 
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
@@ -706,35 +798,72 @@ class WorldFamily(World):
 
     Training on a family of layouts and planning in a layout outside it asks whether the model learned the
     rules (walls block, the agent moves one cell) rather than one map. Everything that takes a World - datasets,
-    training, calibration, next-state accuracy - takes a family.
+    training, calibration, next-state accuracy - takes a family. Its images are painted on demand from the sprite
+    sheet (no atlas), so a family can hold tens of thousands of layouts: K * N * 4 integers of rules, K masks.
     """
 
-    def __init__(self, layouts: list[np.ndarray], image_size: int = 128):
-        if not layouts:
-            raise ValueError("a WorldFamily needs at least one layout")
-        self.members = [World(len(w), walls=w, image_size=image_size) for w in layouts]
-        G = self.members[0].grid_size
-        if any(m.grid_size != G for m in self.members):
+    def __init__(self, layouts, image_size: int = 128):
+        if isinstance(layouts, np.ndarray) and layouts.ndim == 3:
+            layouts = list(layouts)
+        if not isinstance(layouts, (list, tuple)) or not layouts:
+            raise ValueError("a WorldFamily needs a non-empty list of (G, G) bool layouts (or a (K, G, G) array)")
+        G = len(layouts[0])
+        if any(np.shape(w) != (G, G) for w in layouts):
             raise ValueError("all layouts of a family must have the same grid size")
-        N = G * G
+        walls = np.stack([layout_walls(w, G) for w in layouts])  # (K, G, G), validated
+        if not 2 <= G <= 16:
+            raise ValueError(f"grid_size must be in [2, 16], got {G}")
+        connected = layouts_connected(walls) & ((~walls).reshape(len(walls), -1).sum(1) >= 2)
+        if not connected.all():
+            raise ValueError(f"layout {int(np.flatnonzero(~connected)[0])} has unreachable free cells (or < 2 free)")
+        K, N = len(walls), G * G
+        self.layouts = walls
         self.grid_size, self.image_size, self.show_target = G, image_size, False
-        self.num_cells = N * len(self.members)
-        self.walls = np.concatenate([m.walls for m in self.members])  # (K*G, G): flat index = k * N + cell
-        self.free_cells = np.concatenate([m.free_cells + k * N for k, m in enumerate(self.members)])
-        self.next_cell = torch.cat([m.next_cell + k * N for k, m in enumerate(self.members)])  # (K*N, A)
+        self.num_cells = N * K
+        self.walls = walls.reshape(K * G, G)  # flat index = k * N + cell
+        self.free_cells = np.flatnonzero(~walls.reshape(-1))
+        self.next_cell = torch.from_numpy((transition_tables(walls) + N * np.arange(K)[:, None, None]).reshape(K * N, -1))
         self._atlas = {}
+        self._masks: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+    def member(self, k: int) -> World:
+        """Layout k as a World of its own (its states are cells 0..N-1)."""
+        return World(self.grid_size, walls=self.layouts[k], image_size=self.image_size)
+
+    @property
+    def members(self) -> list[World]:
+        return [self.member(k) for k in range(len(self))]
+
+    def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+        """Observations of states k * N + cell, painted on demand: (...,) -> (..., 1, H, W) float in [0, 1]."""
+        state = self.check_states(torch.as_tensor(state))
+        device = torch.device(device) if device is not None else state.device
+        key, N = str(device), self.grid_size**2
+        if key not in self._masks:
+            self._masks[key] = torch.from_numpy(self.layouts.reshape(len(self), N)).to(device)
+        flat, sheet = state.reshape(-1).to(device), sprite_sheet(self.grid_size, self.image_size)
+        images = torch.cat([sheet.paint(self._masks[key][s // N], s % N) for s in flat.split(512)])  # bounded memory
+        return images.view(*state.shape, 1, *images.shape[1:]).float().div_(255.0)
 
     def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        if self.num_cells > 100_000:
+            raise ValueError(f"an atlas of {self.num_cells:,} images is too large; use render(states)")
         key = str(device)
         if key not in self._atlas:
-            self._atlas[key] = torch.cat([m.atlas(device) for m in self.members])  # (K*N, H, W)
+            self._atlas[key] = (self.render(torch.arange(self.num_cells) % self.num_cells, device)[:, 0] * 255).round()
+            self._atlas[key] = self._atlas[key].to(torch.uint8)
         return self._atlas[key]
 
     def cell_pos(self, cell) -> np.ndarray:
-        return self.members[0].cell_pos(np.asarray(cell) % self.members[0].num_cells)
+        N = self.grid_size**2
+        cell = np.asarray(cell) % N
+        return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
 
     def __repr__(self) -> str:
-        return f"WorldFamily({len(self.members)} layouts of {self.grid_size}x{self.grid_size})"
+        return f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
 
 def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
@@ -752,6 +881,91 @@ def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max
         if (dist_from_first[world.free_cells] >= 0).all():
             return walls
     raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
+
+
+# ── procedurally generated layouts: thousands of worlds to learn the rules from, and a held-out set ──
+
+LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training also drops every reserved test layout
+HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on
+
+
+def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
+    """One layout from the generator's mix: scattered blocks, a wall with doors (rooms), a U-shaped cup, or two
+    parallel walls with doors (corridors), each with some scattered blocks on top. (G, G) bool; may be disconnected
+    (procedural_layouts filters)."""
+    G = grid_size
+    walls = np.zeros((G, G), dtype=bool)
+    kind = rng.choice(4, p=(0.4, 0.2, 0.2, 0.2))
+    if kind in (1, 3):  # one or two full walls across the board, each with one or two doors
+        lines = rng.choice(np.arange(1, G - 1), size=min(1 if kind == 1 else 2, G - 2), replace=False)
+        for line in lines:
+            cut = np.ones(G, dtype=bool)
+            cut[rng.choice(G, size=rng.integers(1, 3), replace=False)] = False
+            walls[line] |= cut
+        if rng.random() < 0.5:
+            walls = walls.T.copy()
+    elif kind == 2:  # a cup: three sides of a box, open on a random side
+        h, w = rng.integers(3, G + 1), rng.integers(3, G + 1)
+        r0, c0 = rng.integers(0, G - h + 1), rng.integers(0, G - w + 1)
+        cup = np.zeros((h, w), dtype=bool)
+        cup[0], cup[:, 0], cup[:, -1] = True, True, True
+        walls[r0 : r0 + h, c0 : c0 + w] = np.rot90(cup, rng.integers(4))[:h, :w] if h == w else cup[:: rng.choice([1, -1])]
+    density = rng.uniform(0.0, 0.3 if kind == 0 else 0.12)
+    walls |= rng.random((G, G)) < density
+    return walls
+
+
+def _layout_keys(walls: np.ndarray) -> list[bytes]:
+    return [np.packbits(w.reshape(-1)).tobytes() + bytes([len(w)]) for w in walls]
+
+
+def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
+    """``num`` distinct layouts from the generator: (num, G, G) bool, connected, at least one wall, at most half
+    the board walled. The same (grid_size, num, split, seed) gives the same layouts.
+
+    split="test": the held-out stream. split="train": a separate stream that also skips every one of the first
+    HELDOUT_RESERVED test layouts and the named layouts - so no held-out layout is ever trained on.
+    """
+    for name, value in (("grid_size", grid_size), ("num", num), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not 3 <= grid_size <= 16:
+        raise ValueError(f"grid_size must be in [3, 16] for procedural layouts, got {grid_size}")
+    if num < 1 or seed < 0:
+        raise ValueError(f"need num >= 1 and seed >= 0, got num={num}, seed={seed}")
+    if split not in LAYOUT_SPLITS:
+        raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
+    if split == "test" and num > HELDOUT_RESERVED:
+        raise ValueError(f"at most HELDOUT_RESERVED = {HELDOUT_RESERVED} test layouts are held out, asked for {num}")
+    check_memory(float(num) * grid_size**2 * 48, f"procedural_layouts(num={num:,})")
+    N = grid_size * grid_size
+    seen = {k for k in _layout_keys(np.stack([layout_walls(n) for n in LAYOUTS]))} if grid_size == 5 else set()
+    if split == "train":
+        seen |= set(_layout_keys(heldout_layouts(grid_size, HELDOUT_RESERVED)))
+    rng = np.random.default_rng([grid_size, LAYOUT_SPLITS[split], seed])
+    kept: list[np.ndarray] = []
+    while len(kept) < num:
+        batch = np.stack([generate_layout(grid_size, rng) for _ in range(2 * (num - len(kept)) + 16)])
+        count = batch.reshape(len(batch), N).sum(1)
+        ok = layouts_connected(batch) & (count >= 1) & (count <= N // 2)
+        for walls, key in zip(batch[ok], _layout_keys(batch[ok])):
+            if key not in seen and len(kept) < num:
+                seen.add(key)
+                kept.append(walls)
+    return np.stack(kept)
+
+
+_HELDOUT: dict[int, np.ndarray] = {}
+
+
+def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
+    """The first ``num`` layouts of the held-out stream (num <= HELDOUT_RESERVED): (num, G, G) bool. Training with
+    procedural_layouts(split="train") never produces one of them, nor a named layout."""
+    if grid_size not in _HELDOUT:
+        _HELDOUT[grid_size] = procedural_layouts(grid_size, HELDOUT_RESERVED, split="test")
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 1 <= num <= HELDOUT_RESERVED:
+        raise ValueError(f"num must be an integer in [1, {HELDOUT_RESERVED}], got {num!r}")
+    return _HELDOUT[grid_size][:num].copy()
 
 
 def build_world(cfg: Config) -> World:
@@ -1274,6 +1488,8 @@ def calibrate_batchnorm(model: JEPA, world: World) -> None:
     states = torch.from_numpy(world.free_cells)
     if world.show_target:
         states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
+    if len(states) > 2048:  # a large family: a fixed uniform sample of its free cells estimates the statistics
+        states = states[torch.randperm(len(states), generator=torch.Generator().manual_seed(0))[:2048]]
     obs = world.render(states, model.device)
     for bn in (
         m for m in model.modules() if isinstance(m, nn.BatchNorm1d)
@@ -1293,7 +1509,8 @@ def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor
     """Render and encode the current cells: (P,) -> (P, D). Identical images give identical latents in
     eval mode, so each distinct cell is encoded once and gathered."""
     unique, inverse = torch.unique(cells, return_inverse=True)
-    return model.encode(world.render(unique, model.device))[inverse.to(model.device)]
+    emb = torch.cat([model.encode(world.render(chunk, model.device)) for chunk in unique.split(2048)])
+    return emb[inverse.to(model.device)]
 
 
 @torch.no_grad()
@@ -1314,6 +1531,8 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
 
     Probe-free: only the model's own latents of the free cells are compared. 100 pairs on the open 5x5.
     """
+    if isinstance(world, WorldFamily):
+        return float(layout_next_state_accuracy(model, world).mean())
     emb = encode_states(model, world)  # (N, D)
     free = torch.from_numpy(world.free_cells)
     cells = repeat(free, "n -> (n a)", a=len(ACTIONS))
@@ -1321,6 +1540,24 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
     pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))  # (N*A, D)
     nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
     return float((nearest == world.next_cell[cells, actions]).float().mean())
+
+
+@torch.no_grad()
+def layout_next_state_accuracy(model: JEPA, family: WorldFamily) -> np.ndarray:
+    """Next-state accuracy of each layout of a family: (K,). As next_state_accuracy, the nearest real latent is
+    sought among the free cells of the same layout - an agent knows which world it stands in."""
+    K, N, A = len(family), family.grid_size**2, len(ACTIONS)
+    free = torch.from_numpy(family.free_cells)
+    emb = encode_states(model, family)  # (F, D), free cells of every layout in order
+    pred = model.predict(repeat(emb, "f d -> (f a) d", a=A), torch.arange(A, device=emb.device).repeat(len(free)))
+    table = torch.full((K * N, emb.shape[1]), float("nan"), device=emb.device)
+    table[free.to(emb.device)] = emb
+    table = table.view(K, N, -1)
+    layout = free // N
+    dist = torch.cdist(pred.view(len(free), A, -1), table[layout.to(emb.device)]).nan_to_num(float("inf"))  # (F,A,N)
+    nearest = dist.argmin(-1).cpu() + (layout * N)[:, None]
+    right = (nearest == family.next_cell[free]).float()  # (F, A)
+    return torch.zeros(K).index_add_(0, layout, right.sum(1)).div_(A * torch.bincount(layout, minlength=K)).numpy()
 
 
 @torch.no_grad()
@@ -1701,6 +1938,8 @@ def _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_a
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world_size}")
     world = world or build_world(cfg)
     data = data or make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)
+    # a large family is watched on its first 32 layouts: the curve's next-state accuracy is on training layouts
+    monitor = WorldFamily(world.layouts[:32]) if isinstance(world, WorldFamily) and len(world) > 32 else world
     torch.manual_seed(cfg.seed)
     model = JEPA(cfg, world.image_size).to(device)
     if device.type == "cuda":
@@ -1741,7 +1980,7 @@ def _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_a
         if _is_main_process() and (done % cfg.eval_every == 0 or done == cfg.num_steps):
             calibrate_batchnorm(model, world)
             _log(history, "eval_step", done)
-            _log(history, "next_state_acc", next_state_accuracy(model, world))
+            _log(history, "next_state_acc", next_state_accuracy(model, monitor))
             note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
             if note and not notes:  # say it once per run
                 notes.append(note)
@@ -2255,6 +2494,100 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
     return policy
 
 
+@torch.no_grad()
+def imagine_map(model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.5) -> dict:
+    """Breadth-first search in imagination from start latents alone: (U, D) -> the imagined places around each.
+
+    From each start latent the model imagines the 4 next latents, then the 4 after each of those, and so on. An
+    imagined latent within ``merge`` x (the longest imagined move from its parent) of a place already found is that
+    place again - this is how a wall bump (the latent stays put) or a second way to the same cell is recognised;
+    otherwise it is a new place, one move deeper. The radius is local because a learned map is not evenly spaced.
+    It stops when no new place appears (or at max_depth / max_nodes). Nothing but the model and the start latent
+    is used: no layout, no positions, no other image.
+
+    Returns nodes (U, V, D), count (U,), depth (U, V), first (U, V) the first action of the path to each node
+    (-1 at the start), tol (U, V) each place's radius.
+    """
+    U, D, A = start.shape[0], start.shape[1], len(ACTIONS)
+    dev = start.device
+    actions = torch.arange(A, device=dev)
+    nodes = start.new_zeros(U, max_nodes, D)
+    nodes[:, 0] = start
+    depth = torch.full((U, max_nodes), -1, dtype=torch.long, device=dev)
+    first = torch.full((U, max_nodes), -1, dtype=torch.long, device=dev)
+    tol = start.new_zeros(U, max_nodes)
+    depth[:, 0] = 0
+    count = torch.ones(U, dtype=torch.long, device=dev)
+    front_u, front_v = torch.arange(U, device=dev), torch.zeros(U, dtype=torch.long, device=dev)
+    for level in range(1, max_depth + 1):
+        if not len(front_u):
+            break
+        parent = nodes[front_u, front_v]  # (F, D)
+        pred = model.predict(repeat(parent, "f d -> (f a) d", a=A), actions.repeat(len(front_u)))  # (F*A, D)
+        radius = merge * (pred.view(-1, A, D) - parent[:, None]).norm(dim=-1).amax(1).clamp_min(1e-6)  # (F,)
+        if level == 1:
+            tol[:, 0] = radius
+        ctol = repeat(radius, "f -> (f a)", a=A)
+        cu = repeat(front_u, "f -> (f a)", a=A)
+        cfirst = actions.repeat(len(front_u)) if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
+        nearest = torch.cat(  # (C,) distance to the nearest place this search already has, in chunks
+            [
+                torch.cdist(p[:, None], nodes[c])[:, 0]
+                .masked_fill(torch.arange(max_nodes, device=dev)[None] >= count[c][:, None], float("inf"))
+                .amin(1)
+                for p, c in zip(pred.split(256), cu.split(256))
+            ]
+        )
+        new = nearest >= ctol
+        pred, cu, cfirst, ctol = pred[new], cu[new], cfirst[new], ctol[new]
+        if len(pred):  # two new latents of one search that coincide are one place: keep the first
+            close = (torch.cdist(pred, pred) < ctol[:, None]) & (cu[:, None] == cu[None])
+            keep = ~torch.tril(close, diagonal=-1).any(1)
+            pred, cu, cfirst, ctol = pred[keep], cu[keep], cfirst[keep], ctol[keep]
+        order = torch.argsort(cu, stable=True)
+        pred, cu, cfirst, ctol = pred[order], cu[order], cfirst[order], ctol[order]
+        rank = torch.arange(len(cu), device=dev) - torch.searchsorted(cu, cu)  # position among this search's new
+        slot = count[cu] + rank
+        fits = slot < max_nodes
+        pred, cu, cfirst, ctol, slot = pred[fits], cu[fits], cfirst[fits], ctol[fits], slot[fits]
+        nodes[cu, slot], depth[cu, slot], first[cu, slot], tol[cu, slot] = pred, level, cfirst, ctol
+        count += torch.bincount(cu, minlength=U)
+        front_u, front_v = cu, slot
+    return {"nodes": nodes, "count": count, "depth": depth, "first": first, "tol": tol}
+
+
+def imagination_policy(model: JEPA, world: World, max_depth: int = 32, merge: float = 0.5) -> Policy:
+    """Plan from two images and the model, nothing else: imagine the places reachable from the current image
+    (imagine_map), find the one nearest the goal image's latent, and take the first action of the shortest
+    imagined path to it; replan after every step. The search depends only on the current image, so pairs that
+    stand on the same image share it. If no imagined place lies within the merge radius of the goal, the planner
+    heads for the imagined place nearest the goal."""
+    if not isinstance(merge, (int, float)) or not 0 < merge < 1:
+        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
+        raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
+    max_nodes = 4 * world.grid_size**2 + 1
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        start_u, start_inv = torch.unique(cells, return_inverse=True)
+        found = imagine_map(model, encode_cells(model, world, start_u), max_depth, max_nodes, merge)
+        goal_emb = encode_cells(model, world, goals)  # (P, D)
+        inv = start_inv.to(goal_emb.device)
+        dist = (found["nodes"][inv] - goal_emb[:, None]).norm(dim=-1)  # (P, V)
+        depth, first = found["depth"][inv].float(), found["first"][inv]
+        valid = first >= 0
+        reached = dist < found["tol"][inv]
+        # cost of heading for each imagined place: its depth where it is the goal, else (after every such place)
+        # how far its latent lies from the goal's, in imagined moves
+        cost = torch.where(reached, depth, 1e3 + dist / (2 * found["tol"][inv].clamp_min(1e-6)) + depth)
+        cost[~valid] = float("inf")
+        scores = torch.full((len(cells), len(ACTIONS)), float("inf"), device=cost.device)
+        scores = scores.scatter_reduce(1, first.clamp_min(0), cost, reduce="amin").cpu()
+        return {"action": scores.argmin(1), "scores": scores, "imagined_places": found["count"][inv].cpu()}
+
+    return policy
+
+
 @dataclass
 class PlanResult:
     """Outcome of planning every pair: where each episode went and how long it took."""
@@ -2361,7 +2694,7 @@ def run_mpc(
     return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
 
 
-PLANNERS = ("probe", "latent", "nearest", "cem", "search", "graph", "random")
+PLANNERS = ("probe", "latent", "nearest", "cem", "search", "imagine", "graph", "random")
 
 
 def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
@@ -2376,6 +2709,7 @@ def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None 
         "nearest": nearest_cell_policy,
         "cem": cem_policy,
         "search": exhaustive_policy,
+        "imagine": imagination_policy,
         "graph": graph_policy,
     }
     if name == "random":
