@@ -80,6 +80,9 @@ class Config:
     # world & data
     grid_size: int = 5
     layout: str = "open"  # a name from LAYOUTS; random layouts are passed to train() as a World
+    # 0: train in the one layout above. K > 0: train on K distinct procedurally generated layouts (a fresh one for
+    # almost every trajectory when K ~ num_transitions), drawn with data_seed; never one of the held-out layouts
+    num_layouts: int = 0
     show_target: bool = False  # the original write-up's lesson 01: draw a fixed target marker
     num_transitions: int = 50_000
     seq_len: int = 2  # T frames per training sequence; the original write-up's is 2 (one transition)
@@ -93,6 +96,10 @@ class Config:
     latent_dim: int = 192
     proj_hidden: int = 2048
     projector_norm: str = "batchnorm"  # LeWM: a BatchNorm projector; "layernorm" collapses here
+    # False: the latent is the CLS token's projection (the original write-up's). True: patch latents, as PLDM - every
+    # patch token is projected to latent_dim / (number of patches) channels and the latent is their concatenation;
+    # the predictor then works on the grid of tokens. What reading walls in never-seen layouts needs (notebook 05)
+    spatial: bool = False
     # predictor: a causal transformer over the latent history, action enters by AdaLN-zero
     pred_width: int = 192
     pred_depth: int = 1
@@ -105,6 +112,10 @@ class Config:
     # (Laplacian) embedding of the world's transition graph: a map. 0 gives the original write-up's pure objective.
     smooth_weight: float = 0.0
     smooth_ramp: float = 0.5  # the weight rises linearly from 0 over this fraction of training (0: full from step 0)
+    # inverse dynamics (PLDM has it): idm_weight * cross-entropy of the action read back from (z_t, z_t+1) by a small
+    # head. Across many layouts the walls hold most of an image's information and the latent can all but drop the
+    # agent; this term keeps the agent's move in it (notebook 05)
+    idm_weight: float = 0.0
     # optimisation
     batch_size: int = 128
     num_steps: int = 78_125  # 200 epochs of 50k transitions at batch 128
@@ -131,6 +142,7 @@ class Config:
             "latent_dim",
             "proj_hidden",
             "projector_norm",
+            "spatial",
             "pred_width",
             "pred_depth",
             "pred_heads",
@@ -161,6 +173,28 @@ PROFILES = {
         log_every=10,
         eval_every=25,
         ckpt_every=100,
+    ),
+    # worlds never seen (notebook 05): the cpu model trained on 50,000 generated layouts with inverse dynamics and
+    # without the smoothness term, longer. See bench/studies.py layouts
+    "layouts": dict(
+        num_layouts=50_000,
+        smooth_weight=0.0,
+        idm_weight=1.0,
+        input_size=32,
+        patch_size=8,
+        width=128,
+        depth=1,
+        heads=4,
+        pred_width=128,
+        pred_depth=2,
+        lam=0.1,
+        batch_size=64,
+        num_steps=5000,
+        lr=1e-3,
+        warmup_steps=100,
+        log_every=50,
+        eval_every=500,
+        ckpt_every=500,
     ),
     # sized for a free Colab T4 (the default on a GPU): 64x64 input, 2 blocks, 3000 steps
     "gpu": dict(
@@ -229,6 +263,7 @@ def study_profile() -> str:
 CONFIG_RANGES = {
     "grid_size": (2, 16),
     "num_transitions": (1, 10_000_000),
+    "num_layouts": (0, 1_000_000),
     "seq_len": (2, 17),  # the predictor sees at most 16 frames of history (T - 1 tokens)
     "data_seed": (0, 2**63 - 1),
     "input_size": (1, 128),
@@ -244,6 +279,7 @@ CONFIG_RANGES = {
     "lam": (0.0, math.inf),
     "sigreg_dirs": (1, 65536),
     "rollout_weight": (0.0, math.inf),
+    "idm_weight": (0.0, math.inf),
     "smooth_weight": (0.0, math.inf),
     "smooth_ramp": (0.0, 1.0),
     "batch_size": (1, 1_000_000),
@@ -334,6 +370,11 @@ def validate_config(cfg: Config) -> Config:
     if params > MAX_PARAMETERS:
         raise ValueError(f"this Config describes a model of ~{params:,} parameters, above the limit {MAX_PARAMETERS:,}")
     tokens = (cfg.input_size // cfg.patch_size) ** 2 + 1
+    if cfg.spatial and cfg.latent_dim % (tokens - 1):
+        raise ValueError(
+            f"with Config.spatial, latent_dim must be a multiple of the number of patches "
+            f"({tokens - 1} = (input_size / patch_size)^2), got latent_dim={cfg.latent_dim}"
+        )
     per_image = 128 * 128 + 16 * tokens * cfg.width * cfg.depth + 4 * cfg.proj_hidden  # floats, roughly
     batch_bytes = 4 * cfg.batch_size * cfg.seq_len * per_image
     check_memory(batch_bytes, f"a training batch of Config.batch_size={cfg.batch_size} x seq_len={cfg.seq_len}")
@@ -822,7 +863,9 @@ class WorldFamily(World):
         self.num_cells = N * K
         self.walls = walls.reshape(K * G, G)  # flat index = k * N + cell
         self.free_cells = np.flatnonzero(~walls.reshape(-1))
-        self.next_cell = torch.from_numpy((transition_tables(walls) + N * np.arange(K)[:, None, None]).reshape(K * N, -1))
+        self.next_cell = torch.from_numpy(
+            (transition_tables(walls) + N * np.arange(K)[:, None, None]).reshape(K * N, -1)
+        )
         self._atlas = {}
         self._masks: dict[str, torch.Tensor] = {}
 
@@ -909,7 +952,9 @@ def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
         r0, c0 = rng.integers(0, G - h + 1), rng.integers(0, G - w + 1)
         cup = np.zeros((h, w), dtype=bool)
         cup[0], cup[:, 0], cup[:, -1] = True, True, True
-        walls[r0 : r0 + h, c0 : c0 + w] = np.rot90(cup, rng.integers(4))[:h, :w] if h == w else cup[:: rng.choice([1, -1])]
+        walls[r0 : r0 + h, c0 : c0 + w] = (
+            np.rot90(cup, rng.integers(4))[:h, :w] if h == w else cup[:: rng.choice([1, -1])]
+        )
     density = rng.uniform(0.0, 0.3 if kind == 0 else 0.12)
     walls |= rng.random((G, G)) < density
     return walls
@@ -969,6 +1014,9 @@ def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
 
 
 def build_world(cfg: Config) -> World:
+    """The world a config trains in: its named layout, or with num_layouts > 0 a family of generated layouts."""
+    if cfg.num_layouts > 0:
+        return WorldFamily(procedural_layouts(cfg.grid_size, cfg.num_layouts, seed=cfg.data_seed))
     return World(cfg.grid_size, walls=cfg.layout, show_target=cfg.show_target)
 
 
@@ -1164,7 +1212,10 @@ class Projector(nn.Module):
 
 
 class Encoder(nn.Module):
-    """ViT-Tiny-style encoder: image (B, 1, H, W) -> latent (B, D), via patches, a CLS token and a projector."""
+    """ViT-Tiny-style encoder: image (B, 1, H, W) -> latent (B, D), via patches, a CLS token and a projector.
+
+    With cfg.spatial the CLS token is not used: each patch token is projected (one shared projector) to
+    D / (number of patches) channels, and the latent is the grid of them, flattened."""
 
     def __init__(self, cfg: Config, image_size: int = 128):
         super().__init__()
@@ -1186,20 +1237,23 @@ class Encoder(nn.Module):
         )
         self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
-        self.projector = Projector(cfg.width, cfg.proj_hidden, cfg.latent_dim, cfg.projector_norm)
+        self.spatial, self.num_patches = cfg.spatial, num_patches
+        out = cfg.latent_dim // num_patches if cfg.spatial else cfg.latent_dim
+        self.projector = Projector(cfg.width, cfg.proj_hidden, out, cfg.projector_norm)
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
-        """The ViT's CLS output before the projector: (B, 1, H, W) -> (B, W)."""
+        """The ViT's output before the projector: (B, 1, H, W) -> CLS (B, W), or with spatial (B * patches, W)."""
         x = obs * 2 - 1  # [0, 1] -> [-1, 1]
         if self.input_size != self.image_size:
             x = F.avg_pool2d(x, self.image_size // self.input_size)  # (B, 1, input, input)
         x = self.patch_embed(x)  # (B, W, h, w)
         x = rearrange(x, "b c h w -> b (h w) c")  # (B, h*w, W)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.norm(self.blocks(x))[:, 0]  # (B, W)
+        x = self.norm(self.blocks(x))
+        return x[:, 1:].flatten(0, 1) if self.spatial else x[:, 0]  # (B * patches, W) or (B, W)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.features(obs))  # (B, D)
+        return self.projector(self.features(obs)).view(obs.shape[0], -1)  # (B, D)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -1259,6 +1313,36 @@ class Predictor(nn.Module):
         for block in self.blocks:
             x = block(x, cond, mask)
         return self.out_proj(self.norm(x))  # (B, T, D)
+
+
+class SpatialPredictor(nn.Module):
+    """The predictor for patch latents (cfg.spatial): (B, T, D) + (B, T) actions -> (B, T, D) next latents.
+
+    Each frame's latent is read as its grid of patch tokens; the tokens attend to each other in AdaLN-zero blocks
+    conditioned on the action, and each token's change is added to it - so a rule such as "the agent's patch moves
+    unless the next one holds a wall" can be learned once for every place on the board. Each step is predicted from
+    its own frame (the world is Markov); the history is not used.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.num_tokens = (cfg.input_size // cfg.patch_size) ** 2
+        self.channels = cfg.latent_dim // self.num_tokens
+        self.in_proj = nn.Linear(self.channels, cfg.pred_width)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, cfg.pred_width) * 0.02)
+        self.action_embed = nn.Embedding(len(ACTIONS), cfg.pred_width)
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(cfg.pred_width, cfg.pred_heads) for _ in range(cfg.pred_depth))
+        self.norm = nn.LayerNorm(cfg.pred_width)
+        self.out_proj = nn.Linear(cfg.pred_width, self.channels)
+
+    def forward(self, emb: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        B, T, D = emb.shape
+        tokens = emb.reshape(B * T, self.num_tokens, self.channels)
+        x = self.in_proj(tokens) + self.pos_embed  # (B*T, tokens, Wp)
+        cond = self.action_embed(action).reshape(B * T, 1, -1).expand(-1, self.num_tokens, -1)
+        for block in self.blocks:
+            x = block(x, cond)
+        return (tokens + self.out_proj(self.norm(x))).reshape(B, T, D)
 
 
 class SIGReg(nn.Module):
@@ -1327,7 +1411,11 @@ class JEPA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg, image_size)
-        self.predictor = Predictor(cfg)
+        self.predictor = SpatialPredictor(cfg) if cfg.spatial else Predictor(cfg)
+        if cfg.idm_weight > 0:  # a training-time head: (z_t, z_t+1) -> which of the 4 actions was taken
+            self.inverse = nn.Sequential(
+                nn.Linear(2 * cfg.latent_dim, cfg.pred_width), nn.GELU(), nn.Linear(cfg.pred_width, len(ACTIONS))
+            )
 
     @property
     def device(self) -> torch.device:
@@ -1366,6 +1454,8 @@ class JEPA(nn.Module):
             raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
         emb = self.encoder(obs.flatten(0, 1)).float().view(B, T, -1)  # (B, T, D)
         out = {"emb": emb, "pred": self.predictor(emb[:, :-1], actions).float()}  # (B, T-1, D)
+        if hasattr(self, "inverse"):
+            out["action_logits"] = self.inverse(torch.cat([emb[:, :-1], emb[:, 1:]], -1)).float()  # (B, T-1, A)
         if self_feed:
             out["rollout"] = self.rollout(emb[:, 0], actions).float()  # (B, T-1, D)
         return out
@@ -1443,7 +1533,8 @@ def jepa_loss(
     pred_loss = MSE(predictor(z_0..z_{T-2}, a), z_1..z_{T-1}) with teacher forcing; with
     cfg.rollout_weight > 0 the predictor is also fed its own predictions (open loop) and that MSE is added;
     with cfg.smooth_weight > 0, the temporal-smoothness term (ramped in) is added.
-    loss = pred_loss [+ rollout_weight * rollout_loss] [+ w(step) * smooth_loss] + lam * sigreg
+    loss = pred_loss [+ rollout_weight * rollout_loss] [+ w(step) * smooth_loss] [+ idm_weight * idm_loss]
+           + lam * sigreg
     """
     T = obs.shape[1]
     out = model(obs, actions, self_feed=cfg.rollout_weight > 0 and T > 2)  # model may be DDP-wrapped
@@ -1457,6 +1548,9 @@ def jepa_loss(
     if cfg.smooth_weight > 0:
         terms["smooth_loss"] = smoothness_loss(emb)
         pred_loss = pred_loss + smooth_weight_at(step, cfg) * terms["smooth_loss"]
+    if "action_logits" in out:  # inverse dynamics: the action must be readable from the latent's change
+        terms["idm_loss"] = F.cross_entropy(out["action_logits"].flatten(0, 1), actions.flatten())
+        pred_loss = pred_loss + cfg.idm_weight * terms["idm_loss"]
     terms["loss"] = pred_loss + cfg.lam * sig
     flat = emb.detach().flatten(0, 1)  # (B*T, D): latent health, logged beside the losses
     terms["latent_std"] = flat.std(0).mean()
@@ -1540,6 +1634,21 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
     pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))  # (N*A, D)
     nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
     return float((nearest == world.next_cell[cells, actions]).float().mean())
+
+
+@torch.no_grad()
+def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
+    """Every (free cell, action) pair of one layout with the model's answer: cell, action, the true next cell, the
+    cell whose real latent is nearest the predicted one, and whether the move is a wall bump (the agent stays).
+    (P,) tensors, P = free cells x 4 - for finding which transitions a model gets wrong."""
+    emb = encode_states(model, world)  # (N, D)
+    free = torch.from_numpy(world.free_cells)
+    cells = repeat(free, "n -> (n a)", a=len(ACTIONS))
+    actions = repeat(torch.arange(len(ACTIONS)), "a -> (n a)", n=len(free))
+    pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))
+    true_next = world.next_cell[cells, actions]
+    nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
+    return {"cell": cells, "action": actions, "next": true_next, "predicted": nearest, "bump": true_next == cells}
 
 
 @torch.no_grad()
@@ -2495,7 +2604,9 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
 
 
 @torch.no_grad()
-def imagine_map(model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.5) -> dict:
+def imagine_map(
+    model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.5
+) -> dict:
     """Breadth-first search in imagination from start latents alone: (U, D) -> the imagined places around each.
 
     From each start latent the model imagines the 4 next latents, then the 4 after each of those, and so on. An
@@ -2556,34 +2667,56 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes
     return {"nodes": nodes, "count": count, "depth": depth, "first": first, "tol": tol}
 
 
-def imagination_policy(model: JEPA, world: World, max_depth: int = 32, merge: float = 0.5) -> Policy:
-    """Plan from two images and the model, nothing else: imagine the places reachable from the current image
-    (imagine_map), find the one nearest the goal image's latent, and take the first action of the shortest
-    imagined path to it; replan after every step. The search depends only on the current image, so pairs that
-    stand on the same image share it. If no imagined place lies within the merge radius of the goal, the planner
-    heads for the imagined place nearest the goal."""
+def _imagine_all(model: JEPA, emb: torch.Tensor, max_depth: int, max_nodes: int, merge: float) -> dict:
+    parts = [imagine_map(model, z, max_depth, max_nodes, merge) for z in emb.split(256)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, merge: float = 0.5) -> Policy:
+    """Plan from two images and the model, nothing else: imagine the places reachable from the current image and
+    the places reachable from the goal image (imagine_map; moves are reversible, so a place k moves from the goal is
+    k moves to it), find where the two searches meet, and take the first action of the shortest imagined path through
+    a meeting place; replan after every step. Searching from both ends halves the depth of each imagined rollout, and
+    with it the drift of the imagined latents. The searches depend only on the images, so pairs that stand on the same
+    image share one. If the searches do not meet, the planner heads for the imagined place nearest the goal image."""
     if not isinstance(merge, (int, float)) or not 0 < merge < 1:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    if max_depth is None:
+        max_depth = 2 * world.grid_size
     if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
         raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
-    max_nodes = 4 * world.grid_size**2 + 1
+    max_nodes = 2 * world.grid_size**2 + 1
+    from_goal: dict[int, dict] = {}  # the goal image does not change during an episode: its search is kept
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
         start_u, start_inv = torch.unique(cells, return_inverse=True)
-        found = imagine_map(model, encode_cells(model, world, start_u), max_depth, max_nodes, merge)
-        goal_emb = encode_cells(model, world, goals)  # (P, D)
-        inv = start_inv.to(goal_emb.device)
-        dist = (found["nodes"][inv] - goal_emb[:, None]).norm(dim=-1)  # (P, V)
-        depth, first = found["depth"][inv].float(), found["first"][inv]
-        valid = first >= 0
-        reached = dist < found["tol"][inv]
-        # cost of heading for each imagined place: its depth where it is the goal, else (after every such place)
-        # how far its latent lies from the goal's, in imagined moves
-        cost = torch.where(reached, depth, 1e3 + dist / (2 * found["tol"][inv].clamp_min(1e-6)) + depth)
-        cost[~valid] = float("inf")
-        scores = torch.full((len(cells), len(ACTIONS)), float("inf"), device=cost.device)
-        scores = scores.scatter_reduce(1, first.clamp_min(0), cost, reduce="amin").cpu()
-        return {"action": scores.argmin(1), "scores": scores, "imagined_places": found["count"][inv].cpu()}
+        goal_u, goal_inv = torch.unique(goals, return_inverse=True)
+        ahead = _imagine_all(model, encode_cells(model, world, start_u), max_depth, max_nodes, merge)
+        todo = [int(s) for s in goal_u if int(s) not in from_goal]
+        if todo:
+            found = _imagine_all(model, encode_cells(model, world, torch.tensor(todo)), max_depth, max_nodes, merge)
+            from_goal.update({s: {k: v[i] for k, v in found.items()} for i, s in enumerate(todo)})
+        back = {k: torch.stack([from_goal[int(s)][k] for s in goal_u]) for k in ahead}
+        dev = ahead["nodes"].device
+        start_inv, goal_inv = start_inv.to(dev), goal_inv.to(dev)
+        scores = torch.full((len(cells), len(ACTIONS)), float("inf"), device=dev)
+        for rows in torch.arange(len(cells), device=dev).split(256):
+            s, t = start_inv[rows], goal_inv[rows]
+            dist = torch.cdist(ahead["nodes"][s], back["nodes"][t])  # (R, Vs, Vg)
+            radius = torch.minimum(ahead["tol"][s][:, :, None], back["tol"][t][:, None, :])
+            valid = (ahead["depth"][s] >= 0)[:, :, None] & (back["depth"][t] >= 0)[:, None, :]
+            meet = valid & (dist < radius)
+            length = (ahead["depth"][s][:, :, None] + back["depth"][t][:, None, :]).float()
+            # a meeting costs its imagined path length; without one, (after every meeting) the distance to the
+            # goal image's latent in units of the merge radius
+            far = 1e3 + dist[:, :, :1] / (2 * ahead["tol"][s][:, :, None].clamp_min(1e-6)) + length[:, :, :1]
+            cost = torch.where(meet, length, float("inf")).amin(2)  # (R, Vs)
+            cost = torch.where(torch.isinf(cost), far[:, :, 0], cost)
+            first = ahead["first"][s]
+            cost[first < 0] = float("inf")
+            scores[rows] = scores[rows].scatter_reduce(1, first.clamp_min(0), cost, reduce="amin")
+        scores = scores.cpu()
+        return {"action": scores.argmin(1), "scores": scores, "imagined_places": ahead["count"][start_inv].cpu()}
 
     return policy
 
@@ -2665,7 +2798,7 @@ def run_mpc(
         if world.walls.reshape(-1)[cells.numpy()].any():
             bad = int(cells[torch.from_numpy(world.walls.reshape(-1)[cells.numpy()])][0])
             raise ValueError(f"{name} cell {tuple(int(v) for v in world.cell_pos(bad))} is a wall")
-    optimal = torch.from_numpy(world.shortest_paths())[starts, goals]
+    optimal = shortest_distances(world, starts, goals)
     if (optimal < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")
     max_steps = max_steps if max_steps is not None else 2 * int(optimal.max()) + world.grid_size
@@ -2694,6 +2827,30 @@ def run_mpc(
     return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
 
 
+def shortest_distances(world: World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
+    """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start (so a family of
+    many layouts costs no more than its pairs). For evaluation only."""
+    unique, inverse = torch.unique(starts, return_inverse=True)
+    rows = torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))  # (U, num_cells)
+    return rows[inverse, goals]
+
+
+def sample_pairs(world: World, per_layout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_layout`` seeded (start, goal) pairs of distinct free cells in each layout of a world (or family):
+    two (P,) tensors. Every pair is reachable (layouts are connected)."""
+    if isinstance(per_layout, bool) or not isinstance(per_layout, (int, np.integer)) or per_layout < 1:
+        raise ValueError(f"per_layout must be an integer >= 1, got {per_layout!r}")
+    rng = np.random.default_rng(seed)
+    N = world.grid_size**2
+    starts, goals = [], []
+    for k in range(world.num_cells // N):
+        free = world.free_cells[(world.free_cells >= k * N) & (world.free_cells < (k + 1) * N)]
+        pick = np.stack([rng.choice(free, size=2, replace=False) for _ in range(per_layout)])
+        starts.append(pick[:, 0])
+        goals.append(pick[:, 1])
+    return torch.from_numpy(np.concatenate(starts)), torch.from_numpy(np.concatenate(goals))
+
+
 PLANNERS = ("probe", "latent", "nearest", "cem", "search", "imagine", "graph", "random")
 
 
@@ -2717,6 +2874,53 @@ def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None 
     if name not in makers:
         raise ValueError(f"unknown planner {name!r}; expected one of {PLANNERS}")
     return makers[name](model, world)
+
+
+@torch.no_grad()
+def unseen_layout_report(
+    model: JEPA,
+    layouts: np.ndarray,
+    per_layout: int = 10,
+    planners: tuple[str, ...] = ("imagine", "graph", "random"),
+    probe: LinearProbe | None = None,
+    seed: int = 0,
+) -> dict:
+    """How a model does in layouts (K, G, G) - e.g. held-out ones it never trained on: next-state accuracy over every
+    (free cell, action) pair of each layout, and planning ``per_layout`` seeded start -> goal pairs per layout with
+    each planner. "imagine" uses only the two images and the model; "graph" is privileged (it encodes every free
+    cell of the layout first); "probe" needs a ``probe`` fitted elsewhere (on training layouts); BFS is the optimum
+    that "optimal" is measured against. Returns plain numbers (per-layout accuracies included)."""
+    family = WorldFamily(layouts, image_size=model.encoder.image_size)
+    N = family.grid_size**2
+    acc = layout_next_state_accuracy(model, family)
+    starts, goals = sample_pairs(family, per_layout, seed)
+    report = {
+        "layouts": len(family),
+        "pairs": len(starts),
+        "next_state_accuracy": float(acc.mean()),
+        "layouts_all_transitions_right": float((acc == 1).mean()),
+        "next_state_accuracy_per_layout": [round(float(a), 4) for a in acc],
+    }
+    for name in planners:
+        if name == "graph":  # privileged: built from every free cell's image of the layout, so layout by layout
+            parts = []
+            for k in range(len(family)):
+                member, mine = family.member(k), (starts // N) == k
+                parts.append(run_mpc(member, graph_policy(model, member), starts[mine] - k * N, goals[mine] - k * N))
+            success = torch.cat([p.success for p in parts]).float()
+            optimal = torch.cat([p.optimal for p in parts]).float()
+            seconds = sum(p.seconds for p in parts)
+            report[name] = {"success": float(success.mean()), "optimal": float(optimal.mean()), "seconds": seconds}
+            continue
+        if name == "probe":
+            if probe is None:
+                raise ValueError("the probe planner needs probe= (fitted on training layouts, never on these)")
+            policy = probe_policy(model, family, probe)
+        else:
+            policy = make_policy(name, model, family)
+        summary = run_mpc(family, policy, starts, goals).summary()
+        report[name] = {k: summary[k] for k in ("success", "optimal", "seconds")}
+    return report
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -2968,9 +3172,36 @@ def planning_player(
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
+def evaluate_unseen(model: JEPA, world: WorldFamily, per_layout: int = 10) -> dict:
+    """Headline metrics of a model trained on generated layouts, measured in worlds it never saw: the 200 held-out
+    layouts (``per_layout`` pairs each) and, on 5x5, the four named ones (100 pairs each). Planners: imagine (only
+    the two images and the model), graph (privileged), the greedy probe (its probe fitted on 200 training layouts),
+    random. Optimal means as short as BFS."""
+    calibrate_batchnorm(model, world)
+    seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
+    probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
+    planners = ("imagine", "graph", "probe", "random")
+    sets = {"heldout": heldout_layouts(world.grid_size, 200)}
+    if world.grid_size == 5:
+        sets["named"] = np.stack([layout_walls(name) for name in LAYOUTS])
+    metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
+    for name, layouts in sets.items():
+        report = unseen_layout_report(model, layouts, per_layout if name == "heldout" else 100, planners, probe)
+        metrics[f"{name}_next_state_accuracy"] = report["next_state_accuracy"]
+        metrics[f"{name}_layouts_all_right"] = report["layouts_all_transitions_right"]
+        metrics[f"{name}_pairs"] = report["pairs"]
+        for planner in planners:
+            metrics[f"{name}_{planner}_success"] = report[planner]["success"]
+            metrics[f"{name}_{planner}_optimal"] = report[planner]["optimal"]
+    return metrics
+
+
 def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> dict:
     """Headline metrics of a trained model on its world: next-state accuracy, the latent's geometry (PCA, latent vs
-    grid distance, held-out probes), planning with ``planner`` and with the latent cost alone (greedy, no probe)."""
+    grid distance, held-out probes), planning with ``planner`` and with the latent cost alone (greedy, no probe).
+    A model trained on generated layouts is measured in layouts it never saw instead (evaluate_unseen)."""
+    if isinstance(world, WorldFamily):
+        return evaluate_unseen(model, world)
     calibrate_batchnorm(model, world)
     geometry = geometry_report(model, world)
     plan = run_mpc(world, make_policy(planner, model, world)).summary()
@@ -3008,8 +3239,9 @@ def config_hash(cfg: Config) -> str:
 
 
 def default_out_path(cfg: Config) -> Path:
-    """runs/<profile>_<layout>_seed<seed>_<hash of the training fields>.pt"""
-    return REPO_ROOT / "runs" / f"{cfg.profile}_{cfg.layout}_seed{cfg.seed}_{config_hash(cfg)}.pt"
+    """runs/<profile>_<layout, or "procedural">_seed<seed>_<hash of the training fields>.pt"""
+    layout = "procedural" if cfg.num_layouts else cfg.layout
+    return REPO_ROOT / "runs" / f"{cfg.profile}_{layout}_seed{cfg.seed}_{config_hash(cfg)}.pt"
 
 
 def record_path(out: str | Path) -> Path:
@@ -3093,7 +3325,9 @@ def _main_run(args, argv, cfg: Config, out: Path, device: torch.device) -> dict:
     record["evaluations"].append(evaluation)
     write_record(out, record)
     print(
-        f"\n{cfg.profile} profile, layout {args.layout}, seed {args.seed}: "
+        f"\n{cfg.profile} profile, "
+        + (f"{cfg.num_layouts:,} generated layouts" if cfg.num_layouts else f"layout {args.layout}")
+        + f", seed {args.seed}: "
         f"{result.steps_trained} steps trained now, {result.total_train_seconds:.1f} s of training in all"
     )
     for k, v in metrics.items():
@@ -3113,6 +3347,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device"
     )
     parser.add_argument("--layout", default="open", choices=sorted(LAYOUTS))
+    parser.add_argument(
+        "--layouts",
+        default=None,
+        help="'procedural': train on 50,000 generated layouts and evaluate on held-out ones (with the 'layouts' "
+        "profile unless --profile is given); or a number of generated training layouts",
+    )
     parser.add_argument("--planner", default="probe", choices=PLANNERS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lam", type=float, default=None, help="SIGReg weight >= 0 (default: the profile's)")
@@ -3132,6 +3372,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     overrides = {"layout": args.layout, "seed": args.seed}
+    if args.layouts is not None:
+        if args.layouts == "procedural":
+            overrides["num_layouts"] = PROFILES["layouts"]["num_layouts"]
+        elif args.layouts.isdigit():
+            overrides["num_layouts"] = int(args.layouts)
+        else:
+            parser.error(f"--layouts must be 'procedural' or a whole number of layouts, got {args.layouts!r}")
+        args.profile = args.profile or "layouts"
     for key, value in (
         ("lam", args.lam),
         ("smooth_weight", args.smooth),

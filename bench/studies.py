@@ -4,6 +4,7 @@
     python bench/studies.py scaling   # grids 5, 8, 12: time to 99% next-state accuracy (05) -> assets/scaling.json
     python bench/studies.py geometry --seeds 0 1 2 3 4   # what makes the latent a map (04) -> geometry_study.json
     python bench/studies.py layouts-geometry --seeds 0 1 2  # the map recipe on obstacle layouts (05)
+    python bench/studies.py layouts --sizes 5 8   # worlds never seen: 20 ... unlimited training layouts (05)
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
 """
@@ -213,11 +214,53 @@ def scaling_study(sizes: list[int], pairs: int = 600) -> list[dict]:
     return rows
 
 
+LAYOUT_COUNTS = ("20", "200", "2000", "unlimited")
+UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training trajectories
+LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64}}  # 8x8: cells too small to read at 32x32
+
+
+def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save=None) -> list[dict]:
+    """Worlds never seen: train the `layouts` profile on K procedurally generated layouts (K = 20 ... unlimited),
+    then measure (g.evaluate_unseen) next-state accuracy and planning on the 200 held-out layouts (10 seeded pairs
+    each: 2,000 pairs) and on the four named 5x5 layouts, with the agent-only planner (imagine) beside the
+    privileged graph planner, the greedy probe planner (probe fitted on training layouts) and a random policy. BFS is
+    the optimum. Checkpoints go to runs/ under the CLI's names, so a finished `--layouts procedural` run is reused."""
+    rows = []
+    for size in sizes:
+        for count in counts:
+            K = UNLIMITED_LAYOUTS if count == "unlimited" else int(count)
+            for seed in seeds:
+                over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
+                cfg = g.make_config("layouts", grid_size=size, seed=seed, num_layouts=K, **over)
+                run = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False)
+                t0 = time.perf_counter()
+                metrics = g.evaluate_unseen(run.model, run.world)
+                row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": over}
+                row |= {"num_steps": cfg.num_steps, "train_seconds": run.total_train_seconds, **metrics}
+                row["eval_seconds"] = time.perf_counter() - t0
+                rows.append(row)
+                if save is not None:
+                    save(rows)
+                print(
+                    f"{size}x{size}, {count:>9s} layouts, seed {seed}: next-state on training layouts"
+                    f" {metrics['training_layouts_next_state_accuracy']:.3f}, held-out"
+                    f" {metrics['heldout_next_state_accuracy']:.3f} | held-out planning: "
+                    + " ".join(
+                        f"{p} {metrics[f'heldout_{p}_success']:.3f}" for p in ("imagine", "graph", "probe", "random")
+                    )
+                    + (f" | named: imagine {metrics['named_imagine_success']:.3f}" if size == 5 else "")
+                    + f" | {run.total_train_seconds:.0f} s",
+                    flush=True,
+                )
+    return rows
+
+
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "probes": ("probe_study.json", ("row", "seed")),
     "scaling": ("scaling.json", ("grid_size", "layout")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
+    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed")),
 }
 
 
@@ -227,6 +270,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
     parser.add_argument("--only", nargs="+", help="probes/geometry: run these rows (the others are kept)")
+    parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
     args = parser.parse_args()
     filename, key_fields = STUDIES[args.study]
     out = g.ASSETS / filename
@@ -251,6 +295,8 @@ def main() -> None:
         rows = probe_study(args.seeds, args.only)
     elif args.study == "scaling":
         rows = scaling_study(args.sizes)
+    elif args.study == "layouts":
+        rows = layouts_study(args.sizes if args.sizes != [5, 8, 12] else [5, 8], args.seeds, args.counts, save=save)
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
     else:

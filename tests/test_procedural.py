@@ -100,3 +100,108 @@ def test_family_of_many_layouts_trains_and_monitors():
     acc = gj.layout_next_state_accuracy(result.model, gj.WorldFamily(family.layouts[:3]))
     ref = [gj.next_state_accuracy(result.model, gj.World(5, walls=w)) for w in family.layouts[:3]]
     np.testing.assert_allclose(acc, ref, atol=1e-6)
+
+
+# ── planning from two images: imagination search ──
+
+
+class OracleModel(torch.nn.Module):
+    """A perfect world model of one layout: the latent is the one-hot cell (found by matching the exact image),
+    the prediction the true next cell's one-hot. Lets a test check a planner's logic with no model error."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world, self.dummy = world, torch.nn.Parameter(torch.zeros(1))
+        self.atlas = world.atlas().float() / 255
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def encode(self, obs):
+        match = (obs[:, 0, None] == self.atlas[None]).flatten(2).all(-1)  # (B, N)
+        return torch.nn.functional.one_hot(match.float().argmax(1), self.world.num_cells).float()
+
+    def predict(self, emb, action):
+        return torch.nn.functional.one_hot(self.world.next_cell[emb.argmax(1), action], self.world.num_cells).float()
+
+
+@pytest.mark.parametrize("name", sorted(gj.LAYOUTS))
+def test_imagination_search_with_a_perfect_model_is_optimal(name):
+    """From the current and goal images only, BFS in imagination finds a shortest path for every pair of every
+    named layout when the model is perfect - so what the trained model loses is the model's, not the search's."""
+    world = gj.World(5, walls=name)
+    policy = gj.imagination_policy(OracleModel(world), world)
+    result = gj.run_mpc(world, policy)
+    assert bool(result.optimal.all())
+
+
+def test_imagine_map_finds_every_reachable_place_once():
+    """With a perfect model, the imagined places from a cell are exactly the cells of its layout, each at its BFS
+    depth, wall bumps merged into the place they stay at."""
+    world = gj.World(5, walls="u_trap")
+    model = OracleModel(world)
+    start = model.encode(world.render(torch.tensor([0])))
+    found = gj.imagine_map(model, start, max_nodes=64)
+    count = int(found["count"][0])
+    assert count == len(world.free_cells)
+    cells = found["nodes"][0, :count].argmax(1).numpy()
+    assert sorted(cells) == sorted(world.free_cells)
+    np.testing.assert_array_equal(found["depth"][0, :count].numpy(), world.bfs_from(0)[cells])
+
+
+def test_imagination_policy_bad_arguments(open_world):
+    model = OracleModel(open_world)
+    with pytest.raises(ValueError, match="merge"):
+        gj.imagination_policy(model, open_world, merge=1.5)
+    with pytest.raises(ValueError, match="max_depth"):
+        gj.imagination_policy(model, open_world, max_depth=0)
+
+
+# ── the model parts the layouts need ──
+
+
+def test_inverse_dynamics_term():
+    """idm_weight > 0 adds a head and a cross-entropy term that reaches the encoder; 0 leaves the model as it was."""
+    cfg = gj.make_config("smoke", idm_weight=1.0)
+    world = gj.WorldFamily(gj.procedural_layouts(5, 20))
+    model, sigreg = gj.JEPA(cfg), gj.SIGReg(cfg.sigreg_dirs)
+    data = gj.make_transitions(world, 64, seed=0)
+    obs, actions = gj.sample_batch(world, data, torch.arange(64), "cpu")
+    terms = gj.jepa_loss(model, sigreg, obs, actions, cfg, step=0)
+    assert 0.5 < float(terms["idm_loss"]) < 3  # ~log 4 for an untrained head
+    terms["loss"].backward()
+    assert model.encoder.patch_embed.weight.grad.abs().sum() > 0
+    assert model.inverse[0].weight.grad.abs().sum() > 0
+    plain = gj.JEPA(gj.make_config("smoke"))
+    assert not hasattr(plain, "inverse")
+    assert "idm_loss" not in gj.jepa_loss(plain, sigreg, obs, actions, gj.make_config("smoke"), step=0)
+
+
+def test_spatial_latents_shapes_and_training():
+    """spatial=True: the latent is every patch's channels side by side; encode, predict and a training step work."""
+    cfg = gj.make_config("smoke", spatial=True, latent_dim=64)  # 16 patches x 4 channels
+    model = gj.JEPA(cfg)
+    world = gj.World(5)
+    obs = world.render(torch.arange(4))
+    z = model.encode(obs)
+    assert z.shape == (4, 64)
+    assert model.predict(z, torch.tensor([0, 1, 2, 3])).shape == (4, 64)
+    result = gj.train(gj.dataclasses.replace(cfg, num_steps=3), world=world, progress=False)
+    assert len(result.history["loss"]) >= 1
+    with pytest.raises(ValueError, match="multiple of the number of patches"):
+        gj.make_config("smoke", spatial=True, latent_dim=50)
+
+
+def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
+    """--layouts N trains on N generated layouts and reports next-state accuracy and planning on the held-out and
+    named layouts (smoke profile: numbers in range, not quality)."""
+    out = tmp_path / "layouts.pt"
+    metrics = gj.main(["--profile", "smoke", "--steps", "2", "--layouts", "30", "--out", str(out)])
+    for key in ("heldout_next_state_accuracy", "heldout_imagine_success", "heldout_graph_success", "named_random_success"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["heldout_pairs"] == 2000
+    saved = gj.load_run(out)[1]
+    assert saved.num_layouts == 30
+    with pytest.raises(SystemExit):
+        gj.main(["--profile", "smoke", "--layouts", "many", "--out", str(tmp_path / "x.pt")])
