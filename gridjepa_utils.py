@@ -3,13 +3,15 @@
 One module shared by the five notebooks, in their order, a banner per part; no part refers to a later one:
 
     settings             (all five)     Config, its profiles (make_config) and its validation
-    1. world & data      (notebook 01)  the sprite atlas, World, layouts, datasets
-    2. model             (notebook 02)  distributed statistics, Encoder (ViT + BatchNorm projector),
-                                        AdaLN-zero predictor, SIGReg, JEPA
+    1. world & data      (notebook 01)  the sprite atlas and sheet, World, layouts (named, random, generated, held
+                                        out), families of layouts, datasets
+    2. model             (notebook 02)  distributed statistics, Encoder (ViT + BatchNorm projector, CLS or patch
+                                        latents), AdaLN-zero predictors, SIGReg, JEPA
     3. training          (notebook 03)  the loss, encodings of every cell, checkpoints, output locks, train()
     4. analysis          (notebook 04)  linear probes scored honestly, PCA, latent vs grid distance
-    5. planning          (notebook 05)  batched MPC: greedy probe planner, CEM, exhaustive and graph search;
-                                        make_policy (a planner by name)
+    5. planning          (notebook 05)  batched MPC: greedy probe planner, CEM, exhaustive search, imagination
+                                        search from two images, graph search; make_policy (a planner by name);
+                                        planning in layouts never seen
     plots & widgets      (notebooks)    training curves, LivePlot, grid maps, the explorer and the player
     the main job         (CLI)          evaluate, run records, main()
 
@@ -18,6 +20,7 @@ G grid side, N = G*G cells, A = 4 actions, P start->goal pairs, S sampled action
 Positions are (col, row) with (0, 0) at the top corner of the iso board; a cell index is row * G + col.
 
 Command line (the main job):  python gridjepa_utils.py --profile cpu
+Worlds never seen:             python gridjepa_utils.py --layouts procedural
 Multi-GPU:                     torchrun --nproc_per_node=8 gridjepa_utils.py --profile full
 """
 
@@ -2603,6 +2606,9 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
     return policy
 
 
+_RATIO_TEST = [False]
+
+
 @torch.no_grad()
 def imagine_map(
     model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.5
@@ -2641,15 +2647,20 @@ def imagine_map(
         ctol = repeat(radius, "f -> (f a)", a=A)
         cu = repeat(front_u, "f -> (f a)", a=A)
         cfirst = actions.repeat(len(front_u)) if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
-        nearest = torch.cat(  # (C,) distance to the nearest place this search already has, in chunks
+        two = torch.cat(  # (C, 2) distances to the two nearest places this search already has, in chunks
             [
                 torch.cdist(p[:, None], nodes[c])[:, 0]
                 .masked_fill(torch.arange(max_nodes, device=dev)[None] >= count[c][:, None], float("inf"))
-                .amin(1)
+                .topk(2, dim=1, largest=False)
+                .values
                 for p, c in zip(pred.split(256), cu.split(256))
             ]
         )
-        new = nearest >= ctol
+        if _RATIO_TEST[0]:
+            second = torch.where(torch.isinf(two[:, 1]), ctol / merge, two[:, 1])
+            new = two[:, 0] >= merge * second
+        else:
+            new = two[:, 0] >= ctol
         pred, cu, cfirst, ctol = pred[new], cu[new], cfirst[new], ctol[new]
         if len(pred):  # two new latents of one search that coincide are one place: keep the first
             close = (torch.cdist(pred, pred) < ctol[:, None]) & (cu[:, None] == cu[None])

@@ -205,3 +205,15 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
     assert saved.num_layouts == 30
     with pytest.raises(SystemExit):
         gj.main(["--profile", "smoke", "--layouts", "many", "--out", str(tmp_path / "x.pt")])
+
+
+def test_next_state_table_matches_accuracy(smoke_run):
+    """next_state_table lists every (free cell, action) pair once; its share of right answers is the accuracy, and
+    its bumps are exactly the moves into walls or off the board."""
+    model, world = smoke_run.model, gj.World(5, walls="u_trap")
+    table = gj.next_state_table(model, world)
+    assert len(table["cell"]) == 4 * len(world.free_cells)
+    right = float((table["predicted"] == table["next"]).float().mean())
+    assert right == pytest.approx(gj.next_state_accuracy(model, world))
+    assert torch.equal(table["bump"], world.next_cell[table["cell"], table["action"]] == table["cell"])
+    assert 0 < int(table["bump"].sum()) < len(table["cell"])
