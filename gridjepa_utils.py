@@ -2606,9 +2606,6 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
     return policy
 
 
-_RATIO_TEST = [False]
-
-
 @torch.no_grad()
 def imagine_map(
     model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.5
@@ -2647,20 +2644,15 @@ def imagine_map(
         ctol = repeat(radius, "f -> (f a)", a=A)
         cu = repeat(front_u, "f -> (f a)", a=A)
         cfirst = actions.repeat(len(front_u)) if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
-        two = torch.cat(  # (C, 2) distances to the two nearest places this search already has, in chunks
+        nearest = torch.cat(  # (C,) distance to the nearest place this search already has, in chunks
             [
                 torch.cdist(p[:, None], nodes[c])[:, 0]
                 .masked_fill(torch.arange(max_nodes, device=dev)[None] >= count[c][:, None], float("inf"))
-                .topk(2, dim=1, largest=False)
-                .values
+                .amin(1)
                 for p, c in zip(pred.split(256), cu.split(256))
             ]
         )
-        if _RATIO_TEST[0]:
-            second = torch.where(torch.isinf(two[:, 1]), ctol / merge, two[:, 1])
-            new = two[:, 0] >= merge * second
-        else:
-            new = two[:, 0] >= ctol
+        new = nearest >= ctol
         pred, cu, cfirst, ctol = pred[new], cu[new], cfirst[new], ctol[new]
         if len(pred):  # two new latents of one search that coincide are one place: keep the first
             close = (torch.cdist(pred, pred) < ctol[:, None]) & (cu[:, None] == cu[None])
