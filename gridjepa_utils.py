@@ -554,6 +554,14 @@ def _draw_agent(canvas: _Canvas, col: int, row: int, G: int, size: int) -> None:
     canvas.ellipse(cx - r * 0.35, body_top - r * 1.2, r * 0.3, r * 0.3, 1.0)  # highlight
 
 
+def _downsample(img: torch.Tensor, s: int) -> torch.Tensor:
+    """Average s x s blocks of a supersampled image (..., s*H, s*W) -> (..., H, W) uint8. The sum runs in one fixed
+    order, so the atlas and the on-demand renderer give bit-identical pixels."""
+    blocks = img.unflatten(-1, (img.shape[-1] // s, s)).unflatten(-3, (img.shape[-2] // s, s))  # (..., H, s, W, s)
+    acc = sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)
+    return torch.round(acc.clamp(0, 1) * 255).to(torch.uint8)
+
+
 def render_atlas(world: World, supersample: int = 2) -> np.ndarray:
     """Draw every state of ``world`` once: (num_states, H, W) uint8. Objects are painted back to front."""
     G, size = world.grid_size, world.image_size * supersample
@@ -580,14 +588,6 @@ def render_atlas(world: World, supersample: int = 2) -> np.ndarray:
             state = cell + (world.num_cells * target if target is not None else 0)
             images[state] = _downsample(torch.from_numpy(canvas.img), supersample).numpy()
     return images
-
-
-def _downsample(img: torch.Tensor, s: int) -> torch.Tensor:
-    """Average s x s blocks of a supersampled image (..., s*H, s*W) -> (..., H, W) uint8. The sum runs in one fixed
-    order, so the atlas and the on-demand renderer give bit-identical pixels."""
-    blocks = img.unflatten(-1, (img.shape[-1] // s, s)).unflatten(-3, (img.shape[-2] // s, s))  # (..., H, s, W, s)
-    acc = sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)
-    return torch.round(acc.clamp(0, 1) * 255).to(torch.uint8)
 
 
 class SpriteSheet:
@@ -967,29 +967,10 @@ def _layout_keys(walls: np.ndarray) -> list[bytes]:
     return [np.packbits(w.reshape(-1)).tobytes() + bytes([len(w)]) for w in walls]
 
 
-def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
-    """``num`` distinct layouts from the generator: (num, G, G) bool, connected, at least one wall, at most half
-    the board walled. The same (grid_size, num, split, seed) gives the same layouts.
-
-    split="test": the held-out stream. split="train": a separate stream that also skips every one of the first
-    HELDOUT_RESERVED test layouts and the named layouts - so no held-out layout is ever trained on.
-    """
-    for name, value in (("grid_size", grid_size), ("num", num), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{name} must be an integer, got {value!r}")
-    if not 3 <= grid_size <= 16:
-        raise ValueError(f"grid_size must be in [3, 16] for procedural layouts, got {grid_size}")
-    if num < 1 or seed < 0:
-        raise ValueError(f"need num >= 1 and seed >= 0, got num={num}, seed={seed}")
-    if split not in LAYOUT_SPLITS:
-        raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
-    if split == "test" and num > HELDOUT_RESERVED:
-        raise ValueError(f"at most HELDOUT_RESERVED = {HELDOUT_RESERVED} test layouts are held out, asked for {num}")
-    check_memory(float(num) * grid_size**2 * 48, f"procedural_layouts(num={num:,})")
+def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: set[bytes]) -> np.ndarray:
+    """``num`` distinct valid layouts from one random stream, none of whose keys is in ``skip``."""
     N = grid_size * grid_size
-    seen = {k for k in _layout_keys(np.stack([layout_walls(n) for n in LAYOUTS]))} if grid_size == 5 else set()
-    if split == "train":
-        seen |= set(_layout_keys(heldout_layouts(grid_size, HELDOUT_RESERVED)))
+    seen = set(skip)
     rng = np.random.default_rng([grid_size, LAYOUT_SPLITS[split], seed])
     kept: list[np.ndarray] = []
     while len(kept) < num:
@@ -1003,17 +984,48 @@ def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int
     return np.stack(kept)
 
 
+def _named_keys(grid_size: int) -> set[bytes]:
+    return set(_layout_keys(np.stack([layout_walls(n) for n in LAYOUTS]))) if grid_size == 5 else set()
+
+
 _HELDOUT: dict[int, np.ndarray] = {}
 
 
 def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
-    """The first ``num`` layouts of the held-out stream (num <= HELDOUT_RESERVED): (num, G, G) bool. Training with
-    procedural_layouts(split="train") never produces one of them, nor a named layout."""
-    if grid_size not in _HELDOUT:
-        _HELDOUT[grid_size] = procedural_layouts(grid_size, HELDOUT_RESERVED, split="test")
+    """The first ``num`` layouts of the held-out stream (num <= HELDOUT_RESERVED): (num, G, G) bool, never a named
+    layout. Training layouts (procedural_layouts) never include one of the first HELDOUT_RESERVED."""
+    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or not 3 <= grid_size <= 16:
+        raise ValueError(f"grid_size must be an integer in [3, 16] for generated layouts, got {grid_size!r}")
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 1 <= num <= HELDOUT_RESERVED:
         raise ValueError(f"num must be an integer in [1, {HELDOUT_RESERVED}], got {num!r}")
+    if grid_size not in _HELDOUT:
+        _HELDOUT[grid_size] = _draw_layouts(grid_size, HELDOUT_RESERVED, "test", 0, _named_keys(grid_size))
     return _HELDOUT[grid_size][:num].copy()
+
+
+def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
+    """``num`` distinct layouts from the generator: (num, G, G) bool, connected, at least one wall, at most half
+    the board walled. The same (grid_size, num, split, seed) gives the same layouts.
+
+    split="train": a random stream that skips every one of the first HELDOUT_RESERVED held-out layouts and the named
+    layouts - so no held-out layout is ever trained on. split="test": the held-out stream itself (heldout_layouts).
+    """
+    for name, value in (("grid_size", grid_size), ("num", num), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if not 3 <= grid_size <= 16:
+        raise ValueError(f"grid_size must be in [3, 16] for procedural layouts, got {grid_size}")
+    if num < 1 or seed < 0:
+        raise ValueError(f"need num >= 1 and seed >= 0, got num={num}, seed={seed}")
+    if split not in LAYOUT_SPLITS:
+        raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
+    if split == "test":
+        if seed != 0:
+            raise ValueError("the held-out stream has one seed (0): its layouts are reserved")
+        return heldout_layouts(grid_size, num)
+    check_memory(float(num) * grid_size**2 * 48, f"procedural_layouts(num={num:,})")
+    skip = _named_keys(grid_size) | set(_layout_keys(heldout_layouts(grid_size, HELDOUT_RESERVED)))
+    return _draw_layouts(grid_size, num, "train", seed, skip)
 
 
 def build_world(cfg: Config) -> World:
@@ -1623,23 +1635,6 @@ def encode_states(model: JEPA, world: World, states: torch.Tensor | np.ndarray |
 
 
 @torch.no_grad()
-def next_state_accuracy(model: JEPA, world: World) -> float:
-    """Share of (free cell, action) pairs whose predicted latent is nearest to the true next cell's latent.
-
-    Probe-free: only the model's own latents of the free cells are compared. 100 pairs on the open 5x5.
-    """
-    if isinstance(world, WorldFamily):
-        return float(layout_next_state_accuracy(model, world).mean())
-    emb = encode_states(model, world)  # (N, D)
-    free = torch.from_numpy(world.free_cells)
-    cells = repeat(free, "n -> (n a)", a=len(ACTIONS))
-    actions = repeat(torch.arange(len(ACTIONS)), "a -> (n a)", n=len(free))
-    pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))  # (N*A, D)
-    nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
-    return float((nearest == world.next_cell[cells, actions]).float().mean())
-
-
-@torch.no_grad()
 def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
     """Every (free cell, action) pair of one layout with the model's answer: cell, action, the true next cell, the
     cell whose real latent is nearest the predicted one, and whether the move is a wall bump (the agent stays).
@@ -1670,6 +1665,23 @@ def layout_next_state_accuracy(model: JEPA, family: WorldFamily) -> np.ndarray:
     nearest = dist.argmin(-1).cpu() + (layout * N)[:, None]
     right = (nearest == family.next_cell[free]).float()  # (F, A)
     return torch.zeros(K).index_add_(0, layout, right.sum(1)).div_(A * torch.bincount(layout, minlength=K)).numpy()
+
+
+@torch.no_grad()
+def next_state_accuracy(model: JEPA, world: World) -> float:
+    """Share of (free cell, action) pairs whose predicted latent is nearest to the true next cell's latent.
+
+    Probe-free: only the model's own latents of the free cells are compared. 100 pairs on the open 5x5.
+    """
+    if isinstance(world, WorldFamily):
+        return float(layout_next_state_accuracy(model, world).mean())
+    emb = encode_states(model, world)  # (N, D)
+    free = torch.from_numpy(world.free_cells)
+    cells = repeat(free, "n -> (n a)", a=len(ACTIONS))
+    actions = repeat(torch.arange(len(ACTIONS)), "a -> (n a)", n=len(free))
+    pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))  # (N*A, D)
+    nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
+    return float((nearest == world.next_cell[cells, actions]).float().mean())
 
 
 @torch.no_grad()
@@ -2724,6 +2736,14 @@ def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, 
     return policy
 
 
+def shortest_distances(world: World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
+    """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start (so a family of
+    many layouts costs no more than its pairs). For evaluation only."""
+    unique, inverse = torch.unique(starts, return_inverse=True)
+    rows = torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))  # (U, num_cells)
+    return rows[inverse, goals]
+
+
 @dataclass
 class PlanResult:
     """Outcome of planning every pair: where each episode went and how long it took."""
@@ -2828,14 +2848,6 @@ def run_mpc(
         steps[(cells == goals) & active] = t + 1
         paths.append(cells.clone())
     return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
-
-
-def shortest_distances(world: World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
-    """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start (so a family of
-    many layouts costs no more than its pairs). For evaluation only."""
-    unique, inverse = torch.unique(starts, return_inverse=True)
-    rows = torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))  # (U, num_cells)
-    return rows[inverse, goals]
 
 
 def sample_pairs(world: World, per_layout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -3175,16 +3187,16 @@ def planning_player(
 # ════════════════════════════════════════════════════════════════════════════════════════
 
 
-def evaluate_unseen(model: JEPA, world: WorldFamily, per_layout: int = 10) -> dict:
-    """Headline metrics of a model trained on generated layouts, measured in worlds it never saw: the 200 held-out
-    layouts (``per_layout`` pairs each) and, on 5x5, the four named ones (100 pairs each). Planners: imagine (only
-    the two images and the model), graph (privileged), the greedy probe (its probe fitted on 200 training layouts),
-    random. Optimal means as short as BFS."""
+def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
+    """Headline metrics of a model trained on generated layouts, measured in worlds it never saw: the first
+    ``num_layouts`` held-out layouts (``per_layout`` pairs each) and, on 5x5, the four named ones (100 pairs each).
+    Planners: imagine (only the two images and the model), graph (privileged), the greedy probe (its probe fitted
+    on 200 training layouts), random. Optimal means as short as BFS."""
     calibrate_batchnorm(model, world)
     seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
     probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
     planners = ("imagine", "graph", "probe", "random")
-    sets = {"heldout": heldout_layouts(world.grid_size, 200)}
+    sets = {"heldout": heldout_layouts(world.grid_size, num_layouts)}
     if world.grid_size == 5:
         sets["named"] = np.stack([layout_walls(name) for name in LAYOUTS])
     metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
@@ -3203,8 +3215,8 @@ def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> 
     """Headline metrics of a trained model on its world: next-state accuracy, the latent's geometry (PCA, latent vs
     grid distance, held-out probes), planning with ``planner`` and with the latent cost alone (greedy, no probe).
     A model trained on generated layouts is measured in layouts it never saw instead (evaluate_unseen)."""
-    if isinstance(world, WorldFamily):
-        return evaluate_unseen(model, world)
+    if isinstance(world, WorldFamily):  # the smoke profile (CI) measures 20 held-out layouts, the others 200
+        return evaluate_unseen(model, world, num_layouts=20 if cfg.profile == "smoke" else 200)
     calibrate_batchnorm(model, world)
     geometry = geometry_report(model, world)
     plan = run_mpc(world, make_policy(planner, model, world)).summary()

@@ -198,9 +198,14 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
     named layouts (smoke profile: numbers in range, not quality)."""
     out = tmp_path / "layouts.pt"
     metrics = gj.main(["--profile", "smoke", "--steps", "2", "--layouts", "30", "--out", str(out)])
-    for key in ("heldout_next_state_accuracy", "heldout_imagine_success", "heldout_graph_success", "named_random_success"):
+    for key in (
+        "heldout_next_state_accuracy",
+        "heldout_imagine_success",
+        "heldout_graph_success",
+        "named_random_success",
+    ):
         assert 0 <= metrics[key] <= 1, key
-    assert metrics["heldout_pairs"] == 2000
+    assert metrics["heldout_pairs"] == 200  # smoke: 20 held-out layouts x 10 pairs
     saved = gj.load_run(out)[1]
     assert saved.num_layouts == 30
     with pytest.raises(SystemExit):
