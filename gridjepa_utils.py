@@ -154,46 +154,40 @@ class Config:
         return {k: getattr(self, k) for k in names}
 
 
+# the cpu profile's fields; the layouts profile starts from them
+CPU_PROFILE = dict(
+    smooth_weight=5.0,  # the latent map (notebook 04); 0 gives the original write-up's pure objective
+    input_size=32,
+    patch_size=8,
+    width=128,
+    depth=1,
+    heads=4,
+    pred_width=128,
+    pred_depth=2,
+    lam=0.1,
+    batch_size=64,
+    num_steps=300,
+    lr=1e-3,
+    warmup_steps=50,
+    log_every=10,
+    eval_every=25,
+    ckpt_every=100,
+)
+
 PROFILES = {
     # the original write-up's encoder and schedule: 128x128 into a ViT-Tiny-style encoder, 200 epochs; ~3M
     # parameters; for a GPU. Its loss with the latent-map term; the write-up's own is lam=10, smooth_weight=0
     "full": dict(lam=0.1, smooth_weight=5.0),
     # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
-    "cpu": dict(
-        smooth_weight=5.0,  # the latent map (notebook 04); 0 gives the original write-up's pure objective
-        input_size=32,
-        patch_size=8,
-        width=128,
-        depth=1,
-        heads=4,
-        pred_width=128,
-        pred_depth=2,
-        lam=0.1,
-        batch_size=64,
-        num_steps=300,
-        lr=1e-3,
-        warmup_steps=50,
-        log_every=10,
-        eval_every=25,
-        ckpt_every=100,
-    ),
+    "cpu": CPU_PROFILE,
     # worlds never seen (notebook 05): the cpu model trained on 50,000 generated layouts with inverse dynamics and
     # without the smoothness term, longer. See bench/studies.py layouts
     "layouts": dict(
+        CPU_PROFILE,
         num_layouts=50_000,
         smooth_weight=0.0,
         idm_weight=1.0,
-        input_size=32,
-        patch_size=8,
-        width=128,
-        depth=1,
-        heads=4,
-        pred_width=128,
-        pred_depth=2,
-        lam=0.1,
-        batch_size=64,
         num_steps=5000,
-        lr=1e-3,
         warmup_steps=100,
         log_every=50,
         eval_every=500,
@@ -886,21 +880,23 @@ class WorldFamily(World):
     def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """Observations of states k * N + cell, painted on demand: (...,) -> (..., 1, H, W) float in [0, 1]."""
         state = self.check_states(torch.as_tensor(state))
-        device = torch.device(device) if device is not None else state.device
+        images = self._paint(state.reshape(-1), torch.device(device) if device is not None else state.device)
+        return images.view(*state.shape, 1, *images.shape[1:]).float().div_(255.0)
+
+    def _paint(self, states: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(B,) states -> (B, H, W) uint8 on ``device``, 512 at a time (bounded memory)."""
         key, N = str(device), self.grid_size**2
         if key not in self._masks:
             self._masks[key] = torch.from_numpy(self.layouts.reshape(len(self), N)).to(device)
-        flat, sheet = state.reshape(-1).to(device), sprite_sheet(self.grid_size, self.image_size)
-        images = torch.cat([sheet.paint(self._masks[key][s // N], s % N) for s in flat.split(512)])  # bounded memory
-        return images.view(*state.shape, 1, *images.shape[1:]).float().div_(255.0)
+        sheet = sprite_sheet(self.grid_size, self.image_size)
+        return torch.cat([sheet.paint(self._masks[key][s // N], s % N) for s in states.to(device).split(512)])
 
     def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
         if self.num_cells > 100_000:
             raise ValueError(f"an atlas of {self.num_cells:,} images is too large; use render(states)")
         key = str(device)
         if key not in self._atlas:
-            self._atlas[key] = (self.render(torch.arange(self.num_cells) % self.num_cells, device)[:, 0] * 255).round()
-            self._atlas[key] = self._atlas[key].to(torch.uint8)
+            self._atlas[key] = self._paint(torch.arange(self.num_cells), torch.device(device))
         return self._atlas[key]
 
     def cell_pos(self, cell) -> np.ndarray:
@@ -1675,13 +1671,8 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
     """
     if isinstance(world, WorldFamily):
         return float(layout_next_state_accuracy(model, world).mean())
-    emb = encode_states(model, world)  # (N, D)
-    free = torch.from_numpy(world.free_cells)
-    cells = repeat(free, "n -> (n a)", a=len(ACTIONS))
-    actions = repeat(torch.arange(len(ACTIONS)), "a -> (n a)", n=len(free))
-    pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))  # (N*A, D)
-    nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
-    return float((nearest == world.next_cell[cells, actions]).float().mean())
+    table = next_state_table(model, world)
+    return float((table["predicted"] == table["next"]).float().mean())
 
 
 @torch.no_grad()
