@@ -2611,7 +2611,7 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
 
 @torch.no_grad()
 def imagine_map(
-    model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.5
+    model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.4
 ) -> dict:
     """Breadth-first search in imagination from start latents alone: (U, D) -> the imagined places around each.
 
@@ -2678,13 +2678,15 @@ def _imagine_all(model: JEPA, emb: torch.Tensor, max_depth: int, max_nodes: int,
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, merge: float = 0.5) -> Policy:
+def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, merge: float = 0.4) -> Policy:
     """Plan from two images and the model, nothing else: imagine the places reachable from the current image and
     the places reachable from the goal image (imagine_map; moves are reversible, so a place k moves from the goal is
     k moves to it), find where the two searches meet, and take the first action of the shortest imagined path through
     a meeting place; replan after every step. Searching from both ends halves the depth of each imagined rollout, and
-    with it the drift of the imagined latents. The searches depend only on the images, so pairs that stand on the same
-    image share one. If the searches do not meet, the planner heads for the imagined place nearest the goal image."""
+    with it the drift of the imagined latents. A search depends only on its image, so one search per image serves every
+    pair and every step that sees it. If the searches do not meet, the planner heads for the imagined place nearest
+    the goal image. The merge radius (0.4 of the longest imagined move) was chosen by measurement: over the shipped
+    models, 0.5 took more neighbours for one place and 0.3 split more wall bumps into new places."""
     if not isinstance(merge, (int, float)) or not 0 < merge < 1:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
     if max_depth is None:
@@ -2692,17 +2694,19 @@ def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, 
     if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
         raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
     max_nodes = 2 * world.grid_size**2 + 1
-    from_goal: dict[int, dict] = {}  # the goal image does not change during an episode: its search is kept
+    seen: dict[int, dict] = {}  # a search depends only on its image: one per image, kept for the episode
+
+    def searches(images: torch.Tensor) -> dict:
+        todo = [int(s) for s in images if int(s) not in seen]
+        if todo:
+            found = _imagine_all(model, encode_cells(model, world, torch.tensor(todo)), max_depth, max_nodes, merge)
+            seen.update({s: {k: v[i] for k, v in found.items()} for i, s in enumerate(todo)})
+        return {k: torch.stack([seen[int(s)][k] for s in images]) for k in seen[int(images[0])]}
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
         start_u, start_inv = torch.unique(cells, return_inverse=True)
         goal_u, goal_inv = torch.unique(goals, return_inverse=True)
-        ahead = _imagine_all(model, encode_cells(model, world, start_u), max_depth, max_nodes, merge)
-        todo = [int(s) for s in goal_u if int(s) not in from_goal]
-        if todo:
-            found = _imagine_all(model, encode_cells(model, world, torch.tensor(todo)), max_depth, max_nodes, merge)
-            from_goal.update({s: {k: v[i] for k, v in found.items()} for i, s in enumerate(todo)})
-        back = {k: torch.stack([from_goal[int(s)][k] for s in goal_u]) for k in ahead}
+        ahead, back = searches(start_u), searches(goal_u)
         dev = ahead["nodes"].device
         start_inv, goal_inv = start_inv.to(dev), goal_inv.to(dev)
         scores = torch.full((len(cells), len(ACTIONS)), float("inf"), device=dev)

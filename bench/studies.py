@@ -89,7 +89,9 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
             if layout == "open"
             else ["write-up objective (w 0)", "w 5 (the recipe)", "w 5, T=4 + rollout loss"]
         )
-        planners = ("probe", "latent", "cem") if layout == "open" else ("probe", "latent", "cem", "search", "graph")
+        planners = (
+            ("probe", "latent", "cem") if layout == "open" else ("probe", "latent", "cem", "search", "imagine", "graph")
+        )
         for name in [n for n in names if not only or n in only]:
             for seed in seeds:
                 cfg = g.make_config("cpu", seed=seed, layout=layout, **GEOMETRY_ROWS[name])
@@ -108,7 +110,8 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
                     f" cem {p['cem']['success']:.3f}/{p['cem']['optimal']:.3f}"
                     f" ({p['cem']['ms_per_decision']:.0f} ms)"
                     + (
-                        f" search {p['search']['success']:.3f} graph {p['graph']['success']:.3f}"
+                        f" search {p['search']['success']:.3f} imagine {p['imagine']['success']:.3f}"
+                        f" graph {p['graph']['success']:.3f}"
                         if "graph" in p
                         else ""
                     )
@@ -155,37 +158,41 @@ def probe_study(seeds: list[int], only: list[str] | None = None) -> list[dict]:
 
 
 SCALING_STEPS = {5: 300, 8: 600, 12: 1200, 16: 1500}
+SCALING_LAYOUTS = ("open", "walls 10%")
 
 
-def scaling_study(sizes: list[int], pairs: int = 600) -> list[dict]:
+def scaling_study(sizes: list[int], pairs: int = 600, steps: int | None = None, layouts=SCALING_LAYOUTS) -> list[dict]:
     """The cpu recipe (latent-map term on) on G x G grids, open and with 10% random walls (a seeded connected
     layout): steps to 99% next-state accuracy (checked every 25 steps), the latent's geometry, and planning on up
-    to ``pairs`` random start->goal pairs with the latent cost (greedy, CEM) beside the privileged imagined graph,
-    the greedy probe, random and BFS."""
+    to ``pairs`` random start->goal pairs with the latent cost (greedy, CEM), imagination search (goal image and
+    model only) beside the privileged imagined graph, the greedy probe, random and BFS.
+    ``steps`` overrides the per-size schedule (SCALING_STEPS)."""
     rows = []
     for size in sizes:
-        for layout in ("open", "walls 10%"):
+        for layout in layouts:
             walls = None if layout == "open" else g.random_layout(size, 0.1, seed=size)
-            steps = SCALING_STEPS.get(size, 1500)
+            num_steps = steps or SCALING_STEPS.get(size, 1500)
             input_size = 32 if size <= 5 else 64
-            cfg = g.make_config("cpu", grid_size=size, input_size=input_size, num_steps=steps, eval_every=25)
+            cfg = g.make_config("cpu", grid_size=size, input_size=input_size, num_steps=num_steps, eval_every=25)
             world = g.World(size, walls=walls)
             run = g.train(cfg, world=world, progress=False)
             evals = list(zip(run.history["eval_step"], run.history["next_state_acc"]))
             reached = next((s for s, acc in evals if acc >= 0.99), None)
             starts, goals = world.all_pairs()
             pick = torch.randperm(len(starts), generator=torch.Generator().manual_seed(0))[:pairs]
-            planners = {
-                "latent greedy": g.latent_greedy_policy(run.model, world),
-                "cem": g.cem_policy(run.model, world),
-                "graph (privileged)": g.graph_policy(run.model, world),
-                "probe": g.make_policy("probe", run.model, world),
-                "random": g.random_policy(0),
-                "bfs": g.bfs_policy(world),
+            planners = {  # makers, so the timed first decision starts from a fresh planner (no kept searches)
+                "latent greedy": lambda: g.latent_greedy_policy(run.model, world),
+                "cem": lambda: g.cem_policy(run.model, world),
+                "imagine": lambda: g.imagination_policy(run.model, world),
+                "graph (privileged)": lambda: g.graph_policy(run.model, world),
+                "probe": lambda: g.make_policy("probe", run.model, world),
+                "random": lambda: g.random_policy(0),
+                "bfs": lambda: g.bfs_policy(world),
             }
             plans = {}
-            for name, policy in planners.items():
-                plan = g.run_mpc(world, policy, starts[pick], goals[pick])
+            for name, make in planners.items():
+                plan = g.run_mpc(world, make(), starts[pick], goals[pick])
+                policy = make()
                 t0 = time.perf_counter()
                 policy(starts[pick], goals[pick])
                 plans[name] = plan.summary() | {"ms_per_decision_all_pairs": 1e3 * (time.perf_counter() - t0)}
@@ -194,10 +201,10 @@ def scaling_study(sizes: list[int], pairs: int = 600) -> list[dict]:
                 "layout": layout,
                 "walls": int(world.walls.sum()),
                 "input_size": input_size,
-                "num_steps": steps,
+                "num_steps": num_steps,
                 "train_seconds": run.train_seconds,
                 "steps_to_99": reached,
-                "seconds_to_99": None if reached is None else reached * run.train_seconds / steps,
+                "seconds_to_99": None if reached is None else reached * run.train_seconds / num_steps,
                 "final_next_state_accuracy": evals[-1][1],
                 **g.geometry_report(run.model, world, num_splits=5),
                 "plan_pairs": len(pick),
@@ -259,7 +266,7 @@ def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save
 
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "probes": ("probe_study.json", ("row", "seed")),
-    "scaling": ("scaling.json", ("grid_size", "layout")),
+    "scaling": ("scaling.json", ("grid_size", "layout", "num_steps")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed")),
@@ -272,6 +279,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
     parser.add_argument("--only", nargs="+", help="probes/geometry: run these rows (the others are kept)")
+    parser.add_argument("--steps", type=int, help="scaling: training steps for every size (default: SCALING_STEPS)")
+    parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
     args = parser.parse_args()
     filename, key_fields = STUDIES[args.study]
@@ -296,7 +305,7 @@ def main() -> None:
     if args.study == "probes":
         rows = probe_study(args.seeds, args.only)
     elif args.study == "scaling":
-        rows = scaling_study(args.sizes)
+        rows = scaling_study(args.sizes, steps=args.steps, layouts=args.grid_layouts)
     elif args.study == "layouts":
         rows = layouts_study(args.sizes if args.sizes != [5, 8, 12] else [5, 8], args.seeds, args.counts, save=save)
     elif args.study == "geometry":
