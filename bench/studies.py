@@ -81,7 +81,7 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
 
 def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("open",), save=None) -> list[dict]:
     """Each lever against the unchanged write-up objective, per seed; the untrained encoder beside the control.
-    On obstacle layouts: the control and the recipe only, with every planner."""
+    On obstacle layouts: the control, the recipe and T=4, with every planner."""
     rows = []
     for layout in layouts:
         names = (
@@ -161,19 +161,25 @@ SCALING_STEPS = {5: 300, 8: 600, 12: 1200, 16: 1500}
 SCALING_LAYOUTS = ("open", "walls 10%")
 
 
-def scaling_study(sizes: list[int], pairs: int = 600, steps: int | None = None, layouts=SCALING_LAYOUTS) -> list[dict]:
+def scaling_study(
+    sizes: list[int], pairs: int = 600, steps: int | None = None, layouts=SCALING_LAYOUTS, smooth: float | None = None
+) -> list[dict]:
     """The cpu recipe (latent-map term on) on G x G grids, open and with 10% random walls (a seeded connected
     layout): steps to 99% next-state accuracy (checked every 25 steps), the latent's geometry, and planning on up
     to ``pairs`` random start->goal pairs with the latent cost (greedy, CEM), imagination search (goal image and
     model only) beside the privileged imagined graph, the greedy probe, random and BFS.
-    ``steps`` overrides the per-size schedule (SCALING_STEPS)."""
+    ``steps`` overrides the per-size schedule (SCALING_STEPS), ``smooth`` the recipe's smoothness weight (0: the
+    original write-up's objective)."""
     rows = []
     for size in sizes:
         for layout in layouts:
             walls = None if layout == "open" else g.random_layout(size, 0.1, seed=size)
             num_steps = steps or SCALING_STEPS.get(size, 1500)
             input_size = 32 if size <= 5 else 64
-            cfg = g.make_config("cpu", grid_size=size, input_size=input_size, num_steps=num_steps, eval_every=25)
+            over = {} if smooth is None else {"smooth_weight": smooth}
+            cfg = g.make_config(
+                "cpu", grid_size=size, input_size=input_size, num_steps=num_steps, eval_every=25, **over
+            )
             world = g.World(size, walls=walls)
             run = g.train(cfg, world=world, progress=False)
             evals = list(zip(run.history["eval_step"], run.history["next_state_acc"]))
@@ -202,6 +208,7 @@ def scaling_study(sizes: list[int], pairs: int = 600, steps: int | None = None, 
                 "walls": int(world.walls.sum()),
                 "input_size": input_size,
                 "num_steps": num_steps,
+                "smooth_weight": cfg.smooth_weight,
                 "train_seconds": run.train_seconds,
                 "steps_to_99": reached,
                 "seconds_to_99": None if reached is None else reached * run.train_seconds / num_steps,
@@ -266,7 +273,7 @@ def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save
 
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "probes": ("probe_study.json", ("row", "seed")),
-    "scaling": ("scaling.json", ("grid_size", "layout", "num_steps")),
+    "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed")),
@@ -280,6 +287,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
     parser.add_argument("--only", nargs="+", help="probes/geometry: run these rows (the others are kept)")
     parser.add_argument("--steps", type=int, help="scaling: training steps for every size (default: SCALING_STEPS)")
+    parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
     args = parser.parse_args()
@@ -305,7 +313,7 @@ def main() -> None:
     if args.study == "probes":
         rows = probe_study(args.seeds, args.only)
     elif args.study == "scaling":
-        rows = scaling_study(args.sizes, steps=args.steps, layouts=args.grid_layouts)
+        rows = scaling_study(args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth)
     elif args.study == "layouts":
         rows = layouts_study(args.sizes if args.sizes != [5, 8, 12] else [5, 8], args.seeds, args.counts, save=save)
     elif args.study == "geometry":

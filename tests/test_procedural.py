@@ -136,6 +136,29 @@ def test_imagination_search_with_a_perfect_model_is_optimal(name):
     assert bool(result.optimal.all())
 
 
+def test_imagination_policy_searches_each_image_once(monkeypatch):
+    """A search depends only on its image: over a whole run of every pair, each image is searched once (from the
+    current image or the goal image alike), and the plans are the same as with a fresh planner every step."""
+    world = gj.World(5, walls="maze")
+    model = OracleModel(world)
+    searched = []
+    real = gj._imagine_all
+
+    def counting(model, emb, *args):
+        searched.extend(emb.argmax(1).tolist())
+        return real(model, emb, *args)
+
+    monkeypatch.setattr(gj, "_imagine_all", counting)
+    kept = gj.run_mpc(world, gj.imagination_policy(model, world))
+    assert sorted(searched) == sorted(set(searched)) and set(searched) <= set(world.free_cells.tolist())
+
+    def fresh(cells, goals):  # a new planner, so no search is kept between steps
+        return gj.imagination_policy(model, world)(cells, goals)
+
+    again = gj.run_mpc(world, fresh)
+    torch.testing.assert_close(kept.paths, again.paths)
+
+
 def test_imagine_map_finds_every_reachable_place_once():
     """With a perfect model, the imagined places from a cell are exactly the cells of its layout, each at its BFS
     depth, wall bumps merged into the place they stay at."""
