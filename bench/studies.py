@@ -239,6 +239,8 @@ def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save
     each: 2,000 pairs) and on the four named 5x5 layouts, with the agent-only planner (imagine) beside the
     privileged graph planner, the greedy probe planner (probe fitted on training layouts) and a random policy. BFS is
     the optimum. Checkpoints go to runs/ under the CLI's names, so a finished `--layouts procedural` run is reused."""
+    shipped = g.ASSETS / "gridjepa_layouts.pt"  # python gridjepa_utils.py --layouts procedural
+    _, shipped_cfg, shipped_record = g.load_run(shipped) if shipped.exists() else (None, None, None)
     rows = []
     for size in sizes:
         for count in counts:
@@ -246,11 +248,10 @@ def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save
             for seed in seeds:
                 over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
                 cfg = g.make_config("layouts", grid_size=size, seed=seed, num_layouts=K, **over)
-                shipped = g.ASSETS / "gridjepa_layouts.pt"  # python gridjepa_utils.py --layouts procedural
-                same = shipped.exists() and g.training_fields(g.load_run(shipped)[1]) == g.training_fields(cfg)
+                same = shipped_cfg is not None and g.training_fields(shipped_cfg) == g.training_fields(cfg)
                 run = g.train(cfg, ckpt_path=shipped if same else g.default_out_path(cfg), progress=False)
                 t0 = time.perf_counter()  # the shipped run was evaluated by the same function when it was made
-                metrics = g.load_run(shipped)[2]["metrics"] if same else g.evaluate_unseen(run.model, run.world)
+                metrics = shipped_record["metrics"] if same else g.evaluate_unseen(run.model, run.world)
                 row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": over}
                 row |= {"num_steps": cfg.num_steps, "train_seconds": run.total_train_seconds, **metrics}
                 row["eval_seconds"] = time.perf_counter() - t0
