@@ -3374,6 +3374,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps >= 1 (default: the profile's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size >= 1 (default: the profile's)")
     parser.add_argument(
         "--out",
         default=None,
@@ -3395,13 +3396,15 @@ def main(argv: list[str] | None = None) -> dict:
         ("smooth_weight", args.smooth),
         ("seq_len", args.seq_len),
         ("num_steps", args.steps),
+        ("batch_size", args.batch_size),
     ):
         if value is not None:
             overrides[key] = value
     try:
         cfg = make_config(args.profile, **overrides)
     except (TypeError, ValueError) as e:
-        parser.error(str(e).replace("Config.num_steps", "--steps (Config.num_steps)"))
+        message = str(e).replace("Config.num_steps", "--steps (Config.num_steps)")
+        parser.error(message.replace("Config.batch_size", "--batch-size (Config.batch_size)"))
     out = Path(args.out) if args.out else default_out_path(cfg)
     if out.suffix != ".pt":
         parser.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}")

@@ -1,0 +1,58 @@
+"""The layouts recipe (worlds never seen, notebook 05) trained on a GPU for a wall-clock budget, then evaluated on
+the held-out layouts exactly as ``python gridjepa_utils.py --layouts procedural`` does.
+
+    python bench/gpu_layouts.py --seconds 300 --batch-size 256 --out runs/gridjepa_layouts_gpu.pt
+
+It times the recipe's training step on the GPU first (bf16 autocast, as train() runs it), picks the number of
+steps that fits the budget less ``--eval-seconds`` (rounded down to a multiple of 500, at least 500), and then runs
+the command line with ``--steps`` and ``--batch-size``: the run record beside the checkpoint holds that command,
+the device and the training time, so the run can be repeated on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gridjepa_utils as g  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, required=True, help="wall-clock budget for training + evaluation")
+    parser.add_argument("--eval-seconds", type=float, default=120, help="kept back for the evaluation (default 120)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-steps", type=int, default=100_000)
+    parser.add_argument("--out", required=True, help="checkpoint path ending in .pt")
+    parser.add_argument("--cpu", action="store_true", help="allow a CPU run (checks the script; tiny budget)")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    if not (torch.cuda.is_available() or args.cpu):
+        raise SystemExit("no CUDA device: pass --cpu to check the script on the CPU")
+    if args.seconds <= 0 or args.eval_seconds < 0 or args.batch_size < 1 or args.max_steps < 1:
+        parser.error("--seconds must be > 0, --eval-seconds >= 0, --batch-size and --max-steps >= 1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = g.make_config("layouts", batch_size=args.batch_size)
+    est = g.estimate_train_time(cfg, device, timed_steps=30 if device.type == "cuda" else 3)
+    left = args.seconds - (time.perf_counter() - t0) - args.eval_seconds
+    steps = min(args.max_steps, max(500, int(left / est["seconds_per_step"]) // 500 * 500))
+    print(
+        f"{g.describe_device(device)}: layouts recipe at batch {args.batch_size}, "
+        f"{est['seconds_per_step'] * 1e3:.1f} ms per step -> {steps:,} steps in {left:.0f} s",
+        flush=True,
+    )
+    argv_run = ["--layouts", "procedural", "--steps", str(steps), "--batch-size", str(args.batch_size)]
+    metrics = g.main([*argv_run, "--out", args.out])
+    print(f"done in {time.perf_counter() - t0:.0f} s")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
