@@ -999,6 +999,18 @@ def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
     return _HELDOUT[grid_size][:num].copy()
 
 
+VALIDATION_START = 500  # held-out layouts 500 on: for choosing a planner's settings, never for reporting
+
+
+def validation_layouts(grid_size: int, num: int = 200) -> np.ndarray:
+    """Layouts to choose settings on: the held-out stream's layouts VALIDATION_START ... + num - 1 (num <= 500).
+    Like the test layouts they are never trained on; unlike them (the first 200) they are never reported."""
+    most = HELDOUT_RESERVED - VALIDATION_START
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or not 1 <= num <= most:
+        raise ValueError(f"num must be an integer in [1, {most}], got {num!r}")
+    return heldout_layouts(grid_size, HELDOUT_RESERVED)[VALIDATION_START : VALIDATION_START + num]
+
+
 def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
     """``num`` distinct layouts from the generator: (num, G, G) bool, connected, at least one wall, at most half
     the board walled. The same (grid_size, num, split, seed) gives the same layouts.
@@ -2678,7 +2690,9 @@ def _imagine_all(model: JEPA, emb: torch.Tensor, max_depth: int, max_nodes: int,
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, merge: float = 0.4) -> Policy:
+def imagination_policy(
+    model: JEPA, world: World, max_depth: int | None = None, merge: float = 0.4, meet: str = "either"
+) -> Policy:
     """Plan from two images and the model, nothing else: imagine the places reachable from the current image and
     the places reachable from the goal image (imagine_map; moves are reversible, so a place k moves from the goal is
     k moves to it), find where the two searches meet, and take the first action of the shortest imagined path through
@@ -2686,9 +2700,16 @@ def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, 
     with it the drift of the imagined latents. A search depends only on its image, so one search per image serves every
     pair and every step that sees it. If the searches do not meet, the planner heads for the imagined place nearest
     the goal image. The merge radius (0.4 of the longest imagined move) was chosen by measurement: over the shipped
-    models, 0.5 took more neighbours for one place and 0.3 split more wall bumps into new places."""
+    models, 0.5 took more neighbours for one place and 0.3 split more wall bumps into new places.
+
+    ``meet``: two imagined places, one from each search, are the same place when "either" search would take the
+    other's place as its own (closer than the larger of their two radii) or only when "both" would (the smaller).
+    A meeting compares latents that drifted from opposite ends, so "either" allows for both drifts; it was chosen
+    on validation layouts that neither training nor the held-out test uses (bench/studies.py imagine-tuning)."""
     if not isinstance(merge, (int, float)) or not 0 < merge < 1:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    if meet not in ("either", "both"):
+        raise ValueError(f"meet must be 'either' or 'both', got {meet!r}")
     if max_depth is None:
         max_depth = 2 * world.grid_size
     if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
@@ -2713,14 +2734,16 @@ def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, 
         for rows in torch.arange(len(cells), device=dev).split(256):
             s, t = start_inv[rows], goal_inv[rows]
             dist = torch.cdist(ahead["nodes"][s], back["nodes"][t])  # (R, Vs, Vg)
-            radius = torch.minimum(ahead["tol"][s][:, :, None], back["tol"][t][:, None, :])
+            radius = (torch.maximum if meet == "either" else torch.minimum)(
+                ahead["tol"][s][:, :, None], back["tol"][t][:, None, :]
+            )
             valid = (ahead["depth"][s] >= 0)[:, :, None] & (back["depth"][t] >= 0)[:, None, :]
-            meet = valid & (dist < radius)
+            met = valid & (dist < radius)
             length = (ahead["depth"][s][:, :, None] + back["depth"][t][:, None, :]).float()
             # a meeting costs its imagined path length; without one, (after every meeting) the distance to the
             # goal image's latent in units of the merge radius
             far = 1e3 + dist[:, :, :1] / (2 * ahead["tol"][s][:, :, None].clamp_min(1e-6)) + length[:, :, :1]
-            cost = torch.where(meet, length, float("inf")).amin(2)  # (R, Vs)
+            cost = torch.where(met, length, float("inf")).amin(2)  # (R, Vs)
             cost = torch.where(torch.isinf(cost), far[:, :, 0], cost)
             first = ahead["first"][s]
             cost[first < 0] = float("inf")

@@ -5,6 +5,7 @@
     python bench/studies.py geometry --seeds 0 1 2 3 4   # what makes the latent a map (04) -> geometry_study.json
     python bench/studies.py layouts-geometry --seeds 0 1 2  # the map recipe on obstacle layouts (05)
     python bench/studies.py layouts --sizes 5 8   # worlds never seen: 20 ... unlimited training layouts (05)
+    python bench/studies.py imagine-tuning  # imagination search's settings, on validation layouts (05)
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
 """
@@ -272,12 +273,49 @@ def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save
     return rows
 
 
+TUNING_MERGES = (0.3, 0.4, 0.5)
+TUNING_MEETS = ("both", "either")
+
+
+def imagine_tuning_study(pairs_per_layout: int = 10) -> list[dict]:
+    """The imagination search's two settings - the merge radius and when the two searches meet - on data that no
+    reported figure uses: the shipped layouts models on the 200 validation layouts (g.validation_layouts: never
+    trained on, never tested; 10 seeded pairs each), and the shipped single-layout models on every pair of their
+    own layout (which is also what their reported figures use, so those rows only guard against harm)."""
+    rows = []
+    models = {"layouts (GPU)": "gridjepa_layouts_gpu.pt", "layouts (cpu)": "gridjepa_layouts.pt"}
+    models |= {f"cpu {name}": f"gridjepa_cpu{'' if name == 'open' else '_' + name}.pt" for name in g.LAYOUTS}
+    for label, file in models.items():
+        model, cfg = g.load_model(g.ASSETS / file)
+        world = g.build_world(cfg)
+        g.calibrate_batchnorm(model, world)
+        if cfg.num_layouts:
+            world = g.WorldFamily(g.validation_layouts(cfg.grid_size), image_size=model.encoder.image_size)
+            starts, goals = g.sample_pairs(world, pairs_per_layout, 0)
+        else:
+            starts, goals = world.all_pairs()
+        for merge in TUNING_MERGES:
+            for meet in TUNING_MEETS:
+                policy = g.imagination_policy(model, world, merge=merge, meet=meet)
+                plan = g.run_mpc(world, policy, starts, goals).summary()
+                row = {"model": label, "checkpoint": file, "merge": merge, "meet": meet, "pairs": len(starts)}
+                row |= {k: plan[k] for k in ("success", "optimal", "seconds")}
+                rows.append(row)
+                print(
+                    f"{label:16s} merge {merge} meet {meet:6s}: {plan['success']:.1%} solved,"
+                    f" {plan['optimal']:.1%} optimal ({plan['seconds']:.0f} s)",
+                    flush=True,
+                )
+    return rows
+
+
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "probes": ("probe_study.json", ("row", "seed")),
     "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed")),
+    "imagine-tuning": ("imagine_tuning.json", ("model", "merge", "meet")),
 }
 
 
@@ -319,6 +357,8 @@ def main() -> None:
         rows = layouts_study(args.sizes if args.sizes != [5, 8, 12] else [5, 8], args.seeds, args.counts, save=save)
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
+    elif args.study == "imagine-tuning":
+        rows = imagine_tuning_study()
     else:
         rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
     save(rows)

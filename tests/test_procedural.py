@@ -72,6 +72,17 @@ def test_procedural_layouts_bad_arguments(bad):
 def test_heldout_limit():
     with pytest.raises(ValueError, match="num"):
         gj.heldout_layouts(5, gj.HELDOUT_RESERVED + 1)
+    with pytest.raises(ValueError, match="num"):
+        gj.validation_layouts(5, gj.HELDOUT_RESERVED)
+
+
+def test_validation_layouts_are_neither_trained_on_nor_tested():
+    """The layouts a planner's settings are chosen on: reserved (so never trained on), distinct from the 200 test
+    layouts that evaluate_unseen reports, and the same on every call."""
+    val, test = gj.validation_layouts(5), gj.heldout_layouts(5, 200)
+    assert len(val) == 200 and not keys(val) & keys(test)
+    assert keys(val) <= keys(gj.heldout_layouts(5, gj.HELDOUT_RESERVED))
+    assert np.array_equal(val, gj.validation_layouts(5))
 
 
 # ── the painter: any layout on demand, bit-identical to the atlas ──
@@ -179,6 +190,8 @@ def test_imagination_policy_bad_arguments(open_world):
         gj.imagination_policy(model, open_world, merge=1.5)
     with pytest.raises(ValueError, match="max_depth"):
         gj.imagination_policy(model, open_world, max_depth=0)
+    with pytest.raises(ValueError, match="meet must be 'either' or 'both'"):
+        gj.imagination_policy(model, open_world, meet="any")
 
 
 # ── the model parts the layouts need ──
