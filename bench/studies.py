@@ -234,7 +234,9 @@ UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training 
 LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64}}  # 8x8: cells too small to read at 32x32
 
 
-def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save=None) -> list[dict]:
+def layouts_study(
+    sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save=None, profile="layouts", steps=None
+) -> list[dict]:
     """Worlds never seen: train the `layouts` profile on K procedurally generated layouts (K = 20 ... unlimited),
     then measure (g.evaluate_unseen) next-state accuracy and planning on the 200 held-out layouts (10 seeded pairs
     each: 2,000 pairs) and on the four named 5x5 layouts, with the agent-only planner (imagine) beside the
@@ -248,13 +250,19 @@ def layouts_study(sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save
             K = UNLIMITED_LAYOUTS if count == "unlimited" else int(count)
             for seed in seeds:
                 over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
-                cfg = g.make_config("layouts", grid_size=size, seed=seed, num_layouts=K, **over)
+                more = {} if steps is None else {"num_steps": steps}
+                cfg = g.make_config(profile, grid_size=size, seed=seed, num_layouts=K, **over, **more)
                 same = shipped_cfg is not None and g.training_fields(shipped_cfg) == g.training_fields(cfg)
                 run = g.train(cfg, ckpt_path=shipped if same else g.default_out_path(cfg), progress=False)
                 t0 = time.perf_counter()  # the shipped run was evaluated by the same function when it was made
                 metrics = shipped_record["metrics"] if same else g.evaluate_unseen(run.model, run.world)
                 row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": over}
-                row |= {"num_steps": cfg.num_steps, "train_seconds": run.total_train_seconds, **metrics}
+                row |= {"profile": profile, "batch_size": cfg.batch_size, "num_steps": cfg.num_steps}
+                gpu = g.default_out_path(cfg).with_suffix(".gpu.json")  # trained on a GPU by bench/gpu_layouts.py
+                row["trained_on"] = (
+                    json.loads(gpu.read_text())["device"] if gpu.exists() else g.describe_device(torch.device("cpu"))
+                )
+                row |= {"train_seconds": run.total_train_seconds, **metrics}
                 row["eval_seconds"] = time.perf_counter() - t0
                 rows.append(row)
                 if save is not None:
@@ -314,7 +322,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
-    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed")),
+    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile")),
     "imagine-tuning": ("imagine_tuning.json", ("model", "merge", "meet")),
 }
 
@@ -325,7 +333,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
     parser.add_argument("--only", nargs="+", help="probes/geometry: run these rows (the others are kept)")
-    parser.add_argument("--steps", type=int, help="scaling: training steps for every size (default: SCALING_STEPS)")
+    parser.add_argument("--steps", type=int, help="scaling, layouts: training steps (default: per size; the profile's)")
+    parser.add_argument("--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts study")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
@@ -354,7 +363,8 @@ def main() -> None:
     elif args.study == "scaling":
         rows = scaling_study(args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth)
     elif args.study == "layouts":
-        rows = layouts_study(args.sizes if args.sizes != [5, 8, 12] else [5, 8], args.seeds, args.counts, save=save)
+        sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]
+        rows = layouts_study(sizes, args.seeds, args.counts, save=save, profile=args.profile, steps=args.steps)
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
     elif args.study == "imagine-tuning":

@@ -228,7 +228,7 @@ def test_make_transitions_seq_len_one(open_world):
 
 def test_make_config_unknown_profile():
     """An unknown profile lists the known ones."""
-    known = r"\['cpu', 'full', 'gpu', 'layouts', 'smoke'\]"
+    known = r"\['cpu', 'full', 'gpu', 'layouts', 'layouts_gpu', 'smoke'\]"
     with pytest.raises(ValueError, match=r"unknown profile 'tiny'; expected one of " + known):
         gj.make_config("tiny")
 
