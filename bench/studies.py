@@ -13,6 +13,7 @@ Each row trains with the project's own code on this machine's CPU; the command a
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import shlex
 import sys
@@ -52,6 +53,10 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
 }
 
 
+# when imagination search's two searches meet, as the rows were planned (older rows: "both", the earlier rule)
+IMAGINE_MEET = inspect.signature(g.imagination_policy).parameters["meet"].default
+
+
 def plan_summary(world, policy) -> dict:
     """Success and optimal share over every ordered pair of free cells, and ms per batched MPC decision."""
     result = g.run_mpc(world, policy)
@@ -73,6 +78,8 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
         **g.geometry_report(model, world),
         "plans": {name: plan_summary(world, g.make_policy(name, model, world)) for name in planners},
     }
+    if "imagine" in planners:
+        row["imagine_meet"] = IMAGINE_MEET
     row["plans"]["bfs (optimum)"] = plan_summary(world, g.bfs_policy(world))
     if with_untrained:  # the control row: LeWM's own cost, and the untrained encoder
         row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
@@ -216,6 +223,7 @@ def scaling_study(
                 "final_next_state_accuracy": evals[-1][1],
                 **g.geometry_report(run.model, world, num_splits=5),
                 "plan_pairs": len(pick),
+                "imagine_meet": IMAGINE_MEET,
                 "plans": plans,
             }
             rows.append(row)
@@ -242,8 +250,11 @@ def layouts_study(
     each: 2,000 pairs) and on the four named 5x5 layouts, with the agent-only planner (imagine) beside the
     privileged graph planner, the greedy probe planner (probe fitted on training layouts) and a random policy. BFS is
     the optimum. Checkpoints go to runs/ under the CLI's names, so a finished `--layouts procedural` run is reused."""
-    shipped = g.ASSETS / "gridjepa_layouts.pt"  # python gridjepa_utils.py --layouts procedural
-    _, shipped_cfg, shipped_record = g.load_run(shipped) if shipped.exists() else (None, None, None)
+    shipped = {}  # the shipped runs (python gridjepa_utils.py --layouts procedural, on a CPU and on a GPU)
+    for path in (g.ASSETS / "gridjepa_layouts.pt", g.ASSETS / "gridjepa_layouts_gpu.pt"):
+        if path.exists():
+            _, shipped_cfg, shipped_record = g.load_run(path)
+            shipped[json.dumps(g.training_fields(shipped_cfg), sort_keys=True)] = (path, shipped_record)
     rows = []
     for size in sizes:
         for count in counts:
@@ -252,15 +263,19 @@ def layouts_study(
                 over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
                 more = {} if steps is None else {"num_steps": steps}
                 cfg = g.make_config(profile, grid_size=size, seed=seed, num_layouts=K, **over, **more)
-                same = shipped_cfg is not None and g.training_fields(shipped_cfg) == g.training_fields(cfg)
-                run = g.train(cfg, ckpt_path=shipped if same else g.default_out_path(cfg), progress=False)
-                t0 = time.perf_counter()  # the shipped run was evaluated by the same function when it was made
-                metrics = shipped_record["metrics"] if same else g.evaluate_unseen(run.model, run.world)
+                path, record = shipped.get(json.dumps(g.training_fields(cfg), sort_keys=True), (None, None))
+                run = g.train(cfg, ckpt_path=path or g.default_out_path(cfg), progress=False)
+                t0 = time.perf_counter()  # a shipped run: its latest evaluation, by the same function (the CLI's)
+                metrics = record["evaluations"][-1]["metrics"] if record else g.evaluate_unseen(run.model, run.world)
                 row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": over}
                 row |= {"profile": profile, "batch_size": cfg.batch_size, "num_steps": cfg.num_steps}
                 gpu = g.default_out_path(cfg).with_suffix(".gpu.json")  # trained on a GPU by bench/gpu_layouts.py
                 row["trained_on"] = (
-                    json.loads(gpu.read_text())["device"] if gpu.exists() else g.describe_device(torch.device("cpu"))
+                    record["device"]
+                    if record
+                    else json.loads(gpu.read_text())["device"]
+                    if gpu.exists()
+                    else g.describe_device(torch.device("cpu"))
                 )
                 row |= {"train_seconds": run.total_train_seconds, **metrics}
                 row["eval_seconds"] = time.perf_counter() - t0
