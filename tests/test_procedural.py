@@ -258,3 +258,22 @@ def test_next_state_table_matches_accuracy(smoke_run):
     assert right == pytest.approx(gj.next_state_accuracy(model, world))
     assert torch.equal(table["bump"], world.next_cell[table["cell"], table["action"]] == table["cell"])
     assert 0 < int(table["bump"].sum()) < len(table["cell"])
+
+
+def test_layouts_procedural_picks_the_gpu_recipe_on_a_gpu(monkeypatch):
+    """--layouts procedural trains the `layouts` profile on a CPU and `layouts_gpu` on a GPU, which differs from it
+    only in batch size and length; --profile still wins."""
+    picked = []
+
+    def stop(profile, **overrides):
+        picked.append(profile)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(gj, "make_config", stop)
+    for cuda, extra in ((False, []), (True, []), (True, ["--profile", "smoke"])):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        with pytest.raises(SystemExit):
+            gj.main(["--layouts", "procedural", *extra])
+    assert picked == ["layouts", "layouts_gpu", "smoke"]
+    cpu, gpu = gj.PROFILES["layouts"], gj.PROFILES["layouts_gpu"]
+    assert {k for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)} == {"batch_size", "num_steps"}
