@@ -277,3 +277,20 @@ def test_layouts_procedural_picks_the_gpu_recipe_on_a_gpu(monkeypatch):
     assert picked == ["layouts", "layouts_gpu", "smoke"]
     cpu, gpu = gj.PROFILES["layouts"], gj.PROFILES["layouts_gpu"]
     assert {k for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)} == {"batch_size", "num_steps"}
+
+
+def test_searches_meet_when_either_would_take_the_place():
+    """The meeting rule, on the shipped GPU-trained layouts model and 30 validation layouts (never trained on, never
+    reported; 300 pairs): meeting when either search would take the other's place as its own solves clearly more
+    than requiring both (measured: 94.7% vs 85.0%)."""
+    model, _ = gj.load_model(gj.ASSETS / "gridjepa_layouts_gpu.pt")
+    family = gj.WorldFamily(gj.validation_layouts(5, 30), image_size=model.encoder.image_size)
+    gj.calibrate_batchnorm(model, gj.WorldFamily(gj.procedural_layouts(5, 200), image_size=model.encoder.image_size))
+    starts, goals = gj.sample_pairs(family, 10, 0)
+    solved = {
+        meet: float(
+            gj.run_mpc(family, gj.imagination_policy(model, family, meet=meet), starts, goals).success.float().mean()
+        )
+        for meet in ("both", "either")
+    }
+    assert solved["either"] >= 0.9 and solved["either"] - solved["both"] >= 0.05, solved
