@@ -2721,12 +2721,21 @@ def imagination_policy(
     max_nodes = 2 * world.grid_size**2 + 1
     seen: dict[int, dict] = {}  # a search depends only on its image: one per image, kept for the episode
 
+    empty = {"nodes": 0.0, "depth": -1, "first": -1, "tol": 0.0}  # what imagine_map leaves in unused slots
+
     def searches(images: torch.Tensor) -> dict:
         todo = [int(s) for s in images if int(s) not in seen]
         if todo:
             found = _imagine_all(model, encode_cells(model, world, torch.tensor(todo)), max_depth, max_nodes, merge)
-            seen.update({s: {k: v[i] for k, v in found.items()} for i, s in enumerate(todo)})
-        return {k: torch.stack([seen[int(s)][k] for s in images]) for k in seen[int(images[0])]}
+            for i, s in enumerate(todo):  # kept trimmed to the places found: memory grows with places, not max_nodes
+                n = int(found["count"][i])
+                seen[s] = {k: v[i, :n] if k in empty else v[i] for k, v in found.items()}
+        width = max(seen[int(s)]["depth"].shape[0] for s in images)  # stacked, padded as imagine_map pads
+        pad = lambda k, v: F.pad(v, (0, 0) * (v.dim() - 1) + (0, width - v.shape[0]), value=empty[k])
+        return {
+            k: torch.stack([pad(k, seen[int(s)][k]) if k in empty else seen[int(s)][k] for s in images])
+            for k in seen[int(images[0])]
+        }
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
         start_u, start_inv = torch.unique(cells, return_inverse=True)
