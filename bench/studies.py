@@ -254,7 +254,7 @@ def layouts_study(
     for path in (g.ASSETS / "gridjepa_layouts.pt", g.ASSETS / "gridjepa_layouts_gpu.pt"):
         if path.exists():
             _, shipped_cfg, shipped_record = g.load_run(path)
-            shipped[json.dumps(g.training_fields(shipped_cfg), sort_keys=True)] = (path, shipped_record)
+            shipped[g.config_hash(shipped_cfg)] = (path, shipped_record)
     rows = []
     for size in sizes:
         for count in counts:
@@ -263,7 +263,7 @@ def layouts_study(
                 over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
                 more = {} if steps is None else {"num_steps": steps}
                 cfg = g.make_config(profile, grid_size=size, seed=seed, num_layouts=K, **over, **more)
-                path, record = shipped.get(json.dumps(g.training_fields(cfg), sort_keys=True), (None, None))
+                path, record = shipped.get(g.config_hash(cfg), (None, None))
                 run = g.train(cfg, ckpt_path=path or g.default_out_path(cfg), progress=False)
                 t0 = time.perf_counter()  # a shipped run: its latest evaluation, by the same function (the CLI's)
                 metrics = record["evaluations"][-1]["metrics"] if record else g.evaluate_unseen(run.model, run.world)
