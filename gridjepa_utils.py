@@ -3408,6 +3408,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="temporal-smoothness weight >= 0 (default: the profile's; 0 = the original write-up's pure objective)",
     )
+    parser.add_argument(
+        "--smooth-ramp",
+        type=float,
+        default=None,
+        help="fraction of training over which the smoothness weight ramps in, in [0, 1] (default: the profile's; "
+        "1: over all of it, what obstacle layouts need - notebook 05)",
+    )
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="training steps >= 1 (default: the profile's)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size >= 1 (default: the profile's)")
@@ -3430,6 +3437,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in (
         ("lam", args.lam),
         ("smooth_weight", args.smooth),
+        ("smooth_ramp", args.smooth_ramp),
         ("seq_len", args.seq_len),
         ("num_steps", args.steps),
         ("batch_size", args.batch_size),
@@ -3440,6 +3448,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = make_config(args.profile, **overrides)
     except (TypeError, ValueError) as e:
         message = str(e).replace("Config.num_steps", "--steps (Config.num_steps)")
+        message = message.replace("Config.smooth_ramp", "--smooth-ramp (Config.smooth_ramp)")
         parser.error(message.replace("Config.batch_size", "--batch-size (Config.batch_size)"))
     out = Path(args.out) if args.out else default_out_path(cfg)
     if out.suffix != ".pt":

@@ -47,6 +47,7 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
     "w 3": {"smooth_weight": 3.0},
     "w 5 (the recipe)": {},
     "w 5 without the ramp": {"smooth_ramp": 0.0},
+    "w 5 ramped over all of training": {"smooth_ramp": 1.0},
     "w 10": {"smooth_weight": 10.0},
     "w 0, lam 10": {"smooth_weight": 0.0, "lam": 10.0},
     "w 5, T=4 + rollout loss": {"seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
@@ -95,7 +96,13 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
         names = (
             list(GEOMETRY_ROWS)
             if layout == "open"
-            else ["write-up objective (w 0)", "w 5 (the recipe)", "w 5, T=4 + rollout loss"]
+            else [
+                "write-up objective (w 0)",
+                "w 3",
+                "w 5 (the recipe)",
+                "w 5 ramped over all of training",
+                "w 5, T=4 + rollout loss",
+            ]
         )
         planners = (
             ("probe", "latent", "cem") if layout == "open" else ("probe", "latent", "cem", "search", "imagine", "graph")

@@ -76,11 +76,12 @@ def test_every_profile_is_valid():
         (["--lam", "inf"], r"Config\.lam must be a finite number"),
         (["--steps", "-5"], r"--steps \(Config\.num_steps\) must be >= 1"),
         (["--batch-size", "0"], r"--batch-size \(Config\.batch_size\) must be >= 1"),
+        (["--smooth-ramp", "1.5"], r"--smooth-ramp \(Config\.smooth_ramp\) must be >= 0\.0 and <= 1\.0, got 1\.5"),
         (["--seed", "-3"], r"Config\.seed must be >= 0"),
     ],
 )
 def test_cli_refuses_bad_settings_before_training(args, message, capsys, tmp_path):
-    """--lam -1, --lam nan, --steps -5, --batch-size 0 exit with status 2 and the reason, writing nothing."""
+    """Bad --lam, --steps, --batch-size, --smooth-ramp, --seed exit with status 2 and the reason, writing nothing."""
     with pytest.raises(SystemExit) as exit_info:
         gj.main(["--profile", "smoke", "--out", str(tmp_path / "x.pt"), *args])
     assert exit_info.value.code == 2
