@@ -56,6 +56,7 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
 
 # when imagination search's two searches meet, as the rows were planned (older rows: "both", the earlier rule)
 IMAGINE_MEET = inspect.signature(g.imagination_policy).parameters["meet"].default
+IMAGINE_MERGE = inspect.signature(g.imagination_policy).parameters["merge"].default
 
 
 def plan_summary(world, policy) -> dict:
@@ -177,14 +178,19 @@ SCALING_LAYOUTS = ("open", "walls 10%")
 
 
 def scaling_study(
-    sizes: list[int], pairs: int = 600, steps: int | None = None, layouts=SCALING_LAYOUTS, smooth: float | None = None
+    sizes: list[int],
+    pairs: int = 600,
+    steps: int | None = None,
+    layouts=SCALING_LAYOUTS,
+    smooth: float | None = None,
+    ramp: float | None = None,
 ) -> list[dict]:
     """The cpu recipe (latent-map term on) on G x G grids, open and with 10% random walls (a seeded connected
     layout): steps to 99% next-state accuracy (checked every 25 steps), the latent's geometry, and planning on up
     to ``pairs`` random start->goal pairs with the latent cost (greedy, CEM), imagination search (goal image and
     model only) beside the privileged imagined graph, the greedy probe, random and BFS.
     ``steps`` overrides the per-size schedule (SCALING_STEPS), ``smooth`` the recipe's smoothness weight (0: the
-    original write-up's objective)."""
+    original write-up's objective), ``ramp`` the share of training it ramps in over."""
     rows = []
     for size in sizes:
         for layout in layouts:
@@ -192,6 +198,7 @@ def scaling_study(
             num_steps = steps or SCALING_STEPS.get(size, 1500)
             input_size = 32 if size <= 5 else 64
             over = {} if smooth is None else {"smooth_weight": smooth}
+            over |= {} if ramp is None else {"smooth_ramp": ramp}
             cfg = g.make_config(
                 "cpu", grid_size=size, input_size=input_size, num_steps=num_steps, eval_every=25, **over
             )
@@ -224,6 +231,7 @@ def scaling_study(
                 "input_size": input_size,
                 "num_steps": num_steps,
                 "smooth_weight": cfg.smooth_weight,
+                "smooth_ramp": cfg.smooth_ramp,
                 "train_seconds": run.train_seconds,
                 "steps_to_99": reached,
                 "seconds_to_99": None if reached is None else reached * run.train_seconds / num_steps,
@@ -285,6 +293,7 @@ def layouts_study(
                     else g.describe_device(torch.device("cpu"))
                 )
                 row |= {"train_seconds": run.total_train_seconds, **metrics}
+                row |= {"imagine_merge": IMAGINE_MERGE, "imagine_meet": IMAGINE_MEET}  # as planned (older: 0.5, both)
                 row["eval_seconds"] = time.perf_counter() - t0
                 rows.append(row)
                 if save is not None:
@@ -341,7 +350,7 @@ def imagine_tuning_study(pairs_per_layout: int = 10) -> list[dict]:
 
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "probes": ("probe_study.json", ("row", "seed")),
-    "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight")),
+    "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight", "smooth_ramp")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile")),
@@ -358,6 +367,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="scaling, layouts: training steps (default: per size; the profile's)")
     parser.add_argument("--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts study")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
+    parser.add_argument("--ramp", type=float, help="scaling: share of training the smoothness weight ramps in over")
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
     args = parser.parse_args()
@@ -383,7 +393,9 @@ def main() -> None:
     if args.study == "probes":
         rows = probe_study(args.seeds, args.only)
     elif args.study == "scaling":
-        rows = scaling_study(args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth)
+        rows = scaling_study(
+            args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth, ramp=args.ramp
+        )
     elif args.study == "layouts":
         sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]
         rows = layouts_study(sizes, args.seeds, args.counts, save=save, profile=args.profile, steps=args.steps)
