@@ -3447,9 +3447,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg = make_config(args.profile, **overrides)
     except (TypeError, ValueError) as e:
-        message = str(e).replace("Config.num_steps", "--steps (Config.num_steps)")
-        message = message.replace("Config.smooth_ramp", "--smooth-ramp (Config.smooth_ramp)")
-        parser.error(message.replace("Config.batch_size", "--batch-size (Config.batch_size)"))
+        message = str(e)
+        for field, flag in (("num_steps", "--steps"), ("smooth_ramp", "--smooth-ramp"), ("batch_size", "--batch-size")):
+            message = message.replace(f"Config.{field}", f"{flag} (Config.{field})")  # flags named unlike their field
+        parser.error(message)
     out = Path(args.out) if args.out else default_out_path(cfg)
     if out.suffix != ".pt":
         parser.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}")
