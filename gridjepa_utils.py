@@ -52,6 +52,7 @@ from einops import rearrange, repeat
 
 ACTIONS = ("up", "down", "left", "right")
 ACTION_DELTAS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # (dcol, drow) per action
+OPPOSITE = torch.tensor([1, 0, 3, 2])  # the action that undoes each action (where no wall is in the way)
 REPO_ROOT = Path(__file__).resolve().parent
 ASSETS = REPO_ROOT / "assets"
 
@@ -2627,20 +2628,37 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
 
 @torch.no_grad()
 def imagine_map(
-    model: JEPA, start: torch.Tensor, max_depth: int = 32, max_nodes: int = 256, merge: float = 0.4
+    model: JEPA,
+    start: torch.Tensor,
+    max_depth: int = 32,
+    max_nodes: int = 256,
+    merge: float = 0.5,
+    rule: str = "undo",
 ) -> dict:
     """Breadth-first search in imagination from start latents alone: (U, D) -> the imagined places around each.
 
-    From each start latent the model imagines the 4 next latents, then the 4 after each of those, and so on. An
-    imagined latent within ``merge`` x (the longest imagined move from its parent) of a place already found is that
-    place again - this is how a wall bump (the latent stays put) or a second way to the same cell is recognised;
-    otherwise it is a new place, one move deeper. The radius is local because a learned map is not evenly spaced.
-    It stops when no new place appears (or at max_depth / max_nodes). Nothing but the model and the start latent
-    is used: no layout, no positions, no other image.
+    From each start latent the model imagines the 4 next latents, then the 4 after each of those, and so on. Each
+    imagined latent is either the place it came from again (a wall bump: the agent stays), a place already found
+    (a second way to the same cell), or a new place, one move deeper. Two rules tell them apart:
+
+    * ``rule="undo"`` (default): an imagined move is real when undoing it - the opposite action, imagined from the
+      new latent - lands nearer the parent than the move went; otherwise it is a wall bump and dropped. This test
+      has no length scale, so it holds where the learned map is stretched (a move across a door several times longer
+      than one along a wall). A real move is then the place already found within ``merge`` x (the parent's longest
+      real move) of it, or else a new place; it is never its own parent.
+    * ``rule="radius"`` (the earlier rule): an imagined latent within ``merge`` x (the parent's longest imagined
+      move) of a place already found is that place, the parent included - so on a stretched map a short real move
+      is taken for a bump.
+
+    The radius is local because a learned map is not evenly spaced. The search stops when no new place appears (or at
+    max_depth / max_nodes). Nothing but the model and the start latent is used: no layout, no positions, no other
+    image.
 
     Returns nodes (U, V, D), count (U,), depth (U, V), first (U, V) the first action of the path to each node
     (-1 at the start), tol (U, V) each place's radius.
     """
+    if rule not in ("undo", "radius"):
+        raise ValueError(f"rule must be 'undo' or 'radius', got {rule!r}")
     U, D, A = start.shape[0], start.shape[1], len(ACTIONS)
     dev = start.device
     actions = torch.arange(A, device=dev)
@@ -2656,22 +2674,32 @@ def imagine_map(
         if not len(front_u):
             break
         parent = nodes[front_u, front_v]  # (F, D)
-        pred = model.predict(repeat(parent, "f d -> (f a) d", a=A), actions.repeat(len(front_u)))  # (F*A, D)
-        radius = merge * (pred.view(-1, A, D) - parent[:, None]).norm(dim=-1).amax(1).clamp_min(1e-6)  # (F,)
+        step = actions.repeat(len(front_u))
+        pred = model.predict(repeat(parent, "f d -> (f a) d", a=A), step)  # (F*A, D)
+        went = (pred.view(-1, A, D) - parent[:, None]).norm(dim=-1)  # (F, A) how far each imagined move went
+        if rule == "undo":
+            undone = model.predict(pred, OPPOSITE.to(dev)[step]).view(-1, A, D)  # the move, then its opposite
+            real = (undone - parent[:, None]).norm(dim=-1) < went  # (F, A) back nearer than it went: a real move
+            longest = torch.where(real.any(1), went.masked_fill(~real, 0).amax(1), went.amax(1))
+        else:
+            real, longest = torch.ones_like(went, dtype=torch.bool), went.amax(1)
+        radius = merge * longest.clamp_min(1e-6)  # (F,)
         if level == 1:
             tol[:, 0] = radius
         ctol = repeat(radius, "f -> (f a)", a=A)
         cu = repeat(front_u, "f -> (f a)", a=A)
-        cfirst = actions.repeat(len(front_u)) if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
+        cfirst = step if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
+        own = repeat(front_v, "f -> (f a)", a=A) if rule == "undo" else torch.full_like(cu, -1)  # never a match
+        slots = torch.arange(max_nodes, device=dev)[None]
         nearest = torch.cat(  # (C,) distance to the nearest place this search already has, in chunks
             [
                 torch.cdist(p[:, None], nodes[c])[:, 0]
-                .masked_fill(torch.arange(max_nodes, device=dev)[None] >= count[c][:, None], float("inf"))
+                .masked_fill((slots >= count[c][:, None]) | (slots == o[:, None]), float("inf"))
                 .amin(1)
-                for p, c in zip(pred.split(256), cu.split(256))
+                for p, c, o in zip(pred.split(256), cu.split(256), own.split(256))
             ]
         )
-        new = nearest >= ctol
+        new = (nearest >= ctol) & real.reshape(-1)
         pred, cu, cfirst, ctol = pred[new], cu[new], cfirst[new], ctol[new]
         if len(pred):  # two new latents of one search that coincide are one place: keep the first
             close = (torch.cdist(pred, pred) < ctol[:, None]) & (cu[:, None] == cu[None])
@@ -2689,13 +2717,18 @@ def imagine_map(
     return {"nodes": nodes, "count": count, "depth": depth, "first": first, "tol": tol}
 
 
-def _imagine_all(model: JEPA, emb: torch.Tensor, max_depth: int, max_nodes: int, merge: float) -> dict:
-    parts = [imagine_map(model, z, max_depth, max_nodes, merge) for z in emb.split(256)]
+def _imagine_all(model: JEPA, emb: torch.Tensor, max_depth: int, max_nodes: int, merge: float, rule: str) -> dict:
+    parts = [imagine_map(model, z, max_depth, max_nodes, merge, rule) for z in emb.split(256)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def imagination_policy(
-    model: JEPA, world: World, max_depth: int | None = None, merge: float = 0.4, meet: str = "either"
+    model: JEPA,
+    world: World,
+    max_depth: int | None = None,
+    merge: float = 0.5,
+    meet: str = "either",
+    rule: str = "undo",
 ) -> Policy:
     """Plan from two images and the model, nothing else: imagine the places reachable from the current image and
     the places reachable from the goal image (imagine_map; moves are reversible, so a place k moves from the goal is
@@ -2703,17 +2736,22 @@ def imagination_policy(
     a meeting place; replan after every step. Searching from both ends halves the depth of each imagined rollout, and
     with it the drift of the imagined latents. A search depends only on its image, so one search per image serves every
     pair and every step that sees it. If the searches do not meet, the planner heads for the imagined place nearest
-    the goal image. The merge radius (0.4 of the longest imagined move) was chosen by measurement: over the shipped
-    models, 0.5 took more neighbours for one place and 0.3 split more wall bumps into new places.
+    the goal image.
 
-    ``meet``: two imagined places, one from each search, are the same place when "either" search would take the
+    ``rule`` tells a wall bump from a real move (imagine_map): "undo" (default) imagines the opposite action and
+    asks whether it comes back; "radius", the earlier rule, calls anything within ``merge`` x the longest move a
+    bump. ``meet``: two imagined places, one from each search, are the same place when "either" search would take the
     other's place as its own (closer than the larger of their two radii) or only when "both" would (the smaller).
-    A meeting compares latents that drifted from opposite ends, so "either" allows for both drifts; it was chosen
-    on validation layouts that neither training nor the held-out test uses (bench/studies.py imagine-tuning)."""
+    A meeting compares latents that drifted from opposite ends, so "either" allows for both drifts. The defaults
+    (undo, merge 0.5, either) were chosen on data no reported figure uses (bench/studies.py imagine-tuning): models
+    trained on validation layouts, and the layouts models on the validation layouts; the earlier rule's merge was 0.4.
+    """
     if not isinstance(merge, (int, float)) or not 0 < merge < 1:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
     if meet not in ("either", "both"):
         raise ValueError(f"meet must be 'either' or 'both', got {meet!r}")
+    if rule not in ("undo", "radius"):
+        raise ValueError(f"rule must be 'undo' or 'radius', got {rule!r}")
     if max_depth is None:
         max_depth = 2 * world.grid_size
     if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
@@ -2726,7 +2764,9 @@ def imagination_policy(
     def searches(images: torch.Tensor) -> dict:
         todo = [int(s) for s in images if int(s) not in seen]
         if todo:
-            found = _imagine_all(model, encode_cells(model, world, torch.tensor(todo)), max_depth, max_nodes, merge)
+            found = _imagine_all(
+                model, encode_cells(model, world, torch.tensor(todo)), max_depth, max_nodes, merge, rule
+            )
             for i, s in enumerate(todo):  # kept trimmed to the places found: memory grows with places, not max_nodes
                 n = int(found["count"][i])
                 seen[s] = {k: v[i, :n] if k in empty else v[i] for k, v in found.items()}
