@@ -54,9 +54,11 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
 }
 
 
-# when imagination search's two searches meet, as the rows were planned (older rows: "both", the earlier rule)
+# imagination search's settings, as the rows were planned (older rows: rule "radius", merge 0.4 or 0.5, meet "both")
 IMAGINE_MEET = inspect.signature(g.imagination_policy).parameters["meet"].default
 IMAGINE_MERGE = inspect.signature(g.imagination_policy).parameters["merge"].default
+IMAGINE_RULE = inspect.signature(g.imagination_policy).parameters["rule"].default
+IMAGINE_SETTINGS = {"imagine_rule": IMAGINE_RULE, "imagine_merge": IMAGINE_MERGE, "imagine_meet": IMAGINE_MEET}
 
 
 def plan_summary(world, policy) -> dict:
@@ -81,7 +83,7 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
         "plans": {name: plan_summary(world, g.make_policy(name, model, world)) for name in planners},
     }
     if "imagine" in planners:
-        row["imagine_meet"] = IMAGINE_MEET
+        row |= IMAGINE_SETTINGS
     row["plans"]["bfs (optimum)"] = plan_summary(world, g.bfs_policy(world))
     if with_untrained:  # the control row: LeWM's own cost, and the untrained encoder
         row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
@@ -238,7 +240,7 @@ def scaling_study(
                 "final_next_state_accuracy": evals[-1][1],
                 **g.geometry_report(run.model, world, num_splits=5),
                 "plan_pairs": len(pick),
-                "imagine_meet": IMAGINE_MEET,
+                **IMAGINE_SETTINGS,
                 "plans": plans,
             }
             rows.append(row)
@@ -293,7 +295,7 @@ def layouts_study(
                     else g.describe_device(torch.device("cpu"))
                 )
                 row |= {"train_seconds": run.total_train_seconds, **metrics}
-                row |= {"imagine_merge": IMAGINE_MERGE, "imagine_meet": IMAGINE_MEET}  # as planned (older: 0.5, both)
+                row |= IMAGINE_SETTINGS  # as planned (older rows: see IMAGINE_SETTINGS)
                 row["eval_seconds"] = time.perf_counter() - t0
                 rows.append(row)
                 if save is not None:
