@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import shlex
 import sys
@@ -55,10 +56,10 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
 
 
 # imagination search's settings, as the rows were planned (older rows: rule "radius", merge 0.4 or 0.5, meet "both")
-IMAGINE_MEET = inspect.signature(g.imagination_policy).parameters["meet"].default
-IMAGINE_MERGE = inspect.signature(g.imagination_policy).parameters["merge"].default
-IMAGINE_RULE = inspect.signature(g.imagination_policy).parameters["rule"].default
-IMAGINE_SETTINGS = {"imagine_rule": IMAGINE_RULE, "imagine_merge": IMAGINE_MERGE, "imagine_meet": IMAGINE_MEET}
+IMAGINE_SETTINGS = {
+    f"imagine_{name}": inspect.signature(g.imagination_policy).parameters[name].default
+    for name in ("rule", "merge", "meet")
+}
 
 
 def plan_summary(world, policy) -> dict:
@@ -314,15 +315,17 @@ def layouts_study(
     return rows
 
 
+TUNING_RULES = ("radius", "undo")
 TUNING_MERGES = (0.3, 0.4, 0.5)
 TUNING_MEETS = ("both", "either")
 
 
 def imagine_tuning_study(pairs_per_layout: int = 10) -> list[dict]:
-    """The imagination search's two settings - the merge radius and when the two searches meet - on data that no
-    reported figure uses: the shipped layouts models on the 200 validation layouts (g.validation_layouts: never
-    trained on, never tested; 10 seeded pairs each), and the shipped single-layout models on every pair of their
-    own layout (which is also what their reported figures use, so those rows only guard against harm)."""
+    """The imagination search's three settings - the bump rule, the merge radius and when the two searches meet - on
+    data that no reported figure uses: the shipped layouts models on the 200 validation layouts
+    (g.validation_layouts: never trained on, never tested; 10 seeded pairs each), and the shipped single-layout
+    models on every pair of their own layout (which is also what their reported figures use, so those rows only
+    guard against harm). The committed rows predate the undo rule: all are rule "radius"."""
     rows = []
     models = {"layouts (GPU)": "gridjepa_layouts_gpu.pt", "layouts (cpu)": "gridjepa_layouts.pt"}
     models |= {f"cpu {name}": f"gridjepa_cpu{'' if name == 'open' else '_' + name}.pt" for name in g.LAYOUTS}
@@ -335,18 +338,17 @@ def imagine_tuning_study(pairs_per_layout: int = 10) -> list[dict]:
             starts, goals = g.sample_pairs(world, pairs_per_layout, 0)
         else:
             starts, goals = world.all_pairs()
-        for merge in TUNING_MERGES:
-            for meet in TUNING_MEETS:
-                policy = g.imagination_policy(model, world, merge=merge, meet=meet)
-                plan = g.run_mpc(world, policy, starts, goals).summary()
-                row = {"model": label, "checkpoint": file, "merge": merge, "meet": meet, "pairs": len(starts)}
-                row |= {k: plan[k] for k in ("success", "optimal", "seconds")}
-                rows.append(row)
-                print(
-                    f"{label:16s} merge {merge} meet {meet:6s}: {plan['success']:.1%} solved,"
-                    f" {plan['optimal']:.1%} optimal ({plan['seconds']:.0f} s)",
-                    flush=True,
-                )
+        for rule, merge, meet in itertools.product(TUNING_RULES, TUNING_MERGES, TUNING_MEETS):
+            policy = g.imagination_policy(model, world, merge=merge, meet=meet, rule=rule)
+            plan = g.run_mpc(world, policy, starts, goals).summary()
+            row = {"model": label, "checkpoint": file, "rule": rule, "merge": merge, "meet": meet, "pairs": len(starts)}
+            row |= {k: plan[k] for k in ("success", "optimal", "seconds")}
+            rows.append(row)
+            print(
+                f"{label:16s} rule {rule:6s} merge {merge} meet {meet:6s}: {plan['success']:.1%} solved,"
+                f" {plan['optimal']:.1%} optimal ({plan['seconds']:.0f} s)",
+                flush=True,
+            )
     return rows
 
 
@@ -356,7 +358,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile")),
-    "imagine-tuning": ("imagine_tuning.json", ("model", "merge", "meet")),
+    "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
 }
 
 
