@@ -288,6 +288,7 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
     ):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["heldout_pairs"] == 200  # smoke: 20 held-out layouts x 10 pairs
+    assert metrics["imagine_rule"] == "undo" and metrics["imagine_merge"] == 0.5  # the search's settings, recorded
     saved = gj.load_run(out)[1]
     assert saved.num_layouts == 30
     with pytest.raises(SystemExit):
