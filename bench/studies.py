@@ -371,7 +371,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight", "smooth_ramp")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
-    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile")),
+    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile", "num_steps")),
     "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
 }
 
