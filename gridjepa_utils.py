@@ -2810,6 +2810,13 @@ def imagination_policy(
     return policy
 
 
+def imagination_settings() -> dict:
+    """imagination_policy's bump rule, merge radius and meeting rule as defaults - what a figure planned with it used,
+    recorded beside the figure (imagine_rule, imagine_merge, imagine_meet)."""
+    defaults = inspect.signature(imagination_policy).parameters
+    return {f"imagine_{k}": defaults[k].default for k in ("rule", "merge", "meet")}
+
+
 def shortest_distances(world: World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
     """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start (so a family of
     many layouts costs no more than its pairs). For evaluation only."""
@@ -3020,7 +3027,6 @@ def unseen_layout_report(
 def show_source(obj) -> str:
     """Show the module's own code for ``obj`` (a function, class or method) in a notebook, as a Python code block,
     so the page shows the code that runs - one source of truth. Prints it outside IPython. Returns the source."""
-    import inspect
     import textwrap
 
     src = textwrap.dedent(inspect.getsource(obj))
@@ -3274,8 +3280,7 @@ def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per
     if world.grid_size == 5:
         sets["named"] = np.stack([layout_walls(name) for name in LAYOUTS])
     metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
-    search = inspect.signature(imagination_policy).parameters  # the search's settings, as these figures were planned
-    metrics |= {f"imagine_{k}": search[k].default for k in ("rule", "merge", "meet")}
+    metrics |= imagination_settings()  # the search's settings, as these figures were planned
     for name, layouts in sets.items():
         report = unseen_layout_report(model, layouts, per_layout if name == "heldout" else 100, planners, probe)
         metrics[f"{name}_next_state_accuracy"] = report["next_state_accuracy"]

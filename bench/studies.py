@@ -13,7 +13,6 @@ Each row trains with the project's own code on this machine's CPU; the command a
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import json
 import shlex
@@ -68,10 +67,7 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
 
 
 # imagination search's settings, as the rows were planned (older rows: rule "radius", merge 0.4 or 0.5, meet "both")
-IMAGINE_SETTINGS = {
-    f"imagine_{name}": inspect.signature(g.imagination_policy).parameters[name].default
-    for name in ("rule", "merge", "meet")
-}
+IMAGINE_SETTINGS = g.imagination_settings()
 
 
 def plan_summary(world, policy) -> dict:
