@@ -2874,10 +2874,16 @@ def run_mpc(
     goals: torch.Tensor | None = None,
     max_steps: int | None = None,
     record: bool = False,
+    remember_bumps: bool = False,
 ) -> PlanResult:
     """Closed-loop control of every pair at once: observe -> policy -> act in the real world -> repeat.
 
     Defaults to all ordered pairs of distinct free cells. Episodes that reached their goal stop there.
+
+    ``remember_bumps``: the agent keeps one fact from its own past - an action after which its image did not change
+    walked into a wall, so in this episode it is not taken again from that image; the next-best action by the
+    policy's scores is taken instead. In a deterministic world a policy that sees only (image, goal image) repeats
+    a bump forever, so this changes only episodes that would otherwise fail. Each episode remembers its own bumps.
     """
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
@@ -2905,12 +2911,16 @@ def run_mpc(
     optimal = shortest_distances(world, starts, goals)
     if (optimal < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")
+    if not isinstance(remember_bumps, bool):
+        raise TypeError(f"remember_bumps must be True or False, got {remember_bumps!r}")
     max_steps = max_steps if max_steps is not None else 2 * int(optimal.max()) + world.grid_size
     t0 = time.perf_counter()
     cells = starts.clone()
     paths, trace = [cells.clone()], []
     steps = torch.full_like(starts, max_steps + 1)
     steps[cells == goals] = 0
+    A = len(ACTIONS)
+    bumps = torch.zeros(0, dtype=torch.long)  # (episode, cell, action) of each remembered bump, as one number
     for t in range(max_steps):
         active = cells != goals
         if not active.any():
@@ -2920,12 +2930,22 @@ def run_mpc(
         if not isinstance(out, dict) or "action" not in out:
             raise TypeError("a policy must return a dict with an 'action' tensor")
         action = check_actions(out["action"]).cpu()
-        if action.shape != (int(active.sum()),):
-            n = int(active.sum())
+        n = int(active.sum())
+        if action.shape != (n,):
             raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {n} pairs")
+        here = (active.nonzero()[:, 0, None] * world.num_cells + cells[active, None]) * A + torch.arange(A)  # (n, A)
+        if remember_bumps and len(bumps):
+            if "scores" not in out:
+                raise TypeError("remember_bumps needs a policy that returns 'scores' (its cost of each action)")
+            known = torch.isin(here, bumps)  # (n, A) actions this episode already saw go nowhere from here
+            scores = out["scores"].detach().float().cpu().masked_fill(known, float("inf"))
+            action = torch.where(known.gather(1, action[:, None])[:, 0], scores.argmin(1), action)
+            out = out | {"action": action}
         if record:
             trace.append({k: v.clone() for k, v in out.items()} | {"active": active.clone()})
-        cells[active] = world.next_cell[cells[active], action]
+        moved = world.next_cell[cells[active], action]
+        bumps = torch.cat([bumps, here.gather(1, action[:, None])[:, 0][moved == cells[active]]])
+        cells[active] = moved
         steps[(cells == goals) & active] = t + 1
         paths.append(cells.clone())
     return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
@@ -2983,9 +3003,10 @@ def unseen_layout_report(
 ) -> dict:
     """How a model does in layouts (K, G, G) - e.g. held-out ones it never trained on: next-state accuracy over every
     (free cell, action) pair of each layout, and planning ``per_layout`` seeded start -> goal pairs per layout with
-    each planner. "imagine" uses only the two images and the model; "graph" is privileged (it encodes every free
-    cell of the layout first); "probe" needs a ``probe`` fitted elsewhere (on training layouts); BFS is the optimum
-    that "optimal" is measured against. Returns plain numbers (per-layout accuracies included)."""
+    each planner. "imagine" uses only the two images and the model; "imagine_memory" is the same agent remembering
+    its own wall bumps (run_mpc's remember_bumps); "graph" is privileged (it encodes every free cell of the layout
+    first); "probe" needs a ``probe`` fitted elsewhere (on training layouts); BFS is the optimum that "optimal" is
+    measured against. Returns plain numbers (per-layout accuracies included)."""
     family = WorldFamily(layouts, image_size=model.encoder.image_size)
     N = family.grid_size**2
     acc = layout_next_state_accuracy(model, family)
@@ -3013,8 +3034,8 @@ def unseen_layout_report(
                 raise ValueError("the probe planner needs probe= (fitted on training layouts, never on these)")
             policy = probe_policy(model, family, probe)
         else:
-            policy = make_policy(name, model, family)
-        summary = run_mpc(family, policy, starts, goals).summary()
+            policy = make_policy(name.removesuffix("_memory"), model, family)
+        summary = run_mpc(family, policy, starts, goals, remember_bumps=name.endswith("_memory")).summary()
         report[name] = {k: summary[k] for k in ("success", "optimal", "seconds")}
     return report
 
@@ -3181,11 +3202,13 @@ def planning_player(
     start: int | None = None,
     goal: int | None = None,
     max_steps: int | None = None,
+    remember_bumps: bool = False,
 ):
     """Widget: choose a planner, a start and a goal, then Play or step through the episode.
 
     Shows the current frame, the map with the path so far, the 4 actions' predicted scores and the
-    chosen action. Works on ipywidgets 7.7 and 8 (Play and IntSlider linked in Python, not in the browser).
+    chosen action. The "remember bumps" box plans as run_mpc(remember_bumps=...) does (its initial state:
+    ``remember_bumps``). Works on ipywidgets 7.7 and 8 (Play and IntSlider linked in Python, not in the browser).
     """
     import ipywidgets as W
     import matplotlib.pyplot as plt
@@ -3197,6 +3220,9 @@ def planning_player(
         options=list(names.items()), value=start if start is not None else free[0], description="start"
     )
     goal_w = W.Dropdown(options=list(names.items()), value=goal if goal is not None else free[-1], description="goal")
+    if not isinstance(remember_bumps, bool):
+        raise TypeError(f"remember_bumps must be True or False, got {remember_bumps!r}")
+    memory = W.Checkbox(value=remember_bumps, description="remember bumps", indent=False)
     step = W.IntSlider(min=0, max=0, description="step")
     play = W.Play(min=0, max=0, interval=600)
     W.link((play, "value"), (step, "value"))
@@ -3216,6 +3242,7 @@ def planning_player(
             torch.tensor([goal_w.value]),
             max_steps=max_steps,
             record=True,
+            remember_bumps=memory.value,
         )
         state["result"] = res
         last = int(min(res.steps[0], res.paths.shape[1] - 1))
@@ -3251,14 +3278,17 @@ def planning_player(
                 for a, name in enumerate(ACTIONS)
             )
             lines.append(f"predicted cost per action - {cells_txt} &nbsp; -> <b>{ACTIONS[chosen]}</b>")
+            if chosen != int(scores.argmin()):
+                lines.append(f"({ACTIONS[int(scores.argmin())]} already went nowhere from this image: remembered)")
         info.value = "<br>".join(lines)
 
-    for w in (planner, start_w, goal_w):
+    for w in (planner, start_w, goal_w, memory):
         w.observe(replan, names="value")
     step.observe(show, names="value")
     replan()
-    box = W.VBox([W.HBox([planner, start_w, goal_w]), W.HBox([play, step]), W.HBox([frame, board]), info])
-    box.state, box.controls = state, {"planner": planner, "start": start_w, "goal": goal_w, "step": step, "play": play}
+    box = W.VBox([W.HBox([planner, start_w, goal_w, memory]), W.HBox([play, step]), W.HBox([frame, board]), info])
+    box.state = state
+    box.controls = {"planner": planner, "start": start_w, "goal": goal_w, "memory": memory, "step": step, "play": play}
     return box
 
 
@@ -3270,12 +3300,13 @@ def planning_player(
 def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
     """Headline metrics of a model trained on generated layouts, measured in worlds it never saw: the first
     ``num_layouts`` held-out layouts (``per_layout`` pairs each) and, on 5x5, the four named ones (100 pairs each).
-    Planners: imagine (only the two images and the model), graph (privileged), the greedy probe (its probe fitted
-    on 200 training layouts), random. Optimal means as short as BFS."""
+    Planners: imagine (only the two images and the model), imagine_memory (the same, remembering its wall bumps),
+    graph (privileged), the greedy probe (its probe fitted on 200 training layouts), random. Optimal means as short
+    as BFS."""
     calibrate_batchnorm(model, world)
     seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
     probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
-    planners = ("imagine", "graph", "probe", "random")
+    planners = ("imagine", "imagine_memory", "graph", "probe", "random")
     sets = {"heldout": heldout_layouts(world.grid_size, num_layouts)}
     if world.grid_size == 5:
         sets["named"] = np.stack([layout_walls(name) for name in LAYOUTS])
@@ -3292,15 +3323,16 @@ def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per
     return metrics
 
 
-def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> dict:
+def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe", remember_bumps: bool = False) -> dict:
     """Headline metrics of a trained model on its world: next-state accuracy, the latent's geometry (PCA, latent vs
-    grid distance, held-out probes), planning with ``planner`` and with the latent cost alone (greedy, no probe).
-    A model trained on generated layouts is measured in layouts it never saw instead (evaluate_unseen)."""
+    grid distance, held-out probes), planning with ``planner`` (its agent remembering its wall bumps with
+    ``remember_bumps``, as run_mpc) and with the latent cost alone (greedy, no probe). A model trained on generated
+    layouts is measured in layouts it never saw instead (evaluate_unseen: planned both with and without memory)."""
     if isinstance(world, WorldFamily):  # the smoke profile (CI) measures 20 held-out layouts, the others 200
         return evaluate_unseen(model, world, num_layouts=20 if cfg.profile == "smoke" else 200)
     calibrate_batchnorm(model, world)
     geometry = geometry_report(model, world)
-    plan = run_mpc(world, make_policy(planner, model, world)).summary()
+    plan = run_mpc(world, make_policy(planner, model, world), remember_bumps=remember_bumps).summary()
     latent = run_mpc(world, latent_greedy_policy(model, world)).summary()
     return {
         "next_state_accuracy": next_state_accuracy(model, world),
@@ -3313,6 +3345,7 @@ def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe") -> 
         "probe_r2_heldout_std": geometry["probe_r2_heldout_std"],
         "probe_r2_ridge_heldout": geometry["probe_r2_ridge_heldout"],
         "planner": planner,
+        "remember_bumps": remember_bumps,
         "plan_success": plan["success"],
         "plan_optimal": plan["optimal"],
         "plan_seconds": plan["seconds"],
@@ -3390,7 +3423,7 @@ def _main_run(args, argv, cfg: Config, out: Path, device: torch.device) -> dict:
     result = train(cfg, ckpt_path=out, resume=True, device=device)
     if not _is_main_process():
         return {}
-    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner)
+    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner, args.remember_bumps)
     command = "python gridjepa_utils.py " + " ".join(argv if argv is not None else sys.argv[1:])
     evaluation = {
         "command": command,
@@ -3450,6 +3483,11 @@ def main(argv: list[str] | None = None) -> dict:
         "profile, 'layouts_gpu' on a GPU, unless --profile is given); or a number of generated training layouts",
     )
     parser.add_argument("--planner", default="probe", choices=PLANNERS)
+    parser.add_argument(
+        "--remember-bumps",
+        action="store_true",
+        help="plan with an agent that does not repeat an action which left its image unchanged (run_mpc)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lam", type=float, default=None, help="SIGReg weight >= 0 (default: the profile's)")
     parser.add_argument(

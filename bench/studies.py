@@ -70,9 +70,9 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
 IMAGINE_SETTINGS = g.imagination_settings()
 
 
-def plan_summary(world, policy) -> dict:
+def plan_summary(world, policy, remember_bumps: bool = False) -> dict:
     """Success and optimal share over every ordered pair of free cells, and ms per batched MPC decision."""
-    result = g.run_mpc(world, policy)
+    result = g.run_mpc(world, policy, remember_bumps=remember_bumps)
     decisions = max(1, int(result.steps.clamp(max=result.paths.shape[1] - 1).max()))
     return {
         "success": float(result.success.float().mean()),
@@ -93,6 +93,8 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
     }
     if "imagine" in planners:
         row |= IMAGINE_SETTINGS
+        memory = plan_summary(world, g.imagination_policy(model, world), remember_bumps=True)
+        row["plans"]["imagine (remembers bumps)"] = memory
     row["plans"]["bfs (optimum)"] = plan_summary(world, g.bfs_policy(world))
     if with_untrained:  # the control row: LeWM's own cost, and the untrained encoder
         row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
@@ -139,6 +141,7 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
                     f" ({p['cem']['ms_per_decision']:.0f} ms)"
                     + (
                         f" search {p['search']['success']:.3f} imagine {p['imagine']['success']:.3f}"
+                        f" (remembering bumps {p['imagine (remembers bumps)']['success']:.3f})"
                         f" graph {p['graph']['success']:.3f}"
                         if "graph" in p
                         else ""
@@ -236,6 +239,9 @@ def scaling_study(
                 t0 = time.perf_counter()
                 policy(starts[pick], goals[pick])
                 plans[name] = plan.summary() | {"ms_per_decision_all_pairs": 1e3 * (time.perf_counter() - t0)}
+                if name == "imagine":  # the same agent, remembering its own wall bumps (same decision time)
+                    memory = g.run_mpc(world, make(), starts[pick], goals[pick], remember_bumps=True)
+                    plans["imagine (remembers bumps)"] = memory.summary()
             row = {
                 "grid_size": size,
                 "layout": layout,
@@ -316,7 +322,8 @@ def layouts_study(
                     f" {metrics['training_layouts_next_state_accuracy']:.3f}, held-out"
                     f" {metrics['heldout_next_state_accuracy']:.3f} | held-out planning: "
                     + " ".join(
-                        f"{p} {metrics[f'heldout_{p}_success']:.3f}" for p in ("imagine", "graph", "probe", "random")
+                        f"{p} {metrics.get(f'heldout_{p}_success', float('nan')):.3f}"
+                        for p in ("imagine", "imagine_memory", "graph", "probe", "random")
                     )
                     + (f" | named: imagine {metrics['named_imagine_success']:.3f}" if size == 5 else "")
                     + f" | {run.total_train_seconds:.0f} s",

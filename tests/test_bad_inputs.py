@@ -275,3 +275,16 @@ def test_run_mpc_unreachable_goal():
         gj.run_mpc(
             world, gj.bfs_policy(world), torch.tensor([world.cell_index(0, 0)]), torch.tensor([world.cell_index(4, 0)])
         )
+
+
+def test_run_mpc_remember_bumps_bad_inputs(open_world):
+    """remember_bumps must be a bool, and needs a policy that scores its actions (to take the next-best one)."""
+    start, goal = torch.tensor([open_world.cell_index(0, 0)]), torch.tensor([open_world.cell_index(4, 4)])
+    with pytest.raises(TypeError, match=r"remember_bumps must be True or False, got 'yes'"):
+        gj.run_mpc(open_world, gj.bfs_policy(open_world), start, goal, remember_bumps="yes")
+
+    def unscored(cells, goals):  # always "up": from the top row, a bump
+        return {"action": torch.zeros(len(cells), dtype=torch.long)}
+
+    with pytest.raises(TypeError, match=r"remember_bumps needs a policy that returns 'scores'"):
+        gj.run_mpc(open_world, unscored, start, goal, remember_bumps=True)

@@ -150,6 +150,10 @@ def test_rerun_appends_its_evaluation_and_keeps_the_original(tmp_path):
         assert second[key] == first[key], key
     assert [e["planner"] for e in second["evaluations"]] == ["probe", "nearest"]
     assert "--planner nearest" in second["evaluations"][1]["command"]
+    assert run_cli("--out", out, "--planner", "imagine", "--remember-bumps") == 0
+    third = json.loads(out.with_suffix(".json").read_text())
+    assert [e["metrics"]["remember_bumps"] for e in third["evaluations"]] == [False, False, True]
+    assert third["evaluations"][2]["planner"] == "imagine" and third["metrics"] == first["metrics"]
     assert leftovers(out.parent) == []
 
 

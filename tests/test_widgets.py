@@ -159,3 +159,28 @@ def test_planning_player_switching_planner_replans(player):
     assert torch.equal(after.starts, torch.tensor([world.cell_index(2, 2)]))
     ctl["planner"].value = "bfs"
     assert "<b>bfs</b>" in find(box, ipywidgets.HTML).value and bool(box.state["result"].optimal[0])
+
+
+def test_planning_player_remember_bumps_box():
+    """The "remember bumps" box replans the episode with run_mpc's memory: a planner that always prefers "up" stays
+    under the cup's wall without it, and with it steps aside after one bump, saying why."""
+
+    def up_first(cells, goals):
+        scores = torch.arange(4.0).repeat(len(cells), 1)  # up < down < left < right, whatever the goal
+        return {"action": scores.argmin(1), "scores": scores}
+
+    world = gj.World(5, walls="u_trap")
+    box = gj.planning_player(world, {"up first": up_first})
+    ctl, info = box.controls, find(box, ipywidgets.HTML)
+    assert ctl["memory"] is find(box, ipywidgets.Checkbox, "remember bumps") and ctl["memory"].value is False
+    ctl["start"].value, ctl["goal"].value = world.cell_index(2, 2), world.cell_index(2, 0)
+    stuck = box.state["result"].paths[0]
+    assert set(stuck.tolist()) == {world.cell_index(2, 2)}
+    ctl["memory"].value = True
+    moved = box.state["result"].paths[0]
+    assert int(moved[1]) == world.cell_index(2, 2) and int(moved[2]) == world.cell_index(2, 3)  # bump, then down
+    assert ctl["step"].value == 0
+    ctl["step"].value = 1
+    assert "-> <b>down</b>" in info.value and "up already went nowhere from this image: remembered" in info.value
+    with pytest.raises(TypeError, match=r"remember_bumps must be True or False"):
+        gj.planning_player(world, {"up first": up_first}, remember_bumps=1)
