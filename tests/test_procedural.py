@@ -283,11 +283,15 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
     for key in (
         "heldout_next_state_accuracy",
         "heldout_imagine_success",
+        "heldout_imagine_memory_success",
         "heldout_graph_success",
         "named_random_success",
     ):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["heldout_pairs"] == 200  # smoke: 20 held-out layouts x 10 pairs
+    for where in ("heldout", "named"):  # remembering bumps changes only episodes that would repeat a bump forever
+        assert metrics[f"{where}_imagine_memory_success"] >= metrics[f"{where}_imagine_success"]
+        assert metrics[f"{where}_imagine_memory_optimal"] == metrics[f"{where}_imagine_optimal"]
     assert metrics["imagine_rule"] == "undo" and metrics["imagine_merge"] == 0.5  # the search's settings, recorded
     saved = gj.load_run(out)[1]
     assert saved.num_layouts == 30
