@@ -6,6 +6,7 @@
     python bench/studies.py layouts-geometry --seeds 0 1 2  # the map recipe on obstacle layouts (05)
     python bench/studies.py layouts --sizes 5 8   # worlds never seen: 20 ... unlimited training layouts (05)
     python bench/studies.py imagine-tuning  # imagination search's settings, on validation layouts (05)
+    python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
 """
@@ -369,7 +370,47 @@ def imagine_tuning_study(pairs_per_layout: int = 10) -> list[dict]:
     return rows
 
 
+RECIPE_ROWS = {  # name -> overrides of the cpu profile: the schedules compared when the recipe's 450 steps were chosen
+    "300 steps, ramp 0.5 (the earlier recipe)": EARLIER,
+    "300 steps, ramp 0.75": {**EARLIER, "smooth_ramp": 0.75},
+    "450 steps, ramp 0.5 (the recipe)": {},
+    "300 steps, ramp 1": {**EARLIER, "smooth_ramp": 1.0},
+}
+
+
+def recipe_tuning_study(num_layouts: int = 8, seeds=(0, 1), only: list[str] | None = None, save=None) -> list[dict]:
+    """How the cpu recipe's schedule was chosen, on data no reported figure uses: each candidate trained on each of
+    the first ``num_layouts`` validation layouts (g.validation_layouts: never trained on by the layouts models,
+    never reported), per seed; imagination search (the undo rule) on every pair of the layout, with and without
+    bump memory, and next-state accuracy. The open board's PC1 + PC2 for each candidate is in the geometry study."""
+    rows = []
+    layouts = g.validation_layouts(5)[:num_layouts]
+    for name in [n for n in RECIPE_ROWS if not only or n in only]:
+        for k, walls in enumerate(layouts):
+            for seed in seeds:
+                cfg = g.make_config("cpu", seed=seed, **RECIPE_ROWS[name])
+                world = g.World(5, walls=walls)
+                run = g.train(cfg, world=world, progress=False)
+                row = {"row": name, "validation_layout": k, "seed": seed, "overrides": RECIPE_ROWS[name]}
+                row |= {"walls": int(walls.sum()), "train_seconds": run.train_seconds, **IMAGINE_SETTINGS}
+                row["next_state_accuracy"] = g.next_state_accuracy(run.model, world)
+                for label, memory in (("imagine", False), ("imagine (remembers bumps)", True)):
+                    row[label] = plan_summary(world, g.imagination_policy(run.model, world), remember_bumps=memory)
+                rows.append(row)
+                if save is not None:
+                    save(rows)
+                print(
+                    f"{name:42s} validation layout {k} seed {seed}: next-state {row['next_state_accuracy']:.3f}"
+                    f" | imagine {row['imagine']['success']:.3f}"
+                    f" (remembering bumps {row['imagine (remembers bumps)']['success']:.3f})"
+                    f" | {run.train_seconds:.0f} s",
+                    flush=True,
+                )
+    return rows
+
+
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
+    "recipe-tuning": ("recipe_tuning.json", ("row", "validation_layout", "seed")),
     "probes": ("probe_study.json", ("row", "seed")),
     "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight", "smooth_ramp")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
@@ -384,7 +425,7 @@ def main() -> None:
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
-    parser.add_argument("--only", nargs="+", help="probes/geometry: run these rows (the others are kept)")
+    parser.add_argument("--only", nargs="+", help="probes/geometry/recipe-tuning: run these rows (the others are kept)")
     parser.add_argument("--steps", type=int, help="scaling, layouts: training steps (default: per size; the profile's)")
     parser.add_argument("--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts study")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
@@ -424,6 +465,8 @@ def main() -> None:
         rows = geometry_study(args.seeds, args.only, save=save)
     elif args.study == "imagine-tuning":
         rows = imagine_tuning_study()
+    elif args.study == "recipe-tuning":
+        rows = recipe_tuning_study(only=args.only, save=save)
     else:
         rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
     save(rows)
