@@ -2746,8 +2746,9 @@ def imagination_policy(
     A meeting compares latents that drifted from opposite ends, so "either" allows for both drifts. The defaults
     were chosen on data no reported figure uses: "either" with the earlier rule (merge 0.4) by bench/studies.py
     imagine-tuning, the layouts models on the validation layouts; the undo rule and merge 0.5 on the cpu recipe
-    trained on 8 validation layouts, 2 seeds each (mean solved: radius 0.4 82.9%, undo 0.5 92.2%), and on the
-    layouts models on the validation layouts (GPU-trained 95.4% -> 97.9%; CPU-trained 53.6% -> 50.7%).
+    trained on 8 validation layouts, 2 seeds each (mean solved: radius 0.4 82.9%, undo 0.5 92.2%; the undo rule's
+    figures for the schedules compared are bench/studies.py recipe-tuning's), and on the layouts models on the
+    validation layouts (imagine-tuning: GPU-trained 95.4% -> 97.9%; CPU-trained 53.6% -> 50.7%).
     """
     if not isinstance(merge, (int, float)) or not 0 < merge < 1:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
@@ -2882,8 +2883,10 @@ def run_mpc(
 
     ``remember_bumps``: the agent keeps one fact from its own past - an action after which its image did not change
     walked into a wall, so in this episode it is not taken again from that image; the next-best action by the
-    policy's scores is taken instead. In a deterministic world a policy that sees only (image, goal image) repeats
-    a bump forever, so this changes only episodes that would otherwise fail. Each episode remembers its own bumps.
+    policy's scores is taken instead. In a deterministic world a planner that decides from (image, goal image) alone,
+    the same way each time, repeats a bump forever, so for such a planner this changes only episodes that would
+    otherwise fail. Each episode remembers its own bumps. With ``record``, a step where memory overrode the policy
+    keeps the policy's own choice as "policy_action".
     """
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
@@ -2939,8 +2942,9 @@ def run_mpc(
                 raise TypeError("remember_bumps needs a policy that returns 'scores' (its cost of each action)")
             known = torch.isin(here, bumps)  # (n, A) actions this episode already saw go nowhere from here
             scores = out["scores"].detach().float().cpu().masked_fill(known, float("inf"))
+            mine = action
             action = torch.where(known.gather(1, action[:, None])[:, 0], scores.argmin(1), action)
-            out = out | {"action": action}
+            out = out | {"action": action, "policy_action": mine}
         if record:
             trace.append({k: v.clone() for k, v in out.items()} | {"active": active.clone()})
         moved = world.next_cell[cells[active], action]
@@ -3278,8 +3282,9 @@ def planning_player(
                 for a, name in enumerate(ACTIONS)
             )
             lines.append(f"predicted cost per action - {cells_txt} &nbsp; -> <b>{ACTIONS[chosen]}</b>")
-            if chosen != int(scores.argmin()):
-                lines.append(f"({ACTIONS[int(scores.argmin())]} already went nowhere from this image: remembered)")
+            wanted = int(rec.get("policy_action", rec["action"])[0])
+            if wanted != chosen:
+                lines.append(f"({ACTIONS[wanted]} already went nowhere from this image: remembered)")
         info.value = "<br>".join(lines)
 
     for w in (planner, start_w, goal_w, memory):

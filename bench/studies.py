@@ -121,7 +121,9 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
             ]
         )
         planners = (
-            ("probe", "latent", "cem") if layout == "open" else ("probe", "latent", "cem", "search", "imagine", "graph")
+            ("probe", "latent", "cem", "imagine")
+            if layout == "open"
+            else ("probe", "latent", "cem", "search", "imagine", "graph")
         )
         for name in [n for n in names if not only or n in only]:
             for seed in seeds:
@@ -140,13 +142,14 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
                     f" latent {p['latent']['success']:.3f}/{p['latent']['optimal']:.3f}"
                     f" cem {p['cem']['success']:.3f}/{p['cem']['optimal']:.3f}"
                     f" ({p['cem']['ms_per_decision']:.0f} ms)"
+                    + (f" search {p['search']['success']:.3f}" if "search" in p else "")
                     + (
-                        f" search {p['search']['success']:.3f} imagine {p['imagine']['success']:.3f}"
+                        f" imagine {p['imagine']['success']:.3f}"
                         f" (remembering bumps {p['imagine (remembers bumps)']['success']:.3f})"
-                        f" graph {p['graph']['success']:.3f}"
-                        if "graph" in p
+                        if "imagine" in p
                         else ""
                     )
+                    + (f" graph {p['graph']['success']:.3f}" if "graph" in p else "")
                     + f" | {row['train_seconds']:.0f} s",
                     flush=True,
                 )
@@ -343,7 +346,7 @@ def imagine_tuning_study(pairs_per_layout: int = 10) -> list[dict]:
     data that no reported figure uses: the shipped layouts models on the 200 validation layouts
     (g.validation_layouts: never trained on, never tested; 10 seeded pairs each), and the shipped single-layout
     models on every pair of their own layout (which is also what their reported figures use, so those rows only
-    guard against harm). The committed rows predate the undo rule: all are rule "radius"."""
+    guard against harm)."""
     rows = []
     models = {"layouts (GPU)": "gridjepa_layouts_gpu.pt", "layouts (cpu)": "gridjepa_layouts.pt"}
     models |= {f"cpu {name}": f"gridjepa_cpu{'' if name == 'open' else '_' + name}.pt" for name in g.LAYOUTS}

@@ -174,6 +174,8 @@ def test_planning_player_remember_bumps_box():
     ctl, info = box.controls, find(box, ipywidgets.HTML)
     assert ctl["memory"] is find(box, ipywidgets.Checkbox, "remember bumps") and ctl["memory"].value is False
     ctl["start"].value, ctl["goal"].value = world.cell_index(2, 2), world.cell_index(2, 0)
+    ctl["step"].value = 1
+    assert "-> <b>up</b>" in info.value and "remembered" not in info.value
     stuck = box.state["result"].paths[0]
     assert set(stuck.tolist()) == {world.cell_index(2, 2)}
     ctl["memory"].value = True
@@ -184,3 +186,12 @@ def test_planning_player_remember_bumps_box():
     assert "-> <b>down</b>" in info.value and "up already went nowhere from this image: remembered" in info.value
     with pytest.raises(TypeError, match=r"remember_bumps must be True or False"):
         gj.planning_player(world, {"up first": up_first}, remember_bumps=1)
+    # a random policy's choice is not its scores' argmin: the note is about memory only, never about that
+    noisy = gj.planning_player(world, {"random": gj.random_policy(seed=1)}, remember_bumps=True)
+    notes = []
+    for t in range(noisy.controls["step"].max + 1):
+        noisy.controls["step"].value = t
+        notes.append("remembered" in find(noisy, ipywidgets.HTML).value)
+    trace = noisy.state["result"].trace
+    overrides = [int(r.get("policy_action", r["action"])[0]) != int(r["action"][0]) for r in trace]
+    assert notes[: len(trace)] == overrides
