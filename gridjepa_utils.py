@@ -2905,6 +2905,8 @@ def run_mpc(
         raise TypeError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    if not isinstance(remember_bumps, bool):
+        raise TypeError(f"remember_bumps must be True or False, got {remember_bumps!r}")
     for name, cells in (("start", starts), ("goal", goals)):
         if cells.numel() and (cells.min() < 0 or cells.max() >= world.num_cells):
             raise ValueError(f"{name} cells must lie in [0, {world.num_cells})")
@@ -2914,8 +2916,6 @@ def run_mpc(
     optimal = shortest_distances(world, starts, goals)
     if (optimal < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")
-    if not isinstance(remember_bumps, bool):
-        raise TypeError(f"remember_bumps must be True or False, got {remember_bumps!r}")
     max_steps = max_steps if max_steps is not None else 2 * int(optimal.max()) + world.grid_size
     t0 = time.perf_counter()
     cells = starts.clone()
@@ -2936,19 +2936,21 @@ def run_mpc(
         n = int(active.sum())
         if action.shape != (n,):
             raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {n} pairs")
-        here = (active.nonzero()[:, 0, None] * world.num_cells + cells[active, None]) * A + torch.arange(A)  # (n, A)
-        if remember_bumps and len(bumps):
-            if "scores" not in out:
-                raise TypeError("remember_bumps needs a policy that returns 'scores' (its cost of each action)")
-            known = torch.isin(here, bumps)  # (n, A) actions this episode already saw go nowhere from here
-            scores = out["scores"].detach().float().cpu().masked_fill(known, float("inf"))
-            mine = action
-            action = torch.where(known.gather(1, action[:, None])[:, 0], scores.argmin(1), action)
-            out = out | {"action": action, "policy_action": mine}
+        if remember_bumps:  # this step's (episode, cell, action) keys, (n, A)
+            here = (active.nonzero()[:, 0, None] * world.num_cells + cells[active, None]) * A + torch.arange(A)
+            if len(bumps):
+                if "scores" not in out:
+                    raise TypeError("remember_bumps needs a policy that returns 'scores' (its cost of each action)")
+                known = torch.isin(here, bumps)  # (n, A) actions this episode already saw go nowhere from here
+                scores = out["scores"].detach().float().cpu().masked_fill(known, float("inf"))
+                mine = action
+                action = torch.where(known.gather(1, action[:, None])[:, 0], scores.argmin(1), action)
+                out = out | {"action": action, "policy_action": mine}
         if record:
             trace.append({k: v.clone() for k, v in out.items()} | {"active": active.clone()})
         moved = world.next_cell[cells[active], action]
-        bumps = torch.cat([bumps, here.gather(1, action[:, None])[:, 0][moved == cells[active]]])
+        if remember_bumps:
+            bumps = torch.cat([bumps, here.gather(1, action[:, None])[:, 0][moved == cells[active]]])
         cells[active] = moved
         steps[(cells == goals) & active] = t + 1
         paths.append(cells.clone())
