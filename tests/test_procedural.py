@@ -113,6 +113,55 @@ def test_family_of_many_layouts_trains_and_monitors():
     np.testing.assert_allclose(acc, ref, atol=1e-6)
 
 
+def test_painted_frames_are_the_images_painted_on_demand(monkeypatch, capsys):
+    """paint_frames paints each distinct state of a dataset once; a batch gathered from it is byte for byte the
+    batch painted on demand. A single layout needs none (its atlas is one gather); above the memory limit it
+    says so and training paints on demand."""
+    family = gj.WorldFamily(gj.procedural_layouts(5, 300, seed=2))
+    data = gj.make_transitions(family, 400, seq_len=3, seed=1)
+    painted = gj.paint_frames(family, data, "cpu")
+    assert painted.frames.dtype == torch.uint8 and len(painted.frames) == len(torch.unique(data.states))
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:50]
+    obs, actions = gj.sample_batch(family, data, idx, "cpu")
+    obs2, actions2 = gj.sample_batch(family, data, idx, "cpu", painted)
+    assert obs.shape == (50, 3, 1, 128, 128) and torch.equal(obs, obs2) and torch.equal(actions, actions2)
+    world = gj.World(5)
+    assert gj.paint_frames(world, gj.make_transitions(world, 10), "cpu") is None
+    monkeypatch.setenv("GRIDJEPA_MEMORY_LIMIT_GB", "0.001")
+    assert gj.paint_frames(family, data, "cpu") is None
+    assert "painting on demand" in capsys.readouterr().out
+
+
+def test_training_on_painted_frames_takes_the_same_steps():
+    """train() on a layout family gathers from frames painted once: its weights after 3 steps equal those of
+    the same 3 steps with every batch painted on demand."""
+    family = gj.WorldFamily(gj.procedural_layouts(5, 400, seed=4))
+    cfg = gj.make_config("smoke", num_steps=3, eval_every=3, idm_weight=1.0, num_layouts=400)
+    data = gj.make_transitions(family, 500, seed=0)
+    ref = gj.train(cfg, world=family, data=data, progress=False, device="cpu")
+    torch.manual_seed(cfg.seed)
+    model = gj.JEPA(cfg, family.image_size)
+    sigreg = gj.SIGReg(cfg.sigreg_dirs, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+        obs, actions = gj.sample_batch(family, data, idx, "cpu")  # painted on demand
+        gj.train_step(model, sigreg, opt, obs, actions, cfg, step)
+    ref_params = dict(ref.model.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], rtol=0, atol=0, msg=name)
+
+
+def test_estimate_counts_painting_a_family_once():
+    """For a layout family the estimate adds the one-off painting of the dataset's frames to the steps."""
+    family = gj.WorldFamily(gj.procedural_layouts(5, 200, seed=5))
+    cfg = gj.make_config("smoke", num_layouts=200, num_transitions=2000)
+    est = gj.estimate_train_time(cfg, "cpu", timed_steps=2, world=family)
+    assert est["paint_seconds"] > 0
+    assert est["total_seconds"] == pytest.approx(est["seconds_per_step"] * cfg.num_steps + est["paint_seconds"])
+
+
 # ── planning from two images: imagination search ──
 
 
@@ -327,7 +376,7 @@ def test_layouts_procedural_picks_the_gpu_recipe_on_a_gpu(monkeypatch):
             gj.main(["--layouts", "procedural", *extra])
     assert picked == ["layouts", "layouts_gpu", "smoke"]
     cpu, gpu = gj.PROFILES["layouts"], gj.PROFILES["layouts_gpu"]
-    assert {k for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)} == {"batch_size", "num_steps"}
+    assert {k for k in cpu.keys() | gpu.keys() if cpu.get(k) != gpu.get(k)} == {"num_steps"}
 
 
 def test_searches_meet_when_either_would_take_the_place():

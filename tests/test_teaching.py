@@ -55,6 +55,7 @@ def test_estimate_train_time(smoke_cfg):
     """FLOPs counted for one step, time measured: total = steps x step time."""
     est = gj.estimate_train_time(smoke_cfg, "cpu", timed_steps=2)
     assert est["flops_per_step"] > 1e8 and est["seconds_per_step"] > 0 and est["steps"] == smoke_cfg.num_steps
+    assert est["paint_seconds"] == 0  # one layout: its atlas is one gather, nothing to paint first
     assert est["total_seconds"] == pytest.approx(est["seconds_per_step"] * smoke_cfg.num_steps)
     assert "GFLOP" in gj.format_estimate(est, smoke_cfg)
 
