@@ -57,6 +57,22 @@ def bench_data(devices: list[torch.device], repeat: int) -> dict:
         s = timed(lambda: g.sample_batch(world, data, idx, device), repeat, sync)
         out[f"render_images_per_s_{device.type}"] = 2 * len(idx) / s
         print(f"render on {device.type}: {2 * len(idx) / s:,.0f} images/s (batches of {len(idx)} transitions)")
+    family = g.WorldFamily(g.procedural_layouts(5, 5000))  # a fresh layout per trajectory: no atlas to gather from
+    family_data = g.make_transitions(family, 5000, seed=0)
+    for device in devices:
+        idx, sync = torch.randint(len(family_data), (256,)), device.type == "cuda"
+        on_demand = timed(lambda: g.sample_batch(family, family_data, idx, device), repeat, sync)
+        t0 = time.perf_counter()
+        painted = g.paint_frames(family, family_data, device)
+        paint_s = time.perf_counter() - t0
+        gather = timed(lambda: g.sample_batch(family, family_data, idx, device, painted), repeat, sync)
+        out[f"family_painted_on_demand_images_per_s_{device.type}"] = 2 * len(idx) / on_demand
+        out[f"family_gathered_images_per_s_{device.type}"] = 2 * len(idx) / gather
+        print(
+            f"5,000 layouts on {device.type}: painted on demand {2 * len(idx) / on_demand:,.0f} images/s, gathered "
+            f"from frames painted once {2 * len(idx) / gather:,.0f} images/s (painting its {len(painted.frames):,} "
+            f"frames took {paint_s:.1f} s)"
+        )
     return out
 
 

@@ -341,15 +341,19 @@ TUNING_MERGES = (0.3, 0.4, 0.5)
 TUNING_MEETS = ("both", "either")
 
 
-def imagine_tuning_study(pairs_per_layout: int = 10) -> list[dict]:
+def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = None) -> list[dict]:
     """The imagination search's three settings - the bump rule, the merge radius and when the two searches meet - on
     data that no reported figure uses: the shipped layouts models on the 200 validation layouts
     (g.validation_layouts: never trained on, never tested; 10 seeded pairs each), and the shipped single-layout
     models on every pair of their own layout (which is also what their reported figures use, so those rows only
-    guard against harm)."""
+    guard against harm). ``only``: these models' rows (e.g. "layouts (cpu)" after it was retrained)."""
     rows = []
     models = {"layouts (GPU)": "gridjepa_layouts_gpu.pt", "layouts (cpu)": "gridjepa_layouts.pt"}
     models |= {f"cpu {name}": f"gridjepa_cpu{'' if name == 'open' else '_' + name}.pt" for name in g.LAYOUTS}
+    unknown = set(only or ()) - set(models)
+    if unknown:
+        raise SystemExit(f"--only: unknown model {sorted(unknown)}; expected some of {sorted(models)}")
+    models = {k: v for k, v in models.items() if not only or k in only}
     for label, file in models.items():
         model, cfg = g.load_model(g.ASSETS / file)
         world = g.build_world(cfg)
@@ -428,7 +432,9 @@ def main() -> None:
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
-    parser.add_argument("--only", nargs="+", help="probes/geometry/recipe-tuning: run these rows (the others are kept)")
+    parser.add_argument(
+        "--only", nargs="+", help="probes/geometry/recipe-tuning/imagine-tuning: run these rows or models (others kept)"
+    )
     parser.add_argument("--steps", type=int, help="scaling, layouts: training steps (default: per size; the profile's)")
     parser.add_argument("--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts study")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
@@ -467,7 +473,7 @@ def main() -> None:
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
     elif args.study == "imagine-tuning":
-        rows = imagine_tuning_study()
+        rows = imagine_tuning_study(only=args.only)
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
     else:
