@@ -113,6 +113,9 @@ class Config:
     lam: float = 10.0  # the full profile's (the write-up's) lambda; every other profile sets its own: read cfg.lam
     sigreg_dirs: int = 256
     rollout_weight: float = 0.0  # > 0 adds an open-loop (self-fed) rollout loss over the T-1 steps
+    # frames of history the predictor sees when fed its own predictions (that loss and rollout()): 0 = seq_len - 1,
+    # as it was trained; 1 = only the latest, as the imagination search (imagine_map) uses it from its places
+    rollout_frames: int = 0
     # temporal smoothness: smooth_weight * MSE(z_t, z_t+1). Under SIGReg's whitening its optimum is the spectral
     # (Laplacian) embedding of the world's transition graph: a map. 0 gives the original write-up's pure objective.
     smooth_weight: float = 0.0
@@ -181,10 +184,11 @@ LAYOUTS_PROFILE = dict(
     num_layouts=50_000,
     smooth_weight=0.0,
     idm_weight=1.0,
-    # ~1M examples, what learning the rule takes: batch 256 learns more per example than batch 64 (13,000 steps of
-    # batch 64 reached 0.97 next-state accuracy, 3,800 of batch 256 0.99) and costs less per example on a CPU
+    # ~1.1M examples, what learning the rule takes: batch 256 learns more per example than batch 64 (13,000 steps of
+    # batch 64 reached 0.97 next-state accuracy, 3,800 of batch 256 0.99) and costs less per example on a CPU; frames
+    # painted once, pooled to the encoder's input, make room for 4,300 steps in the same 13.4 min
     batch_size=256,
-    num_steps=3800,
+    num_steps=4300,
     warmup_steps=100,
     log_every=50,
     eval_every=500,
@@ -198,7 +202,7 @@ PROFILES = {
     # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
     "cpu": CPU_PROFILE,
     # worlds never seen (notebook 05): the cpu model trained on 50,000 generated layouts with inverse dynamics and
-    # without the smoothness term, at batch 256 for 3,800 steps: 13.4 min on 2 CPU cores. See bench/studies.py layouts
+    # without the smoothness term, at batch 256 for 4,300 steps: 13.4 min on 2 CPU cores. See bench/studies.py layouts
     "layouts": LAYOUTS_PROFILE,
     # the same on a GPU (what --layouts procedural picks there), longer: 8,000 steps, 5 min on an H100
     "layouts_gpu": dict(LAYOUTS_PROFILE, num_steps=8000),
@@ -285,6 +289,7 @@ CONFIG_RANGES = {
     "lam": (0.0, math.inf),
     "sigreg_dirs": (1, 65536),
     "rollout_weight": (0.0, math.inf),
+    "rollout_frames": (0, 16),
     "idm_weight": (0.0, math.inf),
     "smooth_weight": (0.0, math.inf),
     "smooth_ramp": (0.0, 1.0),
@@ -1143,24 +1148,38 @@ def dataset_stats(world: World, data: Transitions) -> dict:
 
 @dataclass
 class PaintedFrames:
-    """Every distinct state a dataset visits, painted once: ``frames`` (U, H, W) uint8 and, per trajectory,
-    ``index`` (B, T) into them. A batch is then one gather - the same bytes as painting it again, so training
-    takes the same path with or without it, only faster (painting a layout family's frames on demand is about
-    a third of a CPU training step)."""
+    """Every distinct state a dataset visits, painted once: ``frames`` and, per trajectory, ``index`` (B, T) into
+    them. A batch is then one gather - the same values as painting it again, so training takes the same path with
+    or without it, only faster (painting a layout family's frames on demand is about a third of a CPU step).
+
+    ``frames`` is (U, H, W) uint8, or, painted for an encoder that pools its input to ``size`` first, (U, size,
+    size) float: each frame pooled once, as the encoder would pool it in every batch (on a CPU, converting and
+    pooling 128x128 frames is about a quarter of a layouts-profile step)."""
 
     index: torch.Tensor  # (B, T) long, on the frames' device
-    frames: torch.Tensor  # (U, H, W) uint8
+    frames: torch.Tensor  # (U, H, W) uint8, or (U, size, size) float32 pooled
 
 
-def paint_frames(world: World, data: Transitions, device, progress: bool = False) -> PaintedFrames | None:
-    """Paint every distinct state of ``data`` once, on ``device``, for sample_batch to gather from.
+def paint_frames(
+    world: World, data: Transitions, device, progress: bool = False, size: int | None = None
+) -> PaintedFrames | None:
+    """Paint every distinct state of ``data`` once, on ``device``, for sample_batch to gather from. ``size``: the
+    encoder's input size (cfg.input_size); below the image size the frames are stored average-pooled to it -
+    what Encoder.features does first - and 4x smaller than uint8 at 128 -> 32.
 
     None when it would not pay: a single layout (its atlas is already one gather) or frames above the memory
     limit (then it says so and batches are painted on demand, as before)."""
     if not isinstance(world, WorldFamily):
         return None
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or world.image_size % size
+    ):
+        raise ValueError(
+            f"size must be a positive integer that divides the image size {world.image_size}, got {size!r}"
+        )
     states, index = torch.unique(data.states.long(), return_inverse=True)
-    need = len(states) * world.image_size**2
+    pool = size is not None and size < world.image_size
+    need = len(states) * (4 * size**2 if pool else world.image_size**2)
     if need > memory_limit_bytes():
         print(
             f"painting on demand: the {len(states):,} frames of this dataset would take {need / 2**30:.1f} GiB, "
@@ -1173,19 +1192,21 @@ def paint_frames(world: World, data: Transitions, device, progress: bool = False
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="painting frames", mininterval=0.5)
-    frames = torch.cat([world._paint(c, device) for c in chunks])
-    return PaintedFrames(index.to(device), frames)
+    k = world.image_size // size if pool else 1
+    paint = lambda c: F.avg_pool2d(world.render(c, device), k)[:, 0] if pool else world._paint(c, device)
+    return PaintedFrames(index.to(device), torch.cat([paint(c) for c in chunks]))
 
 
 def sample_batch(
     world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Render trajectories ``idx`` on ``device``: obs (B, T, 1, H, W) float, actions (B, T-1) long.
-    ``painted``: paint_frames(world, data)'s frames, gathered instead of painting (the same images)."""
+    ``painted``: paint_frames(world, data)'s frames, gathered instead of painting (the same images; pooled to
+    the encoder's input size when they were painted with ``size``)."""
     actions = data.actions[idx].long().to(device)
     if painted is not None:
-        frames = painted.frames[painted.index[idx.to(painted.index.device)]]  # (B, T, H, W) uint8
-        return frames.to(device).unsqueeze(-3).float().div_(255.0), actions
+        frames = painted.frames[painted.index[idx.to(painted.index.device)]].to(device).unsqueeze(-3)
+        return (frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames), actions
     states = data.states[idx].long().to(device)
     return world.render(states, device), actions
 
@@ -1318,9 +1339,15 @@ class Encoder(nn.Module):
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """The ViT's output before the projector: (B, 1, H, W) -> CLS (B, W), or with spatial (B * patches, W)."""
-        x = obs * 2 - 1  # [0, 1] -> [-1, 1]
-        if self.input_size != self.image_size:
+        if obs.shape[-1] not in (self.image_size, self.input_size):
+            raise ValueError(
+                f"the encoder takes {self.image_size}x{self.image_size} images (or frames already pooled to "
+                f"input_size {self.input_size}), got {tuple(obs.shape[-2:])}"
+            )
+        x = obs
+        if x.shape[-1] != self.input_size:  # pooling is linear: pool first, then rescale 16x fewer pixels
             x = F.avg_pool2d(x, self.image_size // self.input_size)  # (B, 1, input, input)
+        x = x * 2 - 1  # [0, 1] -> [-1, 1]
         x = self.patch_embed(x)  # (B, W, h, w)
         x = rearrange(x, "b c h w -> b (h w) c")  # (B, h*w, W)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
@@ -1540,13 +1567,14 @@ class JEPA(nn.Module):
     def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop imagination: each prediction is fed back as the next input. (B, D), (B, H) -> (B, H, D).
 
-        The predictor sees the last seq_len - 1 frames (real or imagined): one for the original write-up's T=2."""
+        The predictor sees the last seq_len - 1 frames (real or imagined): one for the original write-up's T=2;
+        cfg.rollout_frames, when set, instead."""
         actions = check_actions(actions).to(emb.device)
         if emb.ndim != 2 or actions.ndim != 2 or actions.shape[0] != emb.shape[0]:
             shapes = f"{tuple(emb.shape)} and {tuple(actions.shape)}"
             raise ValueError(f"expected emb (B, D) and actions (B, H), got {shapes}")
         self._check_latents(emb)
-        context_len = max(1, self.cfg.seq_len - 1)  # as many frames as the predictor saw in training
+        context_len = self.cfg.rollout_frames or max(1, self.cfg.seq_len - 1)  # default: as many as in training
         history = emb[:, None]  # (B, 1, D)
         for h in range(actions.shape[1]):
             context = history[:, -context_len:]
@@ -2141,7 +2169,7 @@ def _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_a
     steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
     notes: list[str] = []
     t0 = time.perf_counter()  # painting the frames counts as training time
-    painted = paint_frames(world, data, device, progress and _is_main_process()) if len(steps) else None
+    painted = paint_frames(world, data, device, progress and _is_main_process(), cfg.input_size) if len(steps) else None
     bar = _progress(steps, progress and _is_main_process())
     for step in bar:
         model.train()
@@ -2238,7 +2266,7 @@ def estimate_train_time(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     world.render(data.states[:1], device)  # a first call cuts the sprite sheet: not part of painting
     t0 = time.perf_counter()
-    painted = paint_frames(world, data, device)  # a layout family's frames: train() paints its dataset's once
+    painted = paint_frames(world, data, device, size=cfg.input_size)  # a family's frames: train() paints them once
     _synchronize(device)
     paint_seconds = 0.0
     if painted is not None:  # per distinct frame, times the distinct frames of the full dataset (same share)
@@ -2810,7 +2838,7 @@ def imagination_policy(
     trained on 8 validation layouts, 2 seeds each (mean solved: radius 0.4 82.9%, undo 0.5 92.2%; the undo rule's
     figures for the schedules compared are bench/studies.py recipe-tuning's), and on the layouts models on the
     validation layouts (imagine-tuning: GPU-trained 95.4% -> 97.9%; the CPU-trained model of the time 53.6% ->
-    50.7%; the CPU model retrained at batch 256 since, 81.7% -> 84.2%, its best of the twelve settings).
+    50.7%; the CPU model retrained at batch 256 since, 87.9% -> 90.1%, its best of the twelve settings).
     """
     if not isinstance(merge, (int, float)) or not 0 < merge < 1:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")

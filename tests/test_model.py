@@ -162,6 +162,26 @@ def test_jepa_loss_terms(smoke_cfg, open_world):
     assert float(model.encoder.patch_embed.weight.grad.abs().sum()) > 0
 
 
+def test_rollout_frames_one_is_predict_fed_back(smoke_cfg):
+    """With rollout_frames=1 a model trained on T=4 rolls out as the imagination search expands: predict() applied
+    to its own last prediction; by default (0) it sees the last seq_len - 1 frames, and the two differ."""
+    cfg = dataclasses.replace(smoke_cfg, seq_len=4, rollout_weight=1.0, rollout_frames=1)
+    torch.manual_seed(0)
+    model = gj.JEPA(cfg).eval()
+    for p in model.parameters():  # AdaLN-zero starts as the identity: give the gates something to do
+        torch.nn.init.normal_(p, std=0.1)
+    emb, actions = torch.randn(3, cfg.latent_dim), torch.randint(4, (3, 5))
+    with torch.no_grad():
+        roll = model.rollout(emb, actions)
+        z, steps = emb, []
+        for h in range(5):
+            z = model.predict(z, actions[:, h])
+            steps.append(z)
+        torch.testing.assert_close(roll, torch.stack(steps, 1))
+        model.cfg = dataclasses.replace(cfg, rollout_frames=0)
+        assert not torch.allclose(model.rollout(emb, actions)[:, 1:], roll[:, 1:])
+
+
 def test_jepa_loss_with_rollout(smoke_cfg, open_world):
     """With seq_len=4 and rollout_weight > 0 there is also a rollout_loss, added with its weight."""
     cfg = dataclasses.replace(smoke_cfg, seq_len=4, rollout_weight=0.5, smooth_weight=0.0)

@@ -127,9 +127,34 @@ def test_painted_frames_are_the_images_painted_on_demand(monkeypatch, capsys):
     assert obs.shape == (50, 3, 1, 128, 128) and torch.equal(obs, obs2) and torch.equal(actions, actions2)
     world = gj.World(5)
     assert gj.paint_frames(world, gj.make_transitions(world, 10), "cpu") is None
+    with pytest.raises(ValueError, match="size must be a positive integer that divides the image size 128"):
+        gj.paint_frames(family, data, "cpu", size=48)
     monkeypatch.setenv("GRIDJEPA_MEMORY_LIMIT_GB", "0.001")
     assert gj.paint_frames(family, data, "cpu") is None
     assert "painting on demand" in capsys.readouterr().out
+
+
+def test_frames_painted_pooled_are_what_the_encoder_pools():
+    """Painted for an encoder that pools 128 -> 32 first, the frames are stored pooled (float, 4x smaller than
+    uint8): a batch gathered from them is exactly the on-demand batch average-pooled, and the encoder maps both to
+    the same latents. An encoder refuses frames of any other size, naming both it takes."""
+    family = gj.WorldFamily(gj.procedural_layouts(5, 300, seed=3))
+    data = gj.make_transitions(family, 300, seq_len=3, seed=2)
+    painted = gj.paint_frames(family, data, "cpu", size=32)
+    assert painted.frames.dtype == torch.float32 and painted.frames.shape[1:] == (32, 32)
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:40]
+    obs, _ = gj.sample_batch(family, data, idx, "cpu")
+    pooled, _ = gj.sample_batch(family, data, idx, "cpu", painted)
+    assert pooled.shape == (40, 3, 1, 32, 32)
+    assert torch.equal(pooled, torch.nn.functional.avg_pool2d(obs.flatten(0, 1), 4).view(40, 3, 1, 32, 32))
+    assert gj.paint_frames(family, data, "cpu", size=128).frames.dtype == torch.uint8  # no pooling: bytes
+    cfg = gj.make_config("smoke")
+    torch.manual_seed(0)
+    encoder = gj.JEPA(cfg).encoder.eval()
+    with torch.no_grad():
+        assert torch.equal(encoder(obs.flatten(0, 1)), encoder(pooled.flatten(0, 1)))
+        with pytest.raises(ValueError, match=r"takes 128x128 images \(or frames already pooled to input_size 32"):
+            encoder(torch.zeros(2, 1, 64, 64))
 
 
 def test_training_on_painted_frames_takes_the_same_steps():

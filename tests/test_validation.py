@@ -35,6 +35,7 @@ def model(smoke_cfg):
         ("seq_len", 1, r"Config\.seq_len must be >= 2 and <= 17"),
         ("lr", 0.0, r"Config\.lr must be > 0"),
         ("rollout_weight", -0.5, r"Config\.rollout_weight must be >= 0"),
+        ("rollout_frames", 17, r"Config\.rollout_frames must be >= 0 and <= 16"),
         ("lam", True, r"Config\.lam must be a number"),
         ("layout", "nowhere", r"Config\.layout must be one of"),
         ("projector_norm", "groupnorm", r"Config\.projector_norm must be one of"),
