@@ -1345,7 +1345,7 @@ class Encoder(nn.Module):
                 f"input_size {self.input_size}), got {tuple(obs.shape[-2:])}"
             )
         x = obs
-        if x.shape[-1] != self.input_size:  # pooling is linear: pool first, then rescale 16x fewer pixels
+        if x.shape[-1] != self.input_size:  # pooling is linear: pool first, then rescale the fewer pixels
             x = F.avg_pool2d(x, self.image_size // self.input_size)  # (B, 1, input, input)
         x = x * 2 - 1  # [0, 1] -> [-1, 1]
         x = self.patch_embed(x)  # (B, W, h, w)
