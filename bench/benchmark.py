@@ -66,12 +66,17 @@ def bench_data(devices: list[torch.device], repeat: int) -> dict:
         painted = g.paint_frames(family, family_data, device)
         paint_s = time.perf_counter() - t0
         gather = timed(lambda: g.sample_batch(family, family_data, idx, device, painted), repeat, sync)
+        size = g.make_config("layouts").input_size  # what training gathers: frames pooled to the encoder's input
+        pooled = g.paint_frames(family, family_data, device, size=size)
+        gather_pooled = timed(lambda: g.sample_batch(family, family_data, idx, device, pooled), repeat, sync)
         out[f"family_painted_on_demand_images_per_s_{device.type}"] = 2 * len(idx) / on_demand
         out[f"family_gathered_images_per_s_{device.type}"] = 2 * len(idx) / gather
+        out[f"family_gathered_pooled_images_per_s_{device.type}"] = 2 * len(idx) / gather_pooled
         print(
             f"5,000 layouts on {device.type}: painted on demand {2 * len(idx) / on_demand:,.0f} images/s, gathered "
-            f"from frames painted once {2 * len(idx) / gather:,.0f} images/s (painting its {len(painted.frames):,} "
-            f"frames took {paint_s:.1f} s)"
+            f"from frames painted once {2 * len(idx) / gather:,.0f} images/s, pooled to {size}x{size} "
+            f"{2 * len(idx) / gather_pooled:,.0f} images/s (painting its {len(painted.frames):,} frames took "
+            f"{paint_s:.1f} s)"
         )
     return out
 
