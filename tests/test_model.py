@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gridjepa_utils as gj
 
@@ -128,6 +129,35 @@ def test_encode_in_eval_mode_is_per_image(model, open_world):
     with torch.no_grad():
         assert torch.allclose(model.encode(obs[:1]), model.encode(obs)[:1], atol=1e-5)
         assert not torch.allclose(model.encode(obs[:1]), model.encode(obs[1:2]), atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_encoder_computes_the_cls_output_alone_in_its_last_block(depth):
+    """The encoder runs its last block for the CLS token only (cls_output): the latents and every weight's
+    gradient equal those of running all tokens through all blocks and reading the CLS token, in both modes."""
+    cfg = gj.make_config("smoke", depth=depth)
+    torch.manual_seed(0)
+    enc = gj.JEPA(cfg, 128).encoder
+    obs = torch.rand(6, 1, 128, 128)
+
+    def every_token(obs):  # the ViT as written: every token through every block, then the CLS token
+        x = gj.rearrange(enc.patch_embed(F.avg_pool2d(obs, 128 // cfg.input_size) * 2 - 1), "b c h w -> b (h w) c")
+        x = torch.cat([enc.cls_token.expand(len(obs), -1, -1), x], dim=1) + enc.pos_embed
+        return enc.norm(enc.blocks(x))[:, 0]
+
+    for training in (True, False):
+        enc.train(training)
+        outs, grads = [], []
+        for features in (enc.features, every_token):
+            enc.zero_grad()
+            out = features(obs)
+            (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+            outs.append(out.detach())
+            grads.append([p.grad.clone() for p in enc.parameters() if p.grad is not None])
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+        assert len(grads[0]) == len(grads[1]) > 0
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_full_profile_parameter_count():
