@@ -184,7 +184,7 @@ LAYOUTS_PROFILE = dict(
     num_layouts=50_000,
     smooth_weight=0.0,
     idm_weight=1.0,
-    # ~1.8M examples: learning the rule takes many (13,000 steps of batch 64 reached 0.97 next-state accuracy, 3,800
+    # ~1.7M examples: learning the rule takes many (13,000 steps of batch 64 reached 0.97 next-state accuracy, 3,800
     # of batch 256 0.99; batch 256 costs less per example on a CPU). Frames painted once, pooled to the encoder's
     # input, and a last block run for the CLS token alone (cls_output) make room for 6,500 steps in ~14 min
     batch_size=256,
@@ -202,7 +202,7 @@ PROFILES = {
     # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
     "cpu": CPU_PROFILE,
     # worlds never seen (notebook 05): the cpu model trained on 50,000 generated layouts with inverse dynamics and
-    # without the smoothness term, at batch 256 for 4,300 steps: 13.4 min on 2 CPU cores. See bench/studies.py layouts
+    # without the smoothness term, at batch 256 for 6,500 steps: 11-14.5 min on 2 cores. See bench/studies.py layouts
     "layouts": LAYOUTS_PROFILE,
     # the same on a GPU (what --layouts procedural picks there), longer: 8,000 steps, 5 min on an H100
     "layouts_gpu": dict(LAYOUTS_PROFILE, num_steps=8000),
