@@ -186,7 +186,7 @@ LAYOUTS_PROFILE = dict(
     idm_weight=1.0,
     # ~1.7M examples: learning the rule takes many (13,000 steps of batch 64 reached 0.97 next-state accuracy, 3,800
     # of batch 256 0.99; batch 256 costs less per example on a CPU). Frames painted once, pooled to the encoder's
-    # input, and a last block run for the CLS token alone (cls_output) make room for 6,500 steps in ~14 min
+    # input, and a last block run for the CLS token alone (cls_output) make room for 6,500 steps in 11-14.5 min
     batch_size=256,
     num_steps=6500,
     warmup_steps=100,
