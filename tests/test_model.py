@@ -57,6 +57,25 @@ def test_sigreg_directions_are_a_function_of_step():
     assert torch.allclose(dirs.norm(dim=0), torch.ones(256), atol=1e-5)
 
 
+def test_characteristic_sums_match_autograd_of_the_plain_expressions():
+    """The hand-written backward of characteristic_sums gives autograd's gradient of sum_n cos(t x), sum_n sin(t x)
+    (for an arbitrary upstream gradient on both), and the same values; in float64 to 1e-9 of the largest entry."""
+    x = gaussian(300, 7, seed=2).double().requires_grad_()
+    t = torch.linspace(0, 3, 17, dtype=torch.float64)
+    up_cos, up_sin = gaussian(7, 17, seed=3).double(), gaussian(7, 17, seed=4).double()
+    xt = x.unsqueeze(-1) * t
+    ref_cos, ref_sin = torch.cos(xt).sum(0), torch.sin(xt).sum(0)
+    (ref_grad,) = torch.autograd.grad((ref_cos * up_cos).sum() + (ref_sin * up_sin).sum(), x)
+    cos, sin = gj._CharacteristicSums.apply(x, t)
+    (grad,) = torch.autograd.grad((cos * up_cos).sum() + (sin * up_sin).sum(), x)
+    torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-9)
+    torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-9)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-9 * float(ref_grad.abs().max()))
+    assert torch.autograd.gradcheck(
+        lambda x: gj._CharacteristicSums.apply(x, t), (x[:20, :3].detach().requires_grad_(),)
+    )
+
+
 def test_sigreg_has_gradients():
     """SIGReg is differentiable with respect to the latents (it is a loss term)."""
     x = gaussian(256, 16, seed=0, scale=2.0).requires_grad_()
@@ -190,6 +209,18 @@ def test_jepa_loss_terms(smoke_cfg, open_world):
     assert float(terms["latent_std"]) > 0
     terms["loss"].backward()
     assert float(model.encoder.patch_embed.weight.grad.abs().sum()) > 0
+    unmeasured = gj.jepa_loss(model, gj.SIGReg(64), obs, actions, smoke_cfg, step=0, measure=False)
+    assert set(unmeasured) == {"pred_loss", "sigreg", "loss"}  # what train() computes on the steps it does not log
+    assert torch.equal(unmeasured["loss"], terms["loss"])
+
+
+def test_make_optimizer_is_fused_adamw_on_the_cpu(smoke_cfg):
+    """The optimiser train() uses: AdamW at the config's lr and weight decay, fused on the CPU (torch >= 2.4)."""
+    opt = gj.make_optimizer(gj.JEPA(smoke_cfg), smoke_cfg)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["lr"] == smoke_cfg.lr and opt.defaults["weight_decay"] == smoke_cfg.weight_decay
+    if torch.torch_version.TorchVersion(torch.__version__) >= "2.4":
+        assert opt.defaults["fused"] is True
 
 
 def test_rollout_frames_one_is_predict_fed_back(smoke_cfg):

@@ -167,7 +167,7 @@ def test_training_on_painted_frames_takes_the_same_steps():
     torch.manual_seed(cfg.seed)
     model = gj.JEPA(cfg, family.image_size)
     sigreg = gj.SIGReg(cfg.sigreg_dirs, seed=cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = gj.make_optimizer(model, cfg)
     for step in range(3):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)

@@ -28,7 +28,7 @@ def test_train_step_is_the_step_train_takes(smoke_cfg, open_world):
     torch.manual_seed(smoke_cfg.seed)
     model = gj.JEPA(smoke_cfg, open_world.image_size)
     sigreg = gj.SIGReg(smoke_cfg.sigreg_dirs, seed=smoke_cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=smoke_cfg.lr, weight_decay=smoke_cfg.weight_decay)
+    opt = gj.make_optimizer(model, smoke_cfg)
     gen = torch.Generator().manual_seed(smoke_cfg.seed * 1_000_003 + 0)
     idx = torch.randint(len(data), (smoke_cfg.batch_size,), generator=gen)
     obs, actions = gj.sample_batch(open_world, data, idx, "cpu")
