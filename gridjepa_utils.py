@@ -203,7 +203,7 @@ PROFILES = {
     # reaches the write-up's headline results on a 2-core CPU in well under a minute (measured: see notebook 03)
     "cpu": CPU_PROFILE,
     # worlds never seen (notebook 05): the cpu model trained on 50,000 generated layouts with inverse dynamics and
-    # without the smoothness term, at batch 256 for 7,500 steps: 11 min on 2 cores. See bench/studies.py layouts
+    # without the smoothness term, at batch 256 for 7,500 steps: 11-12 min on 2 cores. See bench/studies.py layouts
     "layouts": LAYOUTS_PROFILE,
     # the same on a GPU (what --layouts procedural picks there), longer: 8,000 steps, 5 min on an H100
     "layouts_gpu": dict(LAYOUTS_PROFILE, num_steps=8000),
@@ -2900,8 +2900,8 @@ def imagination_policy(
     trained on 8 validation layouts, 2 seeds each (mean solved: radius 0.4 82.9%, undo 0.5 92.2%; the undo rule's
     figures for the schedules compared are bench/studies.py recipe-tuning's), and on the layouts models on the
     validation layouts (imagine-tuning: GPU-trained 95.4% -> 97.9%; the CPU-trained model of the time 53.6% ->
-    50.7%; the CPU model retrained at batch 256 since, 87.9% -> 90.1%, and at 6,500 steps, 94.7% -> 96.9%: its best
-    of the twelve settings both times).
+    50.7%; the CPU model retrained at batch 256 since, 87.9% -> 90.1%, at 6,500 steps, 94.7% -> 96.9%, and
+    at 7,500, 96.1% -> 98.3%: its best of the twelve settings each time).
     """
     if not isinstance(merge, (int, float)) or not 0 < merge < 1:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
