@@ -1467,7 +1467,7 @@ class SpatialPredictor(nn.Module):
 class _CharacteristicSums(torch.autograd.Function):
     """sum_n cos(t_k x_nm) and sum_n sin(t_k x_nm): x (N, M), t (K,) -> two (M, K). Autograd would evaluate the
     (N, M, K) cosines and sines again in the backward pass; this keeps them (d/dx cos(tx) = -t sin(tx),
-    d/dx sin(tx) = t cos(tx)). Same values and gradients as the plain expressions, a quarter less SIGReg time."""
+    d/dx sin(tx) = t cos(tx)). Same values and gradients as the plain expressions; SIGReg 15-25% faster on a CPU."""
 
     @staticmethod
     def forward(ctx, x, t):
