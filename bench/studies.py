@@ -336,17 +336,18 @@ def layouts_study(
     return rows
 
 
-TUNING_RULES = ("radius", "undo")
+TUNING_RULES = g.IMAGINE_RULES[::-1]  # the earlier rule first
 TUNING_MERGES = (0.3, 0.4, 0.5)
 TUNING_MEETS = ("both", "either")
 
 
-def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = None) -> list[dict]:
+def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = None, rules=TUNING_RULES) -> list[dict]:
     """The imagination search's three settings - the bump rule, the merge radius and when the two searches meet - on
     data that no reported figure uses: the shipped layouts models on the 200 validation layouts
     (g.validation_layouts: never trained on, never tested; 10 seeded pairs each), and the shipped single-layout
     models on every pair of their own layout (which is also what their reported figures use, so those rows only
-    guard against harm). ``only``: these models' rows (e.g. "layouts (cpu)" after it was retrained)."""
+    guard against harm). ``only``: these models' rows (e.g. "layouts (cpu)" after it was retrained); ``rules``: these
+    bump rules' rows (e.g. a new one)."""
     rows = []
     models = {"layouts (GPU)": "gridjepa_layouts_gpu.pt", "layouts (cpu)": "gridjepa_layouts.pt"}
     models |= {f"cpu {name}": f"gridjepa_cpu{'' if name == 'open' else '_' + name}.pt" for name in g.LAYOUTS}
@@ -363,14 +364,14 @@ def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = No
             starts, goals = g.sample_pairs(world, pairs_per_layout, 0)
         else:
             starts, goals = world.all_pairs()
-        for rule, merge, meet in itertools.product(TUNING_RULES, TUNING_MERGES, TUNING_MEETS):
+        for rule, merge, meet in itertools.product(rules, TUNING_MERGES, TUNING_MEETS):
             policy = g.imagination_policy(model, world, merge=merge, meet=meet, rule=rule)
             plan = g.run_mpc(world, policy, starts, goals).summary()
             row = {"model": label, "checkpoint": file, "rule": rule, "merge": merge, "meet": meet, "pairs": len(starts)}
             row |= {k: plan[k] for k in ("success", "optimal", "seconds")}
             rows.append(row)
             print(
-                f"{label:16s} rule {rule:6s} merge {merge} meet {meet:6s}: {plan['success']:.1%} solved,"
+                f"{label:16s} rule {rule:10s} merge {merge} meet {meet:6s}: {plan['success']:.1%} solved,"
                 f" {plan['optimal']:.1%} optimal ({plan['seconds']:.0f} s)",
                 flush=True,
             )
@@ -422,7 +423,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight", "smooth_ramp")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
-    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile", "num_steps")),
+    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile", "num_steps", "imagine_rule")),
     "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
 }
 
@@ -441,6 +442,7 @@ def main() -> None:
     parser.add_argument("--ramp", type=float, help="scaling: share of training the smoothness weight ramps in over")
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
+    parser.add_argument("--rules", nargs="+", default=list(TUNING_RULES), choices=TUNING_RULES, help="imagine-tuning")
     args = parser.parse_args()
     filename, key_fields = STUDIES[args.study]
     out = g.ASSETS / filename
@@ -473,7 +475,7 @@ def main() -> None:
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
     elif args.study == "imagine-tuning":
-        rows = imagine_tuning_study(only=args.only)
+        rows = imagine_tuning_study(only=args.only, rules=args.rules)
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
     else:
