@@ -2801,7 +2801,7 @@ def imagine_map(
       the parent's longest real move), only if that place is one such move from the parent too: the opposite action,
       imagined from it, lands nearer the parent than the move went. Two new places reached from one parent are never
       one place (distinct moves from a cell reach distinct cells). So a door whose latent lies near a cell diagonal
-      to it is not lost in that cell. It costs one more imagined step per move (~15% more planning time).
+      to it is not lost in that cell. It costs one more imagined step for each real move the merge decides.
     * ``rule="undo"``: an imagined move is real when undoing it - the opposite action, imagined from the new latent -
       lands nearer the parent than the move went; otherwise it is a wall bump and dropped. This test has no length
       scale, so it holds where the learned map is stretched (a move across a door several times longer than one
@@ -2862,7 +2862,10 @@ def imagine_map(
         if rule == "consistent":  # that place must be one such move from the parent too, or this is a new place
             parents, went_c, opposite = repeat(parent, "f d -> (f a) d", a=A), went.reshape(-1), OPPOSITE.to(dev)[step]
             one_move = lambda q, c: (model.predict(q, opposite[c]) - parents[c]).norm(dim=-1) < went_c[c]
-            nearest = nearest.masked_fill(~one_move(nodes[cu, place], slice(None)), float("inf"))
+            merging = (real.reshape(-1) & (nearest < ctol)).nonzero().squeeze(1)  # the real moves the merge decides
+            nearest[merging] = nearest[merging].masked_fill(
+                ~one_move(nodes[cu[merging], place[merging]], merging), float("inf")
+            )
         new = (nearest >= ctol) & real.reshape(-1)
         index = torch.arange(len(pred), device=dev)[new]  # each new latent's place among this level's candidates
         pred, cu, cfirst, ctol = pred[new], cu[new], cfirst[new], ctol[new]
