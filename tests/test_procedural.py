@@ -268,9 +268,12 @@ class BlurryBumpModel(OracleModel):
     def place(self, cells):
         return torch.stack([cells % self.world.grid_size, cells // self.world.grid_size], 1).float()
 
-    def predict(self, emb, action):
+    def nearest_cell(self, emb):
         free = torch.from_numpy(self.world.free_cells)
-        cells = free[torch.cdist(emb, self.place(free)).argmin(1)]  # the free cell the latent is nearest
+        return free[torch.cdist(emb, self.place(free)).argmin(1)]  # the free cell the latent is nearest
+
+    def predict(self, emb, action):
+        cells = self.nearest_cell(emb)
         after = self.world.next_cell[cells, action]
         push = torch.tensor(gj.ACTION_DELTAS, dtype=torch.float)[action] * 0.6
         return self.place(after) + push * (after == cells)[:, None]
@@ -302,27 +305,18 @@ def test_undoing_a_move_tells_a_blurry_bump_from_a_move(name):
     assert bool(gj.run_mpc(world, gj.imagination_policy(model, world)).optimal.all())
 
 
-class DoorNearACornerModel(OracleModel):
-    """A perfect model of two_rooms whose map puts the door's latent near a cell diagonal to it - (row 1, column 1)
-    - and a move into the door longer than one along the wall, as trained models have learned it: the latent is the
-    cell's (column, row), the door's is moved to (1.3, 0.7)."""
+class DoorNearACornerModel(BlurryBumpModel):
+    """A perfect model of two_rooms, bumps included, whose map puts the door's latent near a cell diagonal to it -
+    (row 1, column 1) - and a move into the door longer than one along the wall, as trained models have learned it:
+    the latent is the cell's (column, row), the door's is moved to (1.3, 0.7)."""
 
     door, at = 12, (1.3, 0.7)
 
-    def encode(self, obs):
-        return self.place(super().encode(obs).argmax(1))
-
     def place(self, cells):
-        return torch.where(
-            (cells == self.door)[:, None],
-            torch.tensor(self.at),
-            torch.stack([cells % self.world.grid_size, cells // self.world.grid_size], 1).float(),
-        )
+        return torch.where((cells == self.door)[:, None], torch.tensor(self.at), super().place(cells))
 
     def predict(self, emb, action):
-        free = torch.from_numpy(self.world.free_cells)
-        cells = free[torch.cdist(emb, self.place(free)).argmin(1)]  # the free cell the latent is nearest
-        return self.place(self.world.next_cell[cells, action])
+        return self.place(self.world.next_cell[self.nearest_cell(emb), action])
 
 
 def test_consistent_merge_keeps_a_door_near_a_corner():
@@ -409,9 +403,7 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
     for where in ("heldout", "named"):  # remembering bumps changes only episodes that would repeat a bump forever
         assert metrics[f"{where}_imagine_memory_success"] >= metrics[f"{where}_imagine_success"]
         assert metrics[f"{where}_imagine_memory_optimal"] == metrics[f"{where}_imagine_optimal"]
-    assert (
-        metrics["imagine_rule"] == "consistent" and metrics["imagine_merge"] == 0.5
-    )  # the search's settings, recorded
+    assert metrics["imagine_rule"] == "consistent" and metrics["imagine_merge"] == 0.5  # the search's settings
     saved = gj.load_run(out)[1]
     assert saved.num_layouts == 30
     with pytest.raises(SystemExit):
