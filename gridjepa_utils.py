@@ -3225,6 +3225,49 @@ def unseen_layout_report(
     return report
 
 
+@torch.no_grad()
+def imagined_map_fidelity(
+    model: JEPA, world: World, max_depth: int | None = None, merge: float = 0.5, rule: str = "consistent"
+) -> dict:
+    """How true the imagination search's maps are (privileged: an analysis for the reader, never for planning): from
+    every free cell of ``world`` (each member of a WorldFamily on its own), imagine_map runs with imagination_policy's
+    settings, and each imagined place is read as the free cell whose true frame's latent lies nearest it. Per depth
+    d = 1..max_depth (default 2G, as the planner searches): "complete", the share of searches that imagine every cell
+    within d moves at its true (BFS) distance; "no_phantom", the share with no place within d moves that is a cell
+    found twice or at the wrong distance. Returns plain lists and the number of searches."""
+    if not isinstance(world, World):
+        raise TypeError(f"world must be a World or WorldFamily, got {type(world).__name__}")
+    max_depth = 2 * world.grid_size if max_depth is None else max_depth
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
+        raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
+    if not isinstance(merge, (int, float)) or not 0 < merge < 1:
+        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    depths = np.arange(1, max_depth + 1)
+    complete, clean = [], []
+    was_training = model.training
+    model.eval()  # as the planner runs it
+    for member in world.members if isinstance(world, WorldFamily) else [world]:
+        free = torch.from_numpy(member.free_cells)
+        frames = encode_cells(model, member, free)  # the searches start from these, and are read by them
+        found = imagine_map(model, frames, max_depth, 2 * member.grid_size**2 + 1, merge, rule)
+        for u, cell in enumerate(free.tolist()):
+            n = int(found["count"][u])
+            place = free[torch.cdist(found["nodes"][u, :n], frames).argmin(1).cpu()].numpy()  # (n,) as cells
+            depth, true = found["depth"][u, :n].cpu().numpy(), member.bfs_from(cell)
+            at_true = {(int(c), int(k)) for c, k in zip(place, depth) if true[c] == k}
+            complete.append([all((f, int(true[f])) in at_true for f in free.tolist() if true[f] <= d) for d in depths])
+            right = true[place] == depth  # (n,) each place at its cell's true distance
+            near = depth[None] <= depths[:, None]  # (D, n) the places within d moves
+            clean.append([bool(right[m].all()) and len(set(place[m].tolist())) == int(m.sum()) for m in near])
+    model.train(was_training)
+    return {
+        "depth": depths.tolist(),
+        "complete": np.mean(complete, 0).tolist(),
+        "no_phantom": np.mean(clean, 0).tolist(),
+        "searches": len(complete),
+    }
+
+
 # ════════════════════════════════════════════════════════════════════════════════════════
 # Plots and widgets (used by the notebooks)
 # ════════════════════════════════════════════════════════════════════════════════════════

@@ -6,6 +6,7 @@
     python bench/studies.py layouts-geometry --seeds 0 1 2  # the map recipe on obstacle layouts (05)
     python bench/studies.py layouts --sizes 5 8   # worlds never seen: 20 ... unlimited training layouts (05)
     python bench/studies.py imagine-tuning  # imagination search's settings, on validation layouts (05)
+    python bench/studies.py imagine-maps --seeds 0 1 2  # what the search imagines, against the true layouts (05)
     python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
@@ -279,6 +280,24 @@ UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training 
 LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64}}  # 8x8: cells too small to read at 32x32
 
 
+def shipped_layouts_runs() -> dict:
+    """The shipped runs (python gridjepa_utils.py --layouts procedural, on a CPU and on a GPU): config hash ->
+    (checkpoint, run record)."""
+    shipped = {}
+    for path in (g.ASSETS / "gridjepa_layouts.pt", g.ASSETS / "gridjepa_layouts_gpu.pt"):
+        if path.exists():
+            _, shipped_cfg, shipped_record = g.load_run(path)
+            shipped[g.config_hash(shipped_cfg)] = (path, shipped_record)
+    return shipped
+
+
+def layouts_run(cfg: g.Config, shipped: dict):
+    """A layouts model for cfg: the shipped run when cfg is its config, else runs/ under the CLI's name - reused when
+    finished, trained (or resumed) otherwise. Returns the run and the shipped run record (None if not shipped)."""
+    path, record = shipped.get(g.config_hash(cfg), (None, None))
+    return g.train(cfg, ckpt_path=path or g.default_out_path(cfg), progress=False), record
+
+
 def layouts_study(
     sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save=None, profile="layouts", steps=None
 ) -> list[dict]:
@@ -287,11 +306,7 @@ def layouts_study(
     each: 2,000 pairs) and on the four named 5x5 layouts, with the agent-only planner (imagine) beside the
     privileged graph planner, the greedy probe planner (probe fitted on training layouts) and a random policy. BFS is
     the optimum. Checkpoints go to runs/ under the CLI's names, so a finished `--layouts procedural` run is reused."""
-    shipped = {}  # the shipped runs (python gridjepa_utils.py --layouts procedural, on a CPU and on a GPU)
-    for path in (g.ASSETS / "gridjepa_layouts.pt", g.ASSETS / "gridjepa_layouts_gpu.pt"):
-        if path.exists():
-            _, shipped_cfg, shipped_record = g.load_run(path)
-            shipped[g.config_hash(shipped_cfg)] = (path, shipped_record)
+    shipped = shipped_layouts_runs()
     rows = []
     for size in sizes:
         for count in counts:
@@ -300,8 +315,7 @@ def layouts_study(
                 over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
                 more = {} if steps is None else {"num_steps": steps}
                 cfg = g.make_config(profile, grid_size=size, seed=seed, num_layouts=K, **over, **more)
-                path, record = shipped.get(g.config_hash(cfg), (None, None))
-                run = g.train(cfg, ckpt_path=path or g.default_out_path(cfg), progress=False)
+                run, record = layouts_run(cfg, shipped)
                 t0 = time.perf_counter()  # a shipped run: its latest evaluation, by the same function (the CLI's)
                 metrics = record["evaluations"][-1]["metrics"] if record else g.evaluate_unseen(run.model, run.world)
                 row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": over}
@@ -333,6 +347,36 @@ def layouts_study(
                     + f" | {run.total_train_seconds:.0f} s",
                     flush=True,
                 )
+    return rows
+
+
+def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | None = None) -> list[dict]:
+    """What the imagination search imagines, read against the true layouts (g.imagined_map_fidelity, privileged):
+    searches from every free cell of the 200 held-out layouts and of the four named ones, with the planner's
+    settings, for the 5x5 layouts models of the layouts study (the same checkpoints: shipped, or in runs/, trained if
+    missing). Per depth d: the share of searches that imagine every cell within d moves at its true distance, and the
+    share with no phantom place within d moves."""
+    shipped, rows = shipped_layouts_runs(), []
+    sets = {"held-out": g.heldout_layouts(5, 200), "named": np.stack([g.layout_walls(n) for n in g.LAYOUTS])}
+    for seed in seeds:
+        more = {} if steps is None else {"num_steps": steps}
+        cfg = g.make_config(profile, grid_size=5, seed=seed, num_layouts=UNLIMITED_LAYOUTS, **more)
+        run, _ = layouts_run(cfg, shipped)
+        g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does before the layouts study's figures
+        for name, layouts in sets.items():
+            t0 = time.perf_counter()
+            family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
+            row = {"profile": profile, "seed": seed, "num_steps": cfg.num_steps, "layouts": name}
+            row |= g.imagination_settings() | g.imagined_map_fidelity(run.model, family)
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            print(
+                f"{profile} seed {seed}, {name:8s} ({row['searches']} searches): complete "
+                + " ".join(f"{v:.0%}" for v in row["complete"])
+                + " | no phantom "
+                + " ".join(f"{v:.0%}" for v in row["no_phantom"]),
+                flush=True,
+            )
     return rows
 
 
@@ -425,6 +469,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile", "num_steps", "imagine_rule")),
     "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
+    "imagine-maps": ("imagine_maps.json", ("profile", "seed", "num_steps", "layouts", "imagine_rule")),
 }
 
 
@@ -436,8 +481,12 @@ def main() -> None:
     parser.add_argument(
         "--only", nargs="+", help="probes/geometry/recipe-tuning/imagine-tuning: run these rows or models (others kept)"
     )
-    parser.add_argument("--steps", type=int, help="scaling, layouts: training steps (default: per size; the profile's)")
-    parser.add_argument("--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts study")
+    parser.add_argument(
+        "--steps", type=int, help="scaling, layouts, imagine-maps: training steps (default: per size; the profile's)"
+    )
+    parser.add_argument(
+        "--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts, imagine-maps"
+    )
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
     parser.add_argument("--ramp", type=float, help="scaling: share of training the smoothness weight ramps in over")
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
@@ -474,6 +523,8 @@ def main() -> None:
         rows = layouts_study(sizes, args.seeds, args.counts, save=save, profile=args.profile, steps=args.steps)
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
+    elif args.study == "imagine-maps":
+        rows = imagine_maps_study(args.seeds, profile=args.profile, steps=args.steps)
     elif args.study == "imagine-tuning":
         rows = imagine_tuning_study(only=args.only, rules=args.rules)
     elif args.study == "recipe-tuning":

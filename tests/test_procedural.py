@@ -339,6 +339,34 @@ def test_consistent_merge_keeps_a_door_near_a_corner():
         np.testing.assert_array_equal(found["depth"][u, :count].numpy(), world.bfs_from(int(cell))[places.numpy()])
 
 
+def test_imagined_map_fidelity_tells_a_true_map_from_a_lost_room_and_from_phantoms():
+    """A perfect model's searches are true maps at every depth. A door near a corner under the undo rule loses a room
+    (incomplete from some depth on); blurry bumps under the radius rule are places that do not exist (phantoms),
+    while the true cells are all still found. The consistent rule's maps of both models are true."""
+    world = gj.World(5, walls="two_rooms")
+    perfect = gj.imagined_map_fidelity(OracleModel(world), world)
+    assert perfect["depth"] == list(range(1, 11)) and perfect["searches"] == len(world.free_cells)
+    assert perfect["complete"] == [1.0] * 10 and perfect["no_phantom"] == [1.0] * 10
+    door = DoorNearACornerModel(world)
+    lost = gj.imagined_map_fidelity(door, world, rule="undo")
+    assert lost["complete"][-1] == 0.0 and lost["no_phantom"][-1] < 1  # every search loses a cell; some misplace one
+    assert gj.imagined_map_fidelity(door, world)["complete"] == [1.0] * 10
+    open_world = gj.World(5)
+    blurry = BlurryBumpModel(open_world)
+    phantoms = gj.imagined_map_fidelity(blurry, open_world, max_depth=4, merge=0.4, rule="radius")
+    assert phantoms["complete"] == [1.0] * 4
+    assert phantoms["no_phantom"][0] == 9 / 25 and phantoms["no_phantom"][-1] == 0.0  # clean: the 9 cells off the edge
+    assert gj.imagined_map_fidelity(blurry, open_world, max_depth=4)["no_phantom"] == [1.0] * 4
+    family = gj.WorldFamily(np.stack([gj.layout_walls("two_rooms"), gj.layout_walls("two_rooms")]))
+    assert gj.imagined_map_fidelity(OracleModel(family), family)["searches"] == 2 * len(world.free_cells)
+    with pytest.raises(TypeError, match="world must be a World or WorldFamily"):
+        gj.imagined_map_fidelity(door, world.walls)
+    with pytest.raises(ValueError, match="max_depth must be an integer >= 1"):
+        gj.imagined_map_fidelity(door, world, max_depth=0)
+    with pytest.raises(ValueError, match="merge must be a number in"):
+        gj.imagined_map_fidelity(door, world, merge=1.0)
+
+
 def test_imagination_policy_bad_arguments(open_world):
     model = OracleModel(open_world)
     with pytest.raises(ValueError, match="merge"):
