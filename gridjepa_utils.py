@@ -2894,6 +2894,19 @@ def _imagine_all(model: JEPA, emb: torch.Tensor, max_depth: int, max_nodes: int,
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _search_settings(world: World, max_depth, merge, rule: str) -> int:
+    """The imagination search's settings checked, each named in its error; max_depth None -> 2G (imagination_policy
+    and imagined_map_fidelity search alike)."""
+    max_depth = 2 * world.grid_size if max_depth is None else max_depth
+    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
+        raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
+    if isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 < merge < 1:
+        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    if rule not in IMAGINE_RULES:
+        raise ValueError(f"rule must be one of {IMAGINE_RULES}, got {rule!r}")
+    return max_depth
+
+
 def imagination_policy(
     model: JEPA,
     world: World,
@@ -2929,16 +2942,9 @@ def imagination_policy(
     the undo rule has on some trained maps: a door whose latent lies near a cell diagonal to it merges into that cell,
     and a room is lost.
     """
-    if not isinstance(merge, (int, float)) or not 0 < merge < 1:
-        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    max_depth = _search_settings(world, max_depth, merge, rule)
     if meet not in ("either", "both"):
         raise ValueError(f"meet must be 'either' or 'both', got {meet!r}")
-    if rule not in IMAGINE_RULES:
-        raise ValueError(f"rule must be one of {IMAGINE_RULES}, got {rule!r}")
-    if max_depth is None:
-        max_depth = 2 * world.grid_size
-    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
-        raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
     max_nodes = 2 * world.grid_size**2 + 1
     seen: dict[int, dict] = {}  # a search depends only on its image: one per image, kept for the episode
 
@@ -3237,29 +3243,27 @@ def imagined_map_fidelity(
     found twice or at the wrong distance. Returns plain lists and the number of searches."""
     if not isinstance(world, World):
         raise TypeError(f"world must be a World or WorldFamily, got {type(world).__name__}")
-    max_depth = 2 * world.grid_size if max_depth is None else max_depth
-    if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
-        raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
-    if not isinstance(merge, (int, float)) or not 0 < merge < 1:
-        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    max_depth = _search_settings(world, max_depth, merge, rule)
     depths = np.arange(1, max_depth + 1)
     complete, clean = [], []
     was_training = model.training
     model.eval()  # as the planner runs it
-    for member in world.members if isinstance(world, WorldFamily) else [world]:
-        free = torch.from_numpy(member.free_cells)
-        frames = encode_cells(model, member, free)  # the searches start from these, and are read by them
-        found = imagine_map(model, frames, max_depth, 2 * member.grid_size**2 + 1, merge, rule)
-        for u, cell in enumerate(free.tolist()):
-            n = int(found["count"][u])
-            place = free[torch.cdist(found["nodes"][u, :n], frames).argmin(1).cpu()].numpy()  # (n,) as cells
-            depth, true = found["depth"][u, :n].cpu().numpy(), member.bfs_from(cell)
-            at_true = {(int(c), int(k)) for c, k in zip(place, depth) if true[c] == k}
-            complete.append([all((f, int(true[f])) in at_true for f in free.tolist() if true[f] <= d) for d in depths])
-            right = true[place] == depth  # (n,) each place at its cell's true distance
-            near = depth[None] <= depths[:, None]  # (D, n) the places within d moves
-            clean.append([bool(right[m].all()) and len(set(place[m].tolist())) == int(m.sum()) for m in near])
-    model.train(was_training)
+    try:
+        for member in world.members if isinstance(world, WorldFamily) else [world]:
+            free = torch.from_numpy(member.free_cells)
+            frames = encode_cells(model, member, free)  # the searches start from these, and are read by them
+            found = imagine_map(model, frames, max_depth, 2 * member.grid_size**2 + 1, merge, rule)
+            for u, cell in enumerate(free.tolist()):
+                n = int(found["count"][u])
+                place = free[torch.cdist(found["nodes"][u, :n], frames).argmin(1).cpu()].numpy()  # (n,) as cells
+                depth, true = found["depth"][u, :n].cpu().numpy(), member.bfs_from(cell)
+                found_at_true = {int(c) for c, k in zip(place, depth) if true[c] == k}  # cells found at their distance
+                complete.append([all(f in found_at_true for f in free.tolist() if true[f] <= d) for d in depths])
+                right = true[place] == depth  # (n,) each place at its cell's true distance
+                near = depth[None] <= depths[:, None]  # (D, n) the places within d moves
+                clean.append([bool(right[m].all()) and len(set(place[m].tolist())) == int(m.sum()) for m in near])
+    finally:
+        model.train(was_training)
     return {
         "depth": depths.tolist(),
         "complete": np.mean(complete, 0).tolist(),
