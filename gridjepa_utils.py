@@ -2894,9 +2894,9 @@ def _imagine_all(model: JEPA, emb: torch.Tensor, max_depth: int, max_nodes: int,
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _search_settings(world: World, max_depth, merge, rule: str) -> int:
-    """The imagination search's settings checked, each named in its error; max_depth None -> 2G (imagination_policy
-    and imagined_map_fidelity search alike)."""
+def _search_settings(world: World, max_depth, merge, rule: str) -> tuple[int, int]:
+    """The imagination search's settings checked, each named in its error, and its size: (max_depth, max_nodes),
+    max_depth None -> 2G, room for 2G^2 + 1 places (imagination_policy and imagined_map_fidelity search alike)."""
     max_depth = 2 * world.grid_size if max_depth is None else max_depth
     if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)) or max_depth < 1:
         raise ValueError(f"max_depth must be an integer >= 1, got {max_depth!r}")
@@ -2904,7 +2904,7 @@ def _search_settings(world: World, max_depth, merge, rule: str) -> int:
         raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
     if rule not in IMAGINE_RULES:
         raise ValueError(f"rule must be one of {IMAGINE_RULES}, got {rule!r}")
-    return max_depth
+    return max_depth, 2 * world.grid_size**2 + 1
 
 
 def imagination_policy(
@@ -2942,10 +2942,9 @@ def imagination_policy(
     the undo rule has on some trained maps: a door whose latent lies near a cell diagonal to it merges into that cell,
     and a room is lost.
     """
-    max_depth = _search_settings(world, max_depth, merge, rule)
+    max_depth, max_nodes = _search_settings(world, max_depth, merge, rule)
     if meet not in ("either", "both"):
         raise ValueError(f"meet must be 'either' or 'both', got {meet!r}")
-    max_nodes = 2 * world.grid_size**2 + 1
     seen: dict[int, dict] = {}  # a search depends only on its image: one per image, kept for the episode
 
     empty = {"nodes": 0.0, "depth": -1, "first": -1, "tol": 0.0}  # what imagine_map leaves in unused slots
@@ -3243,7 +3242,7 @@ def imagined_map_fidelity(
     found twice or at the wrong distance. Returns plain lists and the number of searches."""
     if not isinstance(world, World):
         raise TypeError(f"world must be a World or WorldFamily, got {type(world).__name__}")
-    max_depth = _search_settings(world, max_depth, merge, rule)
+    max_depth, max_nodes = _search_settings(world, max_depth, merge, rule)
     depths = np.arange(1, max_depth + 1)
     complete, clean = [], []
     was_training = model.training
@@ -3252,7 +3251,7 @@ def imagined_map_fidelity(
         for member in world.members if isinstance(world, WorldFamily) else [world]:
             free = torch.from_numpy(member.free_cells)
             frames = encode_cells(model, member, free)  # the searches start from these, and are read by them
-            found = imagine_map(model, frames, max_depth, 2 * member.grid_size**2 + 1, merge, rule)
+            found = imagine_map(model, frames, max_depth, max_nodes, merge, rule)
             for u, cell in enumerate(free.tolist()):
                 n = int(found["count"][u])
                 place = free[torch.cdist(found["nodes"][u, :n], frames).argmin(1).cpu()].numpy()  # (n,) as cells
