@@ -8,6 +8,7 @@
     python bench/studies.py imagine-tuning  # imagination search's settings, on validation layouts (05)
     python bench/studies.py imagine-maps --seeds 0 1 2  # what the search imagines, against the true layouts (05)
     python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
+    python bench/studies.py readers   # 8x8: which encoder reads walls best for equal CPU time (05)
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
 """
@@ -277,7 +278,9 @@ def scaling_study(
 
 LAYOUT_COUNTS = ("20", "200", "2000", "unlimited")
 UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training trajectories
-LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64}}  # 8x8: cells too small to read at 32x32
+# 8x8: cells too small to read at 32x32; 16 patches of 16x16 learn the rule ~2.5x faster than 64 of 8x8 for equal
+# CPU time (python bench/studies.py readers)
+LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64, "patch_size": 16}}
 
 
 def shipped_layouts_runs() -> dict:
@@ -461,6 +464,49 @@ def recipe_tuning_study(num_layouts: int = 8, seeds=(0, 1), only: list[str] | No
     return rows
 
 
+READER_ROWS = {  # name -> overrides of the layouts profile on 8x8
+    "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)": {"input_size": 64},
+    "64x64 input, patch 16, 1 block (the 8x8 recipe)": {"input_size": 64, "patch_size": 16},
+    "64x64 input, patch 16, 2 blocks": {"input_size": 64, "patch_size": 16, "depth": 2},
+    "128x128 input, patch 16, 1 block": {"input_size": 128, "patch_size": 16},
+    "32x32 input, patch 8, 1 block (the 5x5 recipe)": {"input_size": 32},
+}
+
+
+def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = None, save=None) -> list[dict]:
+    """Which encoder reads an 8x8 layout's walls best for the same CPU time: each candidate trains the layouts
+    recipe on 8x8 for ``budget`` seconds of steps (its step time measured first by g.estimate_train_time; the cosine
+    schedule ends on the last step) and is scored by next-state accuracy on 100 validation layouts
+    (g.validation_layouts: never trained on, never reported), beside the training layouts' own."""
+    rows = []
+    val = g.WorldFamily(g.validation_layouts(8, 100))
+    for name in [n for n in READER_ROWS if not only or n in only]:
+        for seed in seeds:
+            over = READER_ROWS[name]
+            probe_cfg = g.make_config("layouts", grid_size=8, seed=seed, **over)
+            estimate = g.estimate_train_time(probe_cfg)
+            steps = max(1, int(budget / estimate["seconds_per_step"]))
+            cfg = g.make_config("layouts", grid_size=8, seed=seed, num_steps=steps, **over)
+            run = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False)
+            g.calibrate_batchnorm(run.model, run.world)
+            seen = g.WorldFamily(run.world.layouts[:100], image_size=run.world.image_size)
+            row = {"row": name, "seed": seed, "budget_seconds": budget, "overrides": over, "num_steps": steps}
+            row |= {"seconds_per_step": estimate["seconds_per_step"], "train_seconds": run.total_train_seconds}
+            row["training_layouts_next_state_accuracy"] = g.next_state_accuracy(run.model, seen)
+            row["validation_next_state_accuracy"] = g.next_state_accuracy(run.model, val)
+            row["curve"] = {"step": run.history["eval_step"], "next_state_accuracy": run.history["next_state_acc"]}
+            rows.append(row)
+            if save is not None:
+                save(rows)
+            print(
+                f"{name:36s} seed {seed}: {steps} steps ({estimate['seconds_per_step']:.3f} s each) | next-state:"
+                f" training layouts {row['training_layouts_next_state_accuracy']:.3f},"
+                f" validation {row['validation_next_state_accuracy']:.3f} | {run.total_train_seconds:.0f} s",
+                flush=True,
+            )
+    return rows
+
+
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "recipe-tuning": ("recipe_tuning.json", ("row", "validation_layout", "seed")),
     "probes": ("probe_study.json", ("row", "seed")),
@@ -470,6 +516,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile", "num_steps", "imagine_rule")),
     "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
     "imagine-maps": ("imagine_maps.json", ("profile", "seed", "num_steps", "layouts", "imagine_rule")),
+    "readers": ("readers_study.json", ("row", "seed", "budget_seconds")),
 }
 
 
@@ -487,6 +534,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts, imagine-maps"
     )
+    parser.add_argument("--budget", type=float, default=300.0, help="readers: seconds of training per row")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
     parser.add_argument("--ramp", type=float, help="scaling: share of training the smoothness weight ramps in over")
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
@@ -529,6 +577,8 @@ def main() -> None:
         rows = imagine_tuning_study(only=args.only, rules=args.rules)
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
+    elif args.study == "readers":
+        rows = readers_study(args.budget, args.seeds, args.only, save=save)
     else:
         rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
     save(rows)
