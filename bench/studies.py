@@ -278,8 +278,8 @@ def scaling_study(
 
 LAYOUT_COUNTS = ("20", "200", "2000", "unlimited")
 UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training trajectories
-# 8x8: cells too small to read at 32x32; 16 patches of 16x16 learn the rule ~2.5x faster than 64 of 8x8 for equal
-# CPU time (python bench/studies.py readers)
+# 8x8: cells too small to read at 32x32; in ~5 min of CPU 16 patches of 16x16 get 0.71-0.73 of the validation
+# transitions right, 64 patches of 8x8 0.26-0.29 (seeds 0 and 1; python bench/studies.py readers)
 LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64, "patch_size": 16}}
 
 
@@ -499,7 +499,7 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
             if save is not None:
                 save(rows)
             print(
-                f"{name:36s} seed {seed}: {steps} steps ({estimate['seconds_per_step']:.3f} s each) | next-state:"
+                f"{name:55s} seed {seed}: {steps} steps ({estimate['seconds_per_step']:.3f} s each) | next-state:"
                 f" training layouts {row['training_layouts_next_state_accuracy']:.3f},"
                 f" validation {row['validation_next_state_accuracy']:.3f} | {run.total_train_seconds:.0f} s",
                 flush=True,
