@@ -9,6 +9,7 @@
     python bench/studies.py imagine-maps --seeds 0 1 2  # what the search imagines, against the true layouts (05)
     python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
     python bench/studies.py readers   # 8x8: which encoder reads walls best for equal CPU time (05)
+    python bench/studies.py transition-errors --sizes 8 --steps 20000  # what a layouts model gets wrong (05)
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
 """
@@ -278,9 +279,10 @@ def scaling_study(
 
 LAYOUT_COUNTS = ("20", "200", "2000", "unlimited")
 UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training trajectories
-# 8x8: cells too small to read at 32x32; in ~5 min of CPU 16 patches of 16x16 get 0.71-0.73 of the validation
-# transitions right, 64 patches of 8x8 0.26-0.29 (seeds 0 and 1; python bench/studies.py readers)
-LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64, "patch_size": 16}}
+# 8x8: cells too small to read at 32x32; in 5-7 min of CPU 4 patches of 32x32 get 0.74-0.77 of the validation
+# transitions right, 16 patches of 16x16 0.71-0.73, 64 patches of 8x8 0.26-0.29 (seeds 0 and 1; python
+# bench/studies.py readers)
+LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64, "patch_size": 32}}
 
 
 def shipped_layouts_runs() -> dict:
@@ -383,6 +385,70 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     return rows
 
 
+@torch.no_grad()
+def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
+    """What a layouts model gets wrong in layouts (K, G, G), over every (free cell, action) pair: real moves read as
+    right, as a stay (the nearest real latent to the prediction is the agent's own cell) or as another cell; wall
+    bumps read as right. For each move read as a stay, how far along the way to the true next latent the predicted
+    one lies (0: at the current cell's latent, 1: at the next one's). And the share of moves read wrong by the cell
+    they lead to: (G, G), row-major."""
+    G, A = layouts.shape[1], len(g.ACTIONS)
+    family = g.WorldFamily(layouts, image_size=model.encoder.image_size)
+    counts = dict.fromkeys(("moves", "moves_right", "moves_as_stays", "bumps", "bumps_right"), 0)
+    along, by_cell = [], np.zeros((2, G * G))  # (moves, moves wrong) by destination cell
+    for k in range(len(family)):
+        world = family.member(k)
+        free = torch.from_numpy(world.free_cells)
+        emb = g.encode_states(model, world)  # (F, D), free cells in order
+        place = torch.full((G * G,), -1, dtype=torch.long)
+        place[free] = torch.arange(len(free))
+        cells, actions = free.repeat_interleave(A), torch.arange(A).repeat(len(free))
+        pred = model.predict(emb.repeat_interleave(A, 0), actions.to(emb.device))
+        nxt = world.next_cell[cells, actions]
+        read = free[torch.cdist(pred, emb).argmin(1).cpu()]
+        move, right = nxt != cells, read == nxt
+        as_stay = move & (read == cells)
+        counts["moves"] += int(move.sum())
+        counts["moves_right"] += int((move & right).sum())
+        counts["moves_as_stays"] += int(as_stay.sum())
+        counts["bumps"] += int((~move).sum())
+        counts["bumps_right"] += int((~move & right).sum())
+        z0, z1, zp = emb[place[cells[as_stay]]], emb[place[nxt[as_stay]]], pred[as_stay.to(pred.device)]
+        along.append((((zp - z0) * (z1 - z0)).sum(-1) / (z1 - z0).pow(2).sum(-1).clamp_min(1e-12)).cpu())
+        np.add.at(by_cell, (0, nxt[move].numpy()), 1)
+        np.add.at(by_cell, (1, nxt[move & ~right].numpy()), 1)
+    along = torch.cat(along).numpy()
+    return counts | {
+        "as_stay_along_quartiles": np.quantile(along, [0.25, 0.5, 0.75]).round(3).tolist() if len(along) else [],
+        "move_error_by_cell": (by_cell[1] / np.maximum(by_cell[0], 1)).reshape(G, G).round(3).tolist(),
+    }
+
+
+def transition_errors_study(sizes: list[int], seeds: list[int], profile: str = "layouts", steps=None) -> list[dict]:
+    """transition_errors on the 200 held-out layouts for the layouts study's unlimited-layouts models (the same
+    checkpoints: shipped, or in runs/, trained if missing), BatchNorm calibrated on the training layouts as
+    g.evaluate_unseen does."""
+    shipped, rows = shipped_layouts_runs(), []
+    for size in sizes:
+        for seed in seeds:
+            over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
+            more = {} if steps is None else {"num_steps": steps}
+            cfg = g.make_config(profile, grid_size=size, seed=seed, num_layouts=UNLIMITED_LAYOUTS, **over, **more)
+            run, _ = layouts_run(cfg, shipped)
+            g.calibrate_batchnorm(run.model, run.world)
+            row = {"grid_size": size, "profile": profile, "seed": seed, "num_steps": cfg.num_steps, "overrides": over}
+            row |= {"layouts": "held-out", **transition_errors(run.model, g.heldout_layouts(size, 200))}
+            rows.append(row)
+            print(
+                f"{size}x{size} {profile} seed {seed}, {cfg.num_steps} steps: moves right"
+                f" {row['moves_right'] / row['moves']:.3f} (read as a stay {row['moves_as_stays'] / row['moves']:.3f},"
+                f" predicted {row['as_stay_along_quartiles']} of the way), bumps right"
+                f" {row['bumps_right'] / row['bumps']:.3f}",
+                flush=True,
+            )
+    return rows
+
+
 TUNING_RULES = g.IMAGINE_RULES[::-1]  # the earlier rule first
 TUNING_MERGES = (0.3, 0.4, 0.5)
 TUNING_MEETS = ("both", "either")
@@ -466,10 +532,15 @@ def recipe_tuning_study(num_layouts: int = 8, seeds=(0, 1), only: list[str] | No
 
 READER_ROWS = {  # name -> overrides of the layouts profile on 8x8
     "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)": {"input_size": 64},
-    "64x64 input, patch 16, 1 block (the 8x8 recipe)": {"input_size": 64, "patch_size": 16},
+    "64x64 input, patch 16, 1 block": {"input_size": 64, "patch_size": 16},
     "64x64 input, patch 16, 2 blocks": {"input_size": 64, "patch_size": 16, "depth": 2},
     "128x128 input, patch 16, 1 block": {"input_size": 128, "patch_size": 16},
     "32x32 input, patch 8, 1 block (the 5x5 recipe)": {"input_size": 32},
+    "64x64 input, patch 16, 1 block, predictor 4 blocks": {"input_size": 64, "patch_size": 16, "pred_depth": 4},
+    "64x64 input, patch 16, 1 block, patch latents": {"input_size": 64, "patch_size": 16, "spatial": True},
+    "64x64 input, patch 16, 1 block, width 256": {"input_size": 64, "patch_size": 16, "width": 256, "pred_width": 256},
+    "64x64 input, patch 32, 1 block (the 8x8 recipe)": {"input_size": 64, "patch_size": 32},
+    "128x128 input, patch 32, 1 block": {"input_size": 128, "patch_size": 32},
 }
 
 
@@ -478,6 +549,9 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
     recipe on 8x8 for ``budget`` seconds of steps (its step time measured first by g.estimate_train_time; the cosine
     schedule ends on the last step) and is scored by next-state accuracy on 100 validation layouts
     (g.validation_layouts: never trained on, never reported), beside the training layouts' own."""
+    unknown = set(only or ()) - set(READER_ROWS)
+    if unknown:
+        raise SystemExit(f"--only: unknown row {sorted(unknown)}; expected some of {sorted(READER_ROWS)}")
     rows = []
     val = g.WorldFamily(g.validation_layouts(8, 100))
     for name in [n for n in READER_ROWS if not only or n in only]:
@@ -513,10 +587,14 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight", "smooth_ramp")),
     "geometry": ("geometry_study.json", ("layout", "row", "seed")),
     "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
-    "layouts": ("layouts_study.json", ("grid_size", "layouts", "seed", "profile", "num_steps", "imagine_rule")),
+    "layouts": (
+        "layouts_study.json",
+        ("grid_size", "layouts", "seed", "profile", "num_steps", "imagine_rule", "overrides"),
+    ),
     "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
     "imagine-maps": ("imagine_maps.json", ("profile", "seed", "num_steps", "layouts", "imagine_rule")),
     "readers": ("readers_study.json", ("row", "seed", "budget_seconds")),
+    "transition-errors": ("transition_errors.json", ("grid_size", "profile", "seed", "num_steps", "overrides")),
 }
 
 
@@ -526,13 +604,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[5, 8, 12])
     parser.add_argument(
-        "--only", nargs="+", help="probes/geometry/recipe-tuning/imagine-tuning: run these rows or models (others kept)"
+        "--only",
+        nargs="+",
+        help="probes/geometry/recipe-tuning/imagine-tuning/readers: run these rows or models (others kept)",
     )
     parser.add_argument(
-        "--steps", type=int, help="scaling, layouts, imagine-maps: training steps (default: per size; the profile's)"
+        "--steps",
+        type=int,
+        help="scaling, layouts, imagine-maps, transition-errors: training steps (default: per size; the profile's)",
     )
     parser.add_argument(
-        "--profile", default="layouts", choices=("layouts", "layouts_gpu"), help="layouts, imagine-maps"
+        "--profile",
+        default="layouts",
+        choices=("layouts", "layouts_gpu"),
+        help="layouts, imagine-maps, transition-errors",
     )
     parser.add_argument("--budget", type=float, default=300.0, help="readers: seconds of training per row")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
@@ -544,7 +629,8 @@ def main() -> None:
     filename, key_fields = STUDIES[args.study]
     out = g.ASSETS / filename
     command = "python bench/studies.py " + shlex.join(sys.argv[1:])
-    key = lambda r: tuple(r.get(k) for k in key_fields)
+    # a row's key: its key fields, a dict (a row's overrides) as sorted JSON so that it can be compared and hashed
+    key = lambda r: tuple(json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for v in map(r.get, key_fields))
     saved = json.loads(out.read_text()) if out.exists() else None
 
     def save(rows: list[dict]) -> None:
@@ -577,6 +663,9 @@ def main() -> None:
         rows = imagine_tuning_study(only=args.only, rules=args.rules)
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
+    elif args.study == "transition-errors":
+        sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]
+        rows = transition_errors_study(sizes, args.seeds, profile=args.profile, steps=args.steps)
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     else:
