@@ -490,3 +490,30 @@ def test_searches_meet_when_either_would_take_the_place():
     assert solved["radius", "either"] >= 0.9 and solved["radius", "either"] - solved["radius", "both"] >= 0.05, solved
     assert solved["undo", "either"] >= 0.97 and solved["undo", "either"] > solved["undo", "both"], solved
     assert solved["undo", "either"] > solved["radius", "either"], solved
+
+
+def test_transition_errors_sorts_every_transition_once(smoke_run):
+    """bench/studies.py transition-errors: its counts cover every (free cell, action) pair once, agree with
+    next_state_table's (a separate reading of the same predictions), and its per-cell map adds up to the moves read
+    wrong. The smoke model gets many wrong, so the agreement is not that of two perfect readings."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("studies", gj.REPO_ROOT / "bench" / "studies.py")
+    studies = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(studies)
+    layouts = gj.heldout_layouts(5, 6)
+    report = studies.transition_errors(smoke_run.model, layouts)
+    right, moves_by_cell = 0, np.zeros(25)
+    for walls in layouts:
+        world = gj.World(5, walls=walls)
+        t = gj.next_state_table(smoke_run.model, world)
+        right += int((t["predicted"] == t["next"]).sum())
+        moves_by_cell += np.bincount(t["next"][~t["bump"]].numpy(), minlength=25)
+    assert report["moves"] == moves_by_cell.sum() and report["moves"] + report["bumps"] == 4 * int((~layouts).sum())
+    assert report["moves_right"] + report["bumps_right"] == right
+    wrong = report["moves"] - report["moves_right"]
+    assert 0 < wrong and report["moves_as_stays"] <= wrong
+    share = np.array(report["move_error_by_cell"])  # rounded to 3 decimals
+    assert share.shape == (5, 5) and ((share >= 0) & (share <= 1)).all()
+    assert abs((share.reshape(-1) * moves_by_cell).sum() - wrong) <= 5e-4 * moves_by_cell.sum() + 1e-6
+    assert len(report["as_stay_along_quartiles"]) == (3 if report["moves_as_stays"] else 0)
