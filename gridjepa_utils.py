@@ -1777,15 +1777,26 @@ def encode_states(model: JEPA, world: World, states: torch.Tensor | np.ndarray |
 def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
     """Every (free cell, action) pair of one layout with the model's answer: cell, action, the true next cell, the
     cell whose real latent is nearest the predicted one, and whether the move is a wall bump (the agent stays).
-    (P,) tensors, P = free cells x 4 - for finding which transitions a model gets wrong."""
+    (P,) tensors, P = free cells x 4 - for finding which transitions a model gets wrong - and the latents behind
+    them, (P, D) on the CPU: the cell's, the predicted one and the true next cell's."""
     emb = encode_states(model, world)  # (N, D)
     free = torch.from_numpy(world.free_cells)
     cells = repeat(free, "n -> (n a)", a=len(ACTIONS))
     actions = repeat(torch.arange(len(ACTIONS)), "a -> (n a)", n=len(free))
-    pred = model.predict(repeat(emb, "n d -> (n a) d", a=len(ACTIONS)), actions.to(model.device))
+    latent = repeat(emb, "n d -> (n a) d", a=len(ACTIONS))
+    pred = model.predict(latent, actions.to(model.device))
     true_next = world.next_cell[cells, actions]
     nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
-    return {"cell": cells, "action": actions, "next": true_next, "predicted": nearest, "bump": true_next == cells}
+    return {
+        "cell": cells,
+        "action": actions,
+        "next": true_next,
+        "predicted": nearest,
+        "bump": true_next == cells,
+        "latent": latent.cpu(),
+        "predicted_latent": pred.cpu(),
+        "next_latent": emb[torch.searchsorted(free, true_next).to(emb.device)].cpu(),  # free cells are sorted
+    }
 
 
 @torch.no_grad()

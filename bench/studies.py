@@ -286,6 +286,13 @@ UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training 
 LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64, "patch_size": 16}}
 
 
+def layouts_config(profile: str, size: int, seed: int, steps: int | None = None, num_layouts=UNLIMITED_LAYOUTS):
+    """The layouts recipe's config for a grid size (with its LAYOUTS_SIZE_OVERRIDES), ``steps`` None: the profile's."""
+    more = {} if steps is None else {"num_steps": steps}
+    over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
+    return g.make_config(profile, grid_size=size, seed=seed, num_layouts=num_layouts, **over, **more)
+
+
 def shipped_layouts_runs() -> dict:
     """The shipped runs (python gridjepa_utils.py --layouts procedural, on a CPU and on a GPU): config hash ->
     (checkpoint, run record)."""
@@ -319,8 +326,7 @@ def layouts_study(
             K = UNLIMITED_LAYOUTS if count == "unlimited" else int(count)
             for seed in seeds:
                 over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
-                more = {} if steps is None else {"num_steps": steps}
-                cfg = g.make_config(profile, grid_size=size, seed=seed, num_layouts=K, **over, **more)
+                cfg = layouts_config(profile, size, seed, steps, num_layouts=K)
                 run, record = layouts_run(cfg, shipped)
                 t0 = time.perf_counter()  # a shipped run: its latest evaluation, by the same function (the CLI's)
                 metrics = record["evaluations"][-1]["metrics"] if record else g.evaluate_unseen(run.model, run.world)
@@ -365,8 +371,7 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     shipped, rows = shipped_layouts_runs(), []
     sets = {"held-out": g.heldout_layouts(5, 200), "named": np.stack([g.layout_walls(n) for n in g.LAYOUTS])}
     for seed in seeds:
-        more = {} if steps is None else {"num_steps": steps}
-        cfg = g.make_config(profile, grid_size=5, seed=seed, num_layouts=UNLIMITED_LAYOUTS, **more)
+        cfg = layouts_config(profile, 5, seed, steps)
         run, _ = layouts_run(cfg, shipped)
         g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does before the layouts study's figures
         for name, layouts in sets.items():
@@ -386,38 +391,28 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     return rows
 
 
-@torch.no_grad()
 def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
-    """What a layouts model gets wrong in layouts (K, G, G), over every (free cell, action) pair: real moves read as
-    right, as a stay (the nearest real latent to the prediction is the agent's own cell) or as another cell; wall
-    bumps read as right. For each move read as a stay, how far along the way to the true next latent the predicted
-    one lies (0: at the current cell's latent, 1: at the next one's). And the share of moves read wrong by the cell
-    they lead to: (G, G), row-major."""
-    G, A = layouts.shape[1], len(g.ACTIONS)
-    family = g.WorldFamily(layouts, image_size=model.encoder.image_size)
+    """What a layouts model gets wrong in layouts (K, G, G), over every (free cell, action) pair (g.next_state_table):
+    real moves read as right, as a stay (the nearest real latent to the prediction is the agent's own cell) or as
+    another cell; wall bumps read as right. For each move read as a stay, how far along the way to the true next
+    latent the predicted one lies (0: at the current cell's latent, 1: at the next one's). And the share of moves read
+    wrong by the cell they lead to: (G, G), row-major."""
+    G = layouts.shape[1]
     counts = dict.fromkeys(("moves", "moves_right", "moves_as_stays", "bumps", "bumps_right"), 0)
     along, by_cell = [], np.zeros((2, G * G))  # (moves, moves wrong) by destination cell
-    for k in range(len(family)):
-        world = family.member(k)
-        free = torch.from_numpy(world.free_cells)
-        emb = g.encode_states(model, world)  # (F, D), free cells in order
-        place = torch.full((G * G,), -1, dtype=torch.long)
-        place[free] = torch.arange(len(free))
-        cells, actions = free.repeat_interleave(A), torch.arange(A).repeat(len(free))
-        pred = model.predict(emb.repeat_interleave(A, 0), actions.to(emb.device))
-        nxt = world.next_cell[cells, actions]
-        read = free[torch.cdist(pred, emb).argmin(1).cpu()]
-        move, right = nxt != cells, read == nxt
-        as_stay = move & (read == cells)
+    for walls in layouts:
+        t = g.next_state_table(model, g.World(G, walls=walls, image_size=model.encoder.image_size))
+        move, right = ~t["bump"], t["predicted"] == t["next"]
+        as_stay = move & (t["predicted"] == t["cell"])
         counts["moves"] += int(move.sum())
         counts["moves_right"] += int((move & right).sum())
         counts["moves_as_stays"] += int(as_stay.sum())
         counts["bumps"] += int((~move).sum())
         counts["bumps_right"] += int((~move & right).sum())
-        z0, z1, zp = emb[place[cells[as_stay]]], emb[place[nxt[as_stay]]], pred[as_stay.to(pred.device)]
-        along.append((((zp - z0) * (z1 - z0)).sum(-1) / (z1 - z0).pow(2).sum(-1).clamp_min(1e-12)).cpu())
-        np.add.at(by_cell, (0, nxt[move].numpy()), 1)
-        np.add.at(by_cell, (1, nxt[move & ~right].numpy()), 1)
+        z0, z1, zp = (t[k][as_stay] for k in ("latent", "next_latent", "predicted_latent"))
+        along.append(((zp - z0) * (z1 - z0)).sum(-1) / (z1 - z0).pow(2).sum(-1).clamp_min(1e-12))
+        np.add.at(by_cell, (0, t["next"][move].numpy()), 1)
+        np.add.at(by_cell, (1, t["next"][move & ~right].numpy()), 1)
     along = torch.cat(along).numpy()
     return counts | {
         "as_stay_along_quartiles": np.quantile(along, [0.25, 0.5, 0.75]).round(3).tolist() if len(along) else [],
@@ -432,12 +427,11 @@ def transition_errors_study(sizes: list[int], seeds: list[int], profile: str = "
     shipped, rows = shipped_layouts_runs(), []
     for size in sizes:
         for seed in seeds:
-            over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
-            more = {} if steps is None else {"num_steps": steps}
-            cfg = g.make_config(profile, grid_size=size, seed=seed, num_layouts=UNLIMITED_LAYOUTS, **over, **more)
+            cfg = layouts_config(profile, size, seed, steps)
             run, _ = layouts_run(cfg, shipped)
             g.calibrate_batchnorm(run.model, run.world)
-            row = {"grid_size": size, "profile": profile, "seed": seed, "num_steps": cfg.num_steps, "overrides": over}
+            row = {"grid_size": size, "profile": profile, "seed": seed, "num_steps": cfg.num_steps}
+            row["overrides"] = LAYOUTS_SIZE_OVERRIDES.get(size, {})
             row |= {"layouts": "held-out", **transition_errors(run.model, g.heldout_layouts(size, 200))}
             rows.append(row)
             print(
@@ -633,6 +627,7 @@ def main() -> None:
     # a row's key: its key fields, a dict (a row's overrides) as sorted JSON so that it can be compared and hashed
     key = lambda r: tuple(json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for v in map(r.get, key_fields))
     saved = json.loads(out.read_text()) if out.exists() else None
+    layout_sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]  # generated layouts: 12x12 only when asked
 
     def save(rows: list[dict]) -> None:
         """Write rows, keeping the saved rows this run does not redo (and whatever else the file holds, such as the
@@ -655,8 +650,7 @@ def main() -> None:
             args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth, ramp=args.ramp
         )
     elif args.study == "layouts":
-        sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]
-        rows = layouts_study(sizes, args.seeds, args.counts, save=save, profile=args.profile, steps=args.steps)
+        rows = layouts_study(layout_sizes, args.seeds, args.counts, save=save, profile=args.profile, steps=args.steps)
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
     elif args.study == "imagine-maps":
@@ -666,8 +660,7 @@ def main() -> None:
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
     elif args.study == "transition-errors":
-        sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]
-        rows = transition_errors_study(sizes, args.seeds, profile=args.profile, steps=args.steps)
+        rows = transition_errors_study(layout_sizes, args.seeds, profile=args.profile, steps=args.steps)
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     else:
