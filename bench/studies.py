@@ -10,6 +10,8 @@
     python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
     python bench/studies.py readers   # 8x8: which encoder reads walls best for equal CPU time (05)
     python bench/studies.py transition-errors --sizes 8 --steps 20000  # what a layouts model gets wrong (05)
+    python bench/studies.py transition-errors --only "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)" ...
+                                      # the same for the readers study's models
 
 Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gridjepa_utils as g  # noqa: E402
@@ -391,15 +394,33 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     return rows
 
 
+NEAR_BINS = 4  # walls next to a cell, and walls two steps from it, counted 0, 1, 2, 3 or more
+
+
+def walls_near(walls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every cell of a layout (G, G): how many of its 4 neighbours are walls, and how many cells two steps away
+    (Manhattan distance 2) are walls. Only walls count, not the border. Two (G, G) int arrays."""
+    steps = np.add.outer(np.abs(np.arange(-2, 3)), np.abs(np.arange(-2, 3)))  # from the middle of a 5x5 window
+    walls = walls.astype(int)
+    adjacent, two_away = (ndimage.convolve(walls, (steps == d).astype(int), mode="constant") for d in (1, 2))
+    return adjacent, two_away
+
+
 def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
     """What a layouts model gets wrong in layouts (K, G, G), over every (free cell, action) pair (g.next_state_table):
     real moves read as right, as a stay (the nearest real latent to the prediction is the agent's own cell) or as
     another cell; wall bumps read as right. For each move read as a stay, how far along the way to the true next
-    latent the predicted one lies (0: at the current cell's latent, 1: at the next one's). And the share of moves read
-    wrong by the cell they lead to: (G, G), row-major."""
+    latent the predicted one lies (0: at the current cell's latent, 1: at the next one's). The share of moves read
+    wrong by the cell they lead to: (G, G), row-major. And the moves and the moves read wrong counted by where the
+    cell they lead to lies and what is around it: (ring, walls next to it, walls two steps away), the ring being its
+    distance from the board's centre (0: the middle cells, (G + 1) // 2 - 1: the border; max(|row - c|, |col - c|)
+    rounded down, c = (G - 1) / 2) and the wall counts clipped at NEAR_BINS - 1 (walls_near)."""
     G = layouts.shape[1]
     counts = dict.fromkeys(("moves", "moves_right", "moves_as_stays", "bumps", "bumps_right"), 0)
     along, by_cell = [], np.zeros((2, G * G))  # (moves, moves wrong) by destination cell
+    by_near = np.zeros((2, (G + 1) // 2, NEAR_BINS, NEAR_BINS), dtype=np.int64)  # (moves, wrong) by ring, walls
+    rows, cols = np.divmod(np.arange(G * G), G)
+    ring = np.maximum(np.abs(rows - (G - 1) / 2), np.abs(cols - (G - 1) / 2)).astype(int)
     for walls in layouts:
         t = g.next_state_table(model, g.World(G, walls=walls, image_size=model.encoder.image_size))
         move, right = ~t["bump"], t["predicted"] == t["next"]
@@ -413,34 +434,63 @@ def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
         along.append(((zp - z0) * (z1 - z0)).sum(-1) / (z1 - z0).pow(2).sum(-1).clamp_min(1e-12))
         np.add.at(by_cell, (0, t["next"][move].numpy()), 1)
         np.add.at(by_cell, (1, t["next"][move & ~right].numpy()), 1)
+        nxt, wrong = t["next"][move].numpy(), (~right)[move].numpy()
+        where = (ring[nxt], *(np.minimum(a.reshape(-1), NEAR_BINS - 1)[nxt] for a in walls_near(walls)))
+        np.add.at(by_near[0], where, 1)
+        np.add.at(by_near[1], tuple(w[wrong] for w in where), 1)
     along = torch.cat(along).numpy()
     return counts | {
         "as_stay_along_quartiles": np.quantile(along, [0.25, 0.5, 0.75]).round(3).tolist() if len(along) else [],
         "move_error_by_cell": (by_cell[1] / np.maximum(by_cell[0], 1)).reshape(G, G).round(3).tolist(),
+        "moves_by_ring_walls_near": by_near[0].tolist(),
+        "wrong_by_ring_walls_near": by_near[1].tolist(),
     }
 
 
-def transition_errors_study(sizes: list[int], seeds: list[int], profile: str = "layouts", steps=None) -> list[dict]:
+def transition_errors_study(
+    sizes: list[int], seeds: list[int], profile: str = "layouts", steps=None, readers: list[str] | None = None
+) -> list[dict]:
     """transition_errors on the 200 held-out layouts for the layouts study's unlimited-layouts models (the same
     checkpoints: shipped, or in runs/, trained if missing), BatchNorm calibrated on the training layouts as
-    g.evaluate_unseen does."""
+    g.evaluate_unseen does. ``readers``: instead, the readers study's 8x8 models of these READER_ROWS (its
+    checkpoints in runs/, each with the step count its readers_study.json row records, or ``steps``; trained if
+    missing)."""
+    if readers:
+        if profile != "layouts":
+            raise SystemExit(f"--profile: the readers study's models use the layouts profile, got {profile!r}")
+        unknown = set(readers) - set(READER_ROWS)
+        if unknown:
+            raise SystemExit(f"--only: unknown row {sorted(unknown)}; expected some of {sorted(READER_ROWS)}")
+        raced = {}  # (row, seed) -> the step count the readers study gave it
+        if steps is None:
+            path = g.ASSETS / STUDIES["readers"][0]
+            raced = {(r["row"], r["seed"]): r["num_steps"] for r in json.loads(path.read_text())["rows"]}
+            missing = [(name, seed) for name in readers for seed in seeds if (name, seed) not in raced]
+            if missing:
+                raise SystemExit(f"--only/--seeds: {missing} not in {path.name}; run bench/studies.py readers first")
+        runs = [(8, seed, READER_ROWS[name], steps or raced[name, seed], name) for name in readers for seed in seeds]
+    else:
+        runs = [(size, seed, LAYOUTS_SIZE_OVERRIDES.get(size, {}), steps, None) for size in sizes for seed in seeds]
     shipped, rows = shipped_layouts_runs(), []
-    for size in sizes:
-        for seed in seeds:
-            cfg = layouts_config(profile, size, seed, steps)
+    for size, seed, over, num_steps, name in runs:
+        if name is None:
+            cfg = layouts_config(profile, size, seed, num_steps)
             run, _ = layouts_run(cfg, shipped)
-            g.calibrate_batchnorm(run.model, run.world)
-            row = {"grid_size": size, "profile": profile, "seed": seed, "num_steps": cfg.num_steps}
-            row["overrides"] = LAYOUTS_SIZE_OVERRIDES.get(size, {})
-            row |= {"layouts": "held-out", **transition_errors(run.model, g.heldout_layouts(size, 200))}
-            rows.append(row)
-            print(
-                f"{size}x{size} {profile} seed {seed}, {cfg.num_steps} steps: moves right"
-                f" {row['moves_right'] / row['moves']:.3f} (read as a stay {row['moves_as_stays'] / row['moves']:.3f},"
-                f" predicted {row['as_stay_along_quartiles']} of the way), bumps right"
-                f" {row['bumps_right'] / row['bumps']:.3f}",
-                flush=True,
-            )
+        else:
+            cfg = readers_config(seed, num_steps, over)
+            run = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False)
+        g.calibrate_batchnorm(run.model, run.world)
+        row = {"grid_size": size, "profile": cfg.profile, "seed": seed, "num_steps": cfg.num_steps, "overrides": over}
+        row |= ({"readers_row": name} if name else {}) | {"train_seconds": run.total_train_seconds}
+        row |= {"layouts": "held-out", **transition_errors(run.model, g.heldout_layouts(size, 200))}
+        rows.append(row)
+        print(
+            f"{size}x{size} {name or profile} seed {seed}, {cfg.num_steps} steps: moves right"
+            f" {row['moves_right'] / row['moves']:.3f} (read as a stay {row['moves_as_stays'] / row['moves']:.3f},"
+            f" predicted {row['as_stay_along_quartiles']} of the way), bumps right"
+            f" {row['bumps_right'] / row['bumps']:.3f}",
+            flush=True,
+        )
     return rows
 
 
@@ -539,6 +589,13 @@ READER_ROWS = {  # name -> overrides of the layouts profile on 8x8
 }
 
 
+def readers_config(seed: int, steps: int | None, overrides: dict) -> g.Config:
+    """A readers-study candidate's config: the layouts profile on 8x8 with the row's overrides (``steps`` None: the
+    profile's step count)."""
+    more = {} if steps is None else {"num_steps": steps}
+    return g.make_config("layouts", grid_size=8, seed=seed, **overrides, **more)
+
+
 def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = None, save=None) -> list[dict]:
     """Which encoder reads an 8x8 layout's walls best for the same CPU time: each candidate trains the layouts
     recipe on 8x8 for ``budget`` seconds of steps (its step time measured first by g.estimate_train_time; the cosine
@@ -552,10 +609,9 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
     for name in [n for n in READER_ROWS if not only or n in only]:
         for seed in seeds:
             over = READER_ROWS[name]
-            probe_cfg = g.make_config("layouts", grid_size=8, seed=seed, **over)
-            estimate = g.estimate_train_time(probe_cfg)
+            estimate = g.estimate_train_time(readers_config(seed, None, over))
             steps = max(1, int(budget / estimate["seconds_per_step"]))
-            cfg = g.make_config("layouts", grid_size=8, seed=seed, num_steps=steps, **over)
+            cfg = readers_config(seed, steps, over)
             run = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False)
             g.calibrate_batchnorm(run.model, run.world)
             seen = g.WorldFamily(run.world.layouts[:100], image_size=run.world.image_size)
@@ -601,7 +657,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        help="probes/geometry/recipe-tuning/imagine-tuning/readers: run these rows or models (others kept)",
+        help="probes/geometry/recipe-tuning/imagine-tuning/readers/transition-errors: these rows or models only",
     )
     parser.add_argument(
         "--steps",
@@ -660,7 +716,7 @@ def main() -> None:
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
     elif args.study == "transition-errors":
-        rows = transition_errors_study(layout_sizes, args.seeds, profile=args.profile, steps=args.steps)
+        rows = transition_errors_study(layout_sizes, args.seeds, args.profile, args.steps, readers=args.only)
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     else:

@@ -1,6 +1,8 @@
 """Procedurally generated layouts, the held-out set, the on-demand painter, and planning from two images
 (notebook 05's "a world it has never seen")."""
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -498,15 +500,19 @@ def test_searches_meet_when_either_would_take_the_place():
     assert solved["undo", "either"] > solved["radius", "either"], solved
 
 
-def test_transition_errors_sorts_every_transition_once(smoke_run):
+@pytest.fixture(scope="module")
+def studies():
+    """bench/studies.py, loaded as a module."""
+    spec = importlib.util.spec_from_file_location("studies", gj.REPO_ROOT / "bench" / "studies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_transition_errors_sorts_every_transition_once(smoke_run, studies):
     """bench/studies.py transition-errors: its counts cover every (free cell, action) pair once, agree with
     next_state_table's, which it sorts, and its per-cell map adds up to the moves read wrong. The smoke model gets
     many wrong, so none of these sums is that of a perfect reading."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("studies", gj.REPO_ROOT / "bench" / "studies.py")
-    studies = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(studies)
     layouts = gj.heldout_layouts(5, 6)
     report = studies.transition_errors(smoke_run.model, layouts)
     right, moves_by_cell = 0, np.zeros(25)
@@ -523,3 +529,33 @@ def test_transition_errors_sorts_every_transition_once(smoke_run):
     assert share.shape == (5, 5) and ((share >= 0) & (share <= 1)).all()
     assert abs((share.reshape(-1) * moves_by_cell).sum() - wrong) <= 5e-4 * moves_by_cell.sum() + 1e-6
     assert len(report["as_stay_along_quartiles"]) == (3 if report["moves_as_stays"] else 0)
+    moves, wrong_near = (np.array(report[k]) for k in ("moves_by_ring_walls_near", "wrong_by_ring_walls_near"))
+    assert moves.shape == wrong_near.shape == (3, studies.NEAR_BINS, studies.NEAR_BINS)
+    assert moves.sum() == report["moves"] and wrong_near.sum() == wrong and (wrong_near <= moves).all()
+    centre, around = moves_by_cell[12], moves_by_cell.reshape(5, 5)[1:4, 1:4].sum() - moves_by_cell[12]
+    assert moves[0].sum() == centre and moves[1].sum() == around  # rings: the centre cell, the 8 cells around it
+
+
+def test_walls_near_counts_walls_not_the_border(studies):
+    """bench/studies.py's walls_near on a hand-made layout: walls next to each cell and two steps away."""
+    walls = np.zeros((5, 5), dtype=bool)
+    walls[2, 2] = walls[0, 4] = True
+    adjacent, two_away = studies.walls_near(walls)
+    assert adjacent[0, 0] == two_away[0, 0] == 0  # a corner: the border is not a wall
+    assert adjacent[1, 2] == adjacent[0, 3] == 1 and adjacent[1, 3] == 0
+    assert two_away[0, 2] == two_away[1, 3] == two_away[2, 4] == 2  # two steps from both walls
+    assert two_away[4, 2] == two_away[2, 0] == 1 and two_away[2, 2] == 0 and adjacent[2, 2] == 0
+    random_walls = np.random.default_rng(0).random((6, 6)) < 0.4  # and, cell by cell, on a random layout
+    adjacent, two_away = studies.walls_near(random_walls)
+    cells = np.argwhere(np.ones((6, 6)))
+    steps = np.abs(cells[:, None] - np.argwhere(random_walls)[None]).sum(-1)  # (cell, wall) Manhattan distance
+    assert (adjacent.reshape(-1) == (steps == 1).sum(1)).all() and (two_away.reshape(-1) == (steps == 2).sum(1)).all()
+
+
+def test_transition_errors_study_names_a_bad_readers_row(studies):
+    """transition-errors --only: a row the readers study does not have, or a seed it did not run, stops the study
+    before it trains anything, naming the argument."""
+    with pytest.raises(SystemExit, match="--only: unknown row"):
+        studies.transition_errors_study([8], [0], readers=["no such encoder"])
+    with pytest.raises(SystemExit, match="--only/--seeds: .* not in readers_study.json"):
+        studies.transition_errors_study([8], [99], readers=[next(iter(studies.READER_ROWS))])
