@@ -394,6 +394,13 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     return rows
 
 
+def check_only(only: list[str] | None, known, what: str) -> None:
+    """--only: stop before any work, naming the argument, if it names a row or model the study does not have."""
+    unknown = set(only or ()) - set(known)
+    if unknown:
+        raise SystemExit(f"--only: unknown {what} {sorted(unknown)}; expected some of {sorted(known)}")
+
+
 NEAR_BINS = 4  # walls next to a cell, and walls two steps from it, counted 0, 1, 2, 3 or more
 
 
@@ -432,9 +439,9 @@ def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
         counts["bumps_right"] += int((~move & right).sum())
         z0, z1, zp = (t[k][as_stay] for k in ("latent", "next_latent", "predicted_latent"))
         along.append(((zp - z0) * (z1 - z0)).sum(-1) / (z1 - z0).pow(2).sum(-1).clamp_min(1e-12))
-        np.add.at(by_cell, (0, t["next"][move].numpy()), 1)
-        np.add.at(by_cell, (1, t["next"][move & ~right].numpy()), 1)
-        nxt, wrong = t["next"][move].numpy(), (~right)[move].numpy()
+        nxt, wrong = t["next"][move].numpy(), (~right)[move].numpy()  # each move's next cell; read wrong?
+        np.add.at(by_cell, (0, nxt), 1)
+        np.add.at(by_cell, (1, nxt[wrong]), 1)
         where = (ring[nxt], *(np.minimum(a.reshape(-1), NEAR_BINS - 1)[nxt] for a in walls_near(walls)))
         np.add.at(by_near[0], where, 1)
         np.add.at(by_near[1], tuple(w[wrong] for w in where), 1)
@@ -458,9 +465,7 @@ def transition_errors_study(
     if readers:
         if profile != "layouts":
             raise SystemExit(f"--profile: the readers study's models use the layouts profile, got {profile!r}")
-        unknown = set(readers) - set(READER_ROWS)
-        if unknown:
-            raise SystemExit(f"--only: unknown row {sorted(unknown)}; expected some of {sorted(READER_ROWS)}")
+        check_only(readers, READER_ROWS, "row")
         raced = {}  # (row, seed) -> the step count the readers study gave it
         if steps is None:
             path = g.ASSETS / STUDIES["readers"][0]
@@ -509,9 +514,7 @@ def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = No
     rows = []
     models = {"layouts (GPU)": "gridjepa_layouts_gpu.pt", "layouts (cpu)": "gridjepa_layouts.pt"}
     models |= {f"cpu {name}": f"gridjepa_cpu{'' if name == 'open' else '_' + name}.pt" for name in g.LAYOUTS}
-    unknown = set(only or ()) - set(models)
-    if unknown:
-        raise SystemExit(f"--only: unknown model {sorted(unknown)}; expected some of {sorted(models)}")
+    check_only(only, models, "model")
     models = {k: v for k, v in models.items() if not only or k in only}
     for label, file in models.items():
         model, cfg = g.load_model(g.ASSETS / file)
@@ -601,9 +604,7 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
     recipe on 8x8 for ``budget`` seconds of steps (its step time measured first by g.estimate_train_time; the cosine
     schedule ends on the last step) and is scored by next-state accuracy on 100 validation layouts
     (g.validation_layouts: never trained on, never reported), beside the training layouts' own."""
-    unknown = set(only or ()) - set(READER_ROWS)
-    if unknown:
-        raise SystemExit(f"--only: unknown row {sorted(unknown)}; expected some of {sorted(READER_ROWS)}")
+    check_only(only, READER_ROWS, "row")
     rows = []
     val = g.WorldFamily(g.validation_layouts(8, 100))
     for name in [n for n in READER_ROWS if not only or n in only]:
