@@ -3071,6 +3071,7 @@ def run_mpc(
     max_steps: int | None = None,
     record: bool = False,
     remember_bumps: bool = False,
+    remember_tried: bool = False,
 ) -> PlanResult:
     """Closed-loop control of every pair at once: observe -> policy -> act in the real world -> repeat.
 
@@ -3082,6 +3083,13 @@ def run_mpc(
     the same way each time, repeats a bump forever, so for such a planner this changes only episodes that would
     otherwise fail. Each episode remembers its own bumps. With ``record``, a step where memory overrode the policy
     keeps the policy's own choice as "policy_action".
+
+    ``remember_tried``: the agent remembers every action it took from every image in this episode (a bump is one
+    case: the image it took it from is the image it sees again). Back at an image it has seen, it takes the action it
+    has taken least often from there, the policy's best among those - so an action the model calls a wall bump (an
+    infinite score) is tried once every other action has been. The same reasoning holds: a planner that decides from
+    (image, goal image) alone, back at an image, would repeat what it did there and loop forever, so this too changes
+    only episodes that would otherwise fail - it turns a loop into an exploration led by the policy's scores.
     """
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
@@ -3100,8 +3108,9 @@ def run_mpc(
         raise TypeError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    if not isinstance(remember_bumps, bool):
-        raise TypeError(f"remember_bumps must be True or False, got {remember_bumps!r}")
+    for name, flag in (("remember_bumps", remember_bumps), ("remember_tried", remember_tried)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     for name, cells in (("start", starts), ("goal", goals)):
         if cells.numel() and (cells.min() < 0 or cells.max() >= world.num_cells):
             raise ValueError(f"{name} cells must lie in [0, {world.num_cells})")
@@ -3119,6 +3128,8 @@ def run_mpc(
     steps[cells == goals] = 0
     A = len(ACTIONS)
     bumps = torch.zeros(0, dtype=torch.long)  # (episode, cell, action) of each remembered bump, as one number
+    N = world.grid_size**2  # an episode stays in one layout: its cells, counted within that layout
+    tried = torch.zeros(len(starts), N, A, dtype=torch.int32) if remember_tried else None  # times taken, per image
     for t in range(max_steps):
         active = cells != goals
         if not active.any():
@@ -3131,11 +3142,22 @@ def run_mpc(
         n = int(active.sum())
         if action.shape != (n,):
             raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {n} pairs")
-        if remember_bumps:  # this step's (episode, cell, action) keys, (n, A)
+        if (remember_bumps or remember_tried) and "scores" not in out:
+            which = "remember_tried" if remember_tried else "remember_bumps"
+            raise TypeError(f"{which} needs a policy that returns 'scores' (its cost of each action)")
+        if remember_tried:
+            episodes, local = active.nonzero()[:, 0], cells[active] % N
+            taken = tried[episodes, local].float()  # (n, A) how often each action was taken from this image
+            least = taken == taken.amin(1, keepdim=True)
+            inf = float("inf")  # an action the policy rules out (a score of inf) stays below one already taken more
+            scores = out["scores"].detach().float().cpu().nan_to_num(posinf=torch.finfo(torch.float32).max)
+            mine = action  # kept when no other action was taken fewer times from here
+            action = torch.where(least.gather(1, mine[:, None])[:, 0], mine, scores.masked_fill(~least, inf).argmin(1))
+            out = out | {"action": action, "policy_action": mine}
+            tried[episodes, local, action] += 1
+        elif remember_bumps:  # this step's (episode, cell, action) keys, (n, A)
             here = (active.nonzero()[:, 0, None] * world.num_cells + cells[active, None]) * A + torch.arange(A)
             if len(bumps):
-                if "scores" not in out:
-                    raise TypeError("remember_bumps needs a policy that returns 'scores' (its cost of each action)")
                 known = torch.isin(here, bumps)  # (n, A) actions this episode already saw go nowhere from here
                 scores = out["scores"].detach().float().cpu().masked_fill(known, float("inf"))
                 mine = action
@@ -3144,7 +3166,7 @@ def run_mpc(
         if record:
             trace.append({k: v.clone() for k, v in out.items()} | {"active": active.clone()})
         moved = world.next_cell[cells[active], action]
-        if remember_bumps:
+        if remember_bumps and not remember_tried:
             bumps = torch.cat([bumps, here.gather(1, action[:, None])[:, 0][moved == cells[active]]])
         cells[active] = moved
         steps[(cells == goals) & active] = t + 1
@@ -3205,7 +3227,8 @@ def unseen_layout_report(
     """How a model does in layouts (K, G, G) - e.g. held-out ones it never trained on: next-state accuracy over every
     (free cell, action) pair of each layout, and planning ``per_layout`` seeded start -> goal pairs per layout with
     each planner. "imagine" uses only the two images and the model; "imagine_memory" is the same agent remembering
-    its own wall bumps (run_mpc's remember_bumps); "graph" is privileged (it encodes every free cell of the layout
+    its own wall bumps (run_mpc's remember_bumps), "imagine_tried" the same agent remembering every action it took
+    from every image (run_mpc's remember_tried); "graph" is privileged (it encodes every free cell of the layout
     first); "probe" needs a ``probe`` fitted elsewhere (on training layouts); BFS is the optimum that "optimal" is
     measured against. Returns plain numbers (per-layout accuracies included)."""
     family = WorldFamily(layouts, image_size=model.encoder.image_size)
@@ -3235,8 +3258,9 @@ def unseen_layout_report(
                 raise ValueError("the probe planner needs probe= (fitted on training layouts, never on these)")
             policy = probe_policy(model, family, probe)
         else:
-            policy = make_policy(name.removesuffix("_memory"), model, family)
-        summary = run_mpc(family, policy, starts, goals, remember_bumps=name.endswith("_memory")).summary()
+            policy = make_policy(name.removesuffix("_memory").removesuffix("_tried"), model, family)
+        memory = {"remember_bumps": name.endswith("_memory"), "remember_tried": name.endswith("_tried")}
+        summary = run_mpc(family, policy, starts, goals, **memory).summary()
         report[name] = {k: summary[k] for k in ("success", "optimal", "seconds")}
     return report
 
@@ -3445,12 +3469,14 @@ def planning_player(
     goal: int | None = None,
     max_steps: int | None = None,
     remember_bumps: bool = False,
+    remember_tried: bool = False,
 ):
     """Widget: choose a planner, a start and a goal, then Play or step through the episode.
 
     Shows the current frame, the map with the path so far, the 4 actions' predicted scores and the
-    chosen action. The "remember bumps" box plans as run_mpc(remember_bumps=...) does (its initial state:
-    ``remember_bumps``). Works on ipywidgets 7.7 and 8 (Play and IntSlider linked in Python, not in the browser).
+    chosen action. The "remember bumps" and "remember what it tried" boxes plan as run_mpc(remember_bumps=...,
+    remember_tried=...) does (their initial states: ``remember_bumps``, ``remember_tried``). Works on ipywidgets 7.7
+    and 8 (Play and IntSlider linked in Python, not in the browser).
     """
     import ipywidgets as W
     import matplotlib.pyplot as plt
@@ -3462,9 +3488,11 @@ def planning_player(
         options=list(names.items()), value=start if start is not None else free[0], description="start"
     )
     goal_w = W.Dropdown(options=list(names.items()), value=goal if goal is not None else free[-1], description="goal")
-    if not isinstance(remember_bumps, bool):
-        raise TypeError(f"remember_bumps must be True or False, got {remember_bumps!r}")
+    for name, flag in (("remember_bumps", remember_bumps), ("remember_tried", remember_tried)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     memory = W.Checkbox(value=remember_bumps, description="remember bumps", indent=False)
+    tried = W.Checkbox(value=remember_tried, description="remember what it tried", indent=False)
     step = W.IntSlider(min=0, max=0, description="step")
     play = W.Play(min=0, max=0, interval=600)
     W.link((play, "value"), (step, "value"))
@@ -3485,6 +3513,7 @@ def planning_player(
             max_steps=max_steps,
             record=True,
             remember_bumps=memory.value,
+            remember_tried=tried.value,
         )
         state["result"] = res
         last = int(min(res.steps[0], res.paths.shape[1] - 1))
@@ -3521,17 +3550,30 @@ def planning_player(
             )
             lines.append(f"predicted cost per action - {cells_txt} &nbsp; -> <b>{ACTIONS[chosen]}</b>")
             wanted = int(rec.get("policy_action", rec["action"])[0])
-            if wanted != chosen:
+            if wanted != chosen and tried.value:
+                lines.append(
+                    f"(back at this image: {ACTIONS[wanted]} was taken from it more often than {ACTIONS[chosen]})"
+                )
+            elif wanted != chosen:
                 lines.append(f"({ACTIONS[wanted]} already went nowhere from this image: remembered)")
         info.value = "<br>".join(lines)
 
-    for w in (planner, start_w, goal_w, memory):
+    for w in (planner, start_w, goal_w, memory, tried):
         w.observe(replan, names="value")
     step.observe(show, names="value")
     replan()
-    box = W.VBox([W.HBox([planner, start_w, goal_w, memory]), W.HBox([play, step]), W.HBox([frame, board]), info])
+    box = W.VBox(
+        [
+            W.HBox([planner, start_w, goal_w]),
+            W.HBox([memory, tried]),
+            W.HBox([play, step]),
+            W.HBox([frame, board]),
+            info,
+        ]
+    )
     box.state = state
-    box.controls = {"planner": planner, "start": start_w, "goal": goal_w, "memory": memory, "step": step, "play": play}
+    box.controls = {"planner": planner, "start": start_w, "goal": goal_w, "memory": memory, "tried": tried}
+    box.controls |= {"step": step, "play": play}
     return box
 
 
@@ -3544,12 +3586,12 @@ def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per
     """Headline metrics of a model trained on generated layouts, measured in worlds it never saw: the first
     ``num_layouts`` held-out layouts (``per_layout`` pairs each) and, on 5x5, the four named ones (100 pairs each).
     Planners: imagine (only the two images and the model), imagine_memory (the same, remembering its wall bumps),
-    graph (privileged), the greedy probe (its probe fitted on 200 training layouts), random. Optimal means as short
-    as BFS."""
+    imagine_tried (the same, remembering every action it took from every image), graph (privileged), the greedy
+    probe (its probe fitted on 200 training layouts), random. Optimal means as short as BFS."""
     calibrate_batchnorm(model, world)
     seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
     probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
-    planners = ("imagine", "imagine_memory", "graph", "probe", "random")
+    planners = ("imagine", "imagine_memory", "imagine_tried", "graph", "probe", "random")
     sets = {"heldout": heldout_layouts(world.grid_size, num_layouts)}
     if world.grid_size == 5:
         sets["named"] = np.stack([layout_walls(name) for name in LAYOUTS])
@@ -3566,16 +3608,25 @@ def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per
     return metrics
 
 
-def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe", remember_bumps: bool = False) -> dict:
+def evaluate(
+    model: JEPA,
+    world: World,
+    cfg: Config,
+    planner: str = "probe",
+    remember_bumps: bool = False,
+    remember_tried: bool = False,
+) -> dict:
     """Headline metrics of a trained model on its world: next-state accuracy, the latent's geometry (PCA, latent vs
     grid distance, held-out probes), planning with ``planner`` (its agent remembering its wall bumps with
-    ``remember_bumps``, as run_mpc) and with the latent cost alone (greedy, no probe). A model trained on generated
-    layouts is measured in layouts it never saw instead (evaluate_unseen: planned both with and without memory)."""
+    ``remember_bumps``, or every action it took with ``remember_tried``, as run_mpc) and with the latent cost alone
+    (greedy, no probe). A model trained on generated layouts is measured in layouts it never saw instead
+    (evaluate_unseen: planned with each memory and without)."""
     if isinstance(world, WorldFamily):  # the smoke profile (CI) measures 20 held-out layouts, the others 200
         return evaluate_unseen(model, world, num_layouts=20 if cfg.profile == "smoke" else 200)
     calibrate_batchnorm(model, world)
     geometry = geometry_report(model, world)
-    plan = run_mpc(world, make_policy(planner, model, world), remember_bumps=remember_bumps).summary()
+    memory = {"remember_bumps": remember_bumps, "remember_tried": remember_tried}
+    plan = run_mpc(world, make_policy(planner, model, world), **memory).summary()
     latent = run_mpc(world, latent_greedy_policy(model, world)).summary()
     return {
         "next_state_accuracy": next_state_accuracy(model, world),
@@ -3589,6 +3640,7 @@ def evaluate(model: JEPA, world: World, cfg: Config, planner: str = "probe", rem
         "probe_r2_ridge_heldout": geometry["probe_r2_ridge_heldout"],
         "planner": planner,
         "remember_bumps": remember_bumps,
+        "remember_tried": remember_tried,
         "plan_success": plan["success"],
         "plan_optimal": plan["optimal"],
         "plan_seconds": plan["seconds"],
@@ -3666,7 +3718,7 @@ def _main_run(args, argv, cfg: Config, out: Path, device: torch.device) -> dict:
     result = train(cfg, ckpt_path=out, resume=True, device=device)
     if not _is_main_process():
         return {}
-    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner, args.remember_bumps)
+    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner, args.remember_bumps, args.remember_tried)
     command = "python gridjepa_utils.py " + " ".join(argv if argv is not None else sys.argv[1:])
     evaluation = {
         "command": command,
@@ -3730,6 +3782,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--remember-bumps",
         action="store_true",
         help="plan with an agent that does not repeat an action which left its image unchanged (run_mpc)",
+    )
+    parser.add_argument(
+        "--remember-tried",
+        action="store_true",
+        help="plan with an agent that, back at an image, takes an action it has taken least often from there (run_mpc)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lam", type=float, default=None, help="SIGReg weight >= 0 (default: the profile's)")

@@ -356,7 +356,7 @@ def layouts_study(
                     f" {metrics['heldout_next_state_accuracy']:.3f} | held-out planning: "
                     + " ".join(
                         f"{p} {metrics.get(f'heldout_{p}_success', float('nan')):.3f}"
-                        for p in ("imagine", "imagine_memory", "graph", "probe", "random")
+                        for p in ("imagine", "imagine_memory", "imagine_tried", "graph", "probe", "random")
                     )
                     + (f" | named: imagine {metrics['named_imagine_success']:.3f}" if size == 5 else "")
                     + f" | {run.total_train_seconds:.0f} s",

@@ -278,7 +278,8 @@ def test_run_mpc_unreachable_goal():
 
 
 def test_run_mpc_remember_bumps_bad_inputs(open_world):
-    """remember_bumps must be a bool, and needs a policy that scores its actions (to take the next-best one)."""
+    """remember_bumps and remember_tried must be bools, and need a policy that scores its actions (to take the
+    next-best one)."""
     start, goal = torch.tensor([open_world.cell_index(0, 0)]), torch.tensor([open_world.cell_index(4, 4)])
     with pytest.raises(TypeError, match=r"remember_bumps must be True or False, got 'yes'"):
         gj.run_mpc(open_world, gj.bfs_policy(open_world), start, goal, remember_bumps="yes")
@@ -288,3 +289,7 @@ def test_run_mpc_remember_bumps_bad_inputs(open_world):
 
     with pytest.raises(TypeError, match=r"remember_bumps needs a policy that returns 'scores'"):
         gj.run_mpc(open_world, unscored, start, goal, remember_bumps=True)
+    with pytest.raises(TypeError, match=r"remember_tried must be True or False, got 1"):
+        gj.run_mpc(open_world, gj.bfs_policy(open_world), start, goal, remember_tried=1)
+    with pytest.raises(TypeError, match=r"remember_tried needs a policy that returns 'scores'"):
+        gj.run_mpc(open_world, unscored, start, goal, remember_tried=True)

@@ -154,6 +154,9 @@ def test_rerun_appends_its_evaluation_and_keeps_the_original(tmp_path):
     third = json.loads(out.with_suffix(".json").read_text())
     assert [e["metrics"]["remember_bumps"] for e in third["evaluations"]] == [False, False, True]
     assert third["evaluations"][2]["planner"] == "imagine" and third["metrics"] == first["metrics"]
+    assert run_cli("--out", out, "--planner", "imagine", "--remember-tried") == 0
+    fourth = json.loads(out.with_suffix(".json").read_text())
+    assert [e["metrics"].get("remember_tried") for e in fourth["evaluations"]] == [False, False, False, True]
     assert leftovers(out.parent) == []
 
 

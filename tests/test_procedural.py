@@ -425,14 +425,16 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
         "heldout_next_state_accuracy",
         "heldout_imagine_success",
         "heldout_imagine_memory_success",
+        "heldout_imagine_tried_success",
         "heldout_graph_success",
         "named_random_success",
     ):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["heldout_pairs"] == 200  # smoke: 20 held-out layouts x 10 pairs
-    for where in ("heldout", "named"):  # remembering bumps changes only episodes that would repeat a bump forever
-        assert metrics[f"{where}_imagine_memory_success"] >= metrics[f"{where}_imagine_success"]
-        assert metrics[f"{where}_imagine_memory_optimal"] == metrics[f"{where}_imagine_optimal"]
+    for where in ("heldout", "named"):  # memory changes only episodes that would repeat a bump or a loop forever
+        for memory in ("memory", "tried"):
+            assert metrics[f"{where}_imagine_{memory}_success"] >= metrics[f"{where}_imagine_success"]
+            assert metrics[f"{where}_imagine_{memory}_optimal"] == metrics[f"{where}_imagine_optimal"]
     assert metrics["imagine_rule"] == "consistent" and metrics["imagine_merge"] == 0.5  # the search's settings
     saved = gj.load_run(out)[1]
     assert saved.num_layouts == 30

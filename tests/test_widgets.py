@@ -195,3 +195,25 @@ def test_planning_player_remember_bumps_box():
     trace = noisy.state["result"].trace
     overrides = [int(r.get("policy_action", r["action"])[0]) != int(r["action"][0]) for r in trace]
     assert notes[: len(trace)] == overrides
+
+
+def test_planning_player_remember_tried_box():
+    """The "remember what it tried" box replans with run_mpc(remember_tried=True): back at an image, the planner
+    that always prefers "up" takes an action it has taken less often from there, and the player says so."""
+
+    def up_first(cells, goals):
+        scores = torch.arange(4.0).repeat(len(cells), 1)  # up < down < left < right, whatever the goal
+        return {"action": scores.argmin(1), "scores": scores}
+
+    world = gj.World(5, walls="u_trap")
+    box = gj.planning_player(world, {"up first": up_first})
+    ctl, info = box.controls, find(box, ipywidgets.HTML)
+    assert ctl["tried"] is find(box, ipywidgets.Checkbox, "remember what it tried") and ctl["tried"].value is False
+    ctl["start"].value, ctl["goal"].value = world.cell_index(2, 2), world.cell_index(2, 0)
+    ctl["tried"].value = True
+    path = box.state["result"].paths[0]
+    assert path[:3].tolist() == [world.cell_index(2, 2), world.cell_index(2, 2), world.cell_index(2, 3)]
+    ctl["step"].value = 1
+    assert "-> <b>down</b>" in info.value and "back at this image: up was taken from it more often" in info.value
+    with pytest.raises(TypeError, match=r"remember_tried must be True or False"):
+        gj.planning_player(world, {"up first": up_first}, remember_tried="no")
