@@ -3129,7 +3129,9 @@ def run_mpc(
     A = len(ACTIONS)
     bumps = torch.zeros(0, dtype=torch.long)  # (episode, cell, action) of each remembered bump, as one number
     N = world.grid_size**2  # an episode stays in one layout: its cells, counted within that layout
-    tried = torch.zeros(len(starts), N, A, dtype=torch.int32) if remember_tried else None  # times taken, per image
+    if remember_tried:  # times each action was taken, per episode and image
+        check_memory(4.0 * len(starts) * N * A, f"run_mpc(remember_tried=True) for {len(starts):,} pairs")
+    tried = torch.zeros(len(starts), N, A, dtype=torch.int32) if remember_tried else None
     for t in range(max_steps):
         active = cells != goals
         if not active.any():

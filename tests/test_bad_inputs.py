@@ -277,9 +277,9 @@ def test_run_mpc_unreachable_goal():
         )
 
 
-def test_run_mpc_remember_bumps_bad_inputs(open_world):
+def test_run_mpc_remember_bumps_bad_inputs(open_world, monkeypatch):
     """remember_bumps and remember_tried must be bools, and need a policy that scores its actions (to take the
-    next-best one)."""
+    next-best one); remember_tried's counts are checked against the memory limit before they are allocated."""
     start, goal = torch.tensor([open_world.cell_index(0, 0)]), torch.tensor([open_world.cell_index(4, 4)])
     with pytest.raises(TypeError, match=r"remember_bumps must be True or False, got 'yes'"):
         gj.run_mpc(open_world, gj.bfs_policy(open_world), start, goal, remember_bumps="yes")
@@ -293,3 +293,7 @@ def test_run_mpc_remember_bumps_bad_inputs(open_world):
         gj.run_mpc(open_world, gj.bfs_policy(open_world), start, goal, remember_tried=1)
     with pytest.raises(TypeError, match=r"remember_tried needs a policy that returns 'scores'"):
         gj.run_mpc(open_world, unscored, start, goal, remember_tried=True)
+    starts, goals = open_world.all_pairs()  # 600 pairs x 25 images x 4 actions of counts: 240 kB
+    monkeypatch.setenv("GRIDJEPA_MEMORY_LIMIT_GB", "0.0001")
+    with pytest.raises(ValueError, match=r"run_mpc\(remember_tried=True\) for 600 pairs would need about"):
+        gj.run_mpc(open_world, gj.bfs_policy(open_world), starts, goals, remember_tried=True)
