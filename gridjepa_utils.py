@@ -447,6 +447,13 @@ def check_int_tensor(x, name: str) -> torch.Tensor:
     return x.long()
 
 
+def check_flags(**flags) -> None:
+    """Raise a clear TypeError naming the first of ``flags`` (name=value) that is not True or False."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+
+
 def check_actions(action) -> torch.Tensor:
     """Actions as a long tensor, each in 0..3 (up, down, left, right); clear errors otherwise."""
     action = check_int_tensor(action, "action")
@@ -3108,9 +3115,7 @@ def run_mpc(
         raise TypeError(f"max_steps must be an integer >= 1 or None, got {max_steps!r}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    for name, flag in (("remember_bumps", remember_bumps), ("remember_tried", remember_tried)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    check_flags(remember_bumps=remember_bumps, remember_tried=remember_tried)
     for name, cells in (("start", starts), ("goal", goals)):
         if cells.numel() and (cells.min() < 0 or cells.max() >= world.num_cells):
             raise ValueError(f"{name} cells must lie in [0, {world.num_cells})")
@@ -3490,9 +3495,7 @@ def planning_player(
         options=list(names.items()), value=start if start is not None else free[0], description="start"
     )
     goal_w = W.Dropdown(options=list(names.items()), value=goal if goal is not None else free[-1], description="goal")
-    for name, flag in (("remember_bumps", remember_bumps), ("remember_tried", remember_tried)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    check_flags(remember_bumps=remember_bumps, remember_tried=remember_tried)
     memory = W.Checkbox(value=remember_bumps, description="remember bumps", indent=False)
     tried = W.Checkbox(value=remember_tried, description="remember what it tried", indent=False)
     step = W.IntSlider(min=0, max=0, description="step")

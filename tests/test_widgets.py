@@ -161,13 +161,15 @@ def test_planning_player_switching_planner_replans(player):
     assert "<b>bfs</b>" in find(box, ipywidgets.HTML).value and bool(box.state["result"].optimal[0])
 
 
+def up_first(cells, goals):
+    """A planner that always prefers "up" (scores: up < down < left < right, whatever the goal)."""
+    scores = torch.arange(4.0).repeat(len(cells), 1)
+    return {"action": scores.argmin(1), "scores": scores}
+
+
 def test_planning_player_remember_bumps_box():
     """The "remember bumps" box replans the episode with run_mpc's memory: a planner that always prefers "up" stays
     under the cup's wall without it, and with it steps aside after one bump, saying why."""
-
-    def up_first(cells, goals):
-        scores = torch.arange(4.0).repeat(len(cells), 1)  # up < down < left < right, whatever the goal
-        return {"action": scores.argmin(1), "scores": scores}
 
     world = gj.World(5, walls="u_trap")
     box = gj.planning_player(world, {"up first": up_first})
@@ -200,10 +202,6 @@ def test_planning_player_remember_bumps_box():
 def test_planning_player_remember_tried_box():
     """The "remember what it tried" box replans with run_mpc(remember_tried=True): back at an image, the planner
     that always prefers "up" takes an action it has taken less often from there, and the player says so."""
-
-    def up_first(cells, goals):
-        scores = torch.arange(4.0).repeat(len(cells), 1)  # up < down < left < right, whatever the goal
-        return {"action": scores.argmin(1), "scores": scores}
 
     world = gj.World(5, walls="u_trap")
     box = gj.planning_player(world, {"up first": up_first})
