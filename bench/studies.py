@@ -10,6 +10,7 @@
     python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
     python bench/studies.py readers   # 8x8: which encoder reads walls best for equal CPU time (05)
     python bench/studies.py transition-errors --sizes 8 --steps 20000  # what a layouts model gets wrong (05)
+    python bench/studies.py budget --sizes 8 --steps 20000 --seeds 0 1  # steps the agent needs, 3x the budget (05)
     python bench/studies.py transition-errors --only "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)" ...
                                       # the same for the readers study's models
 
@@ -394,6 +395,57 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     return rows
 
 
+BUDGET_PLANNERS = ("imagine", "imagine_tried", "random_tried")  # the agent without and with its memory; the control
+
+
+def budget_study(sizes: list[int], seeds: list[int], profile="layouts", steps=None, times=3, save=None) -> list[dict]:
+    """How many steps does the agent need? The layouts study's models (the same checkpoints: shipped, or in runs/,
+    trained if missing) plan the same 2,000 held-out pairs as there, with ``times`` x the step budget every reported
+    figure uses (2 x the longest shortest path + G): the agent-only search without memory and remembering all it
+    tried (run_mpc's remember_tried), and the control, a random policy with the same memory and no model. Each row
+    keeps, per planner, the share of pairs solved within b steps for every b up to the longer budget. An episode is
+    planned step for step as under the shorter budget, so at b = the budget the shares are the layouts study's."""
+    shipped, rows = shipped_layouts_runs(), []
+    for size in sizes:
+        layouts = g.heldout_layouts(size, 200)
+        for seed in seeds:
+            cfg = layouts_config(profile, size, seed, steps)
+            run, _ = layouts_run(cfg, shipped)
+            g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
+            family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
+            starts, goals = g.sample_pairs(family, 10, 0)  # unseen_layout_report's pairs
+            budget = 2 * int(g.shortest_distances(family, starts, goals).max()) + size  # run_mpc's default
+            row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps}
+            row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
+            t0 = time.perf_counter()
+            for name in BUDGET_PLANNERS:
+                policy = g.random_policy() if name.startswith("random") else g.imagination_policy(run.model, family)
+                with torch.no_grad():
+                    result = g.run_mpc(
+                        family, policy, starts, goals, max_steps=times * budget, remember_tried=name.endswith("_tried")
+                    )
+                row[f"{name}_solved_within"] = [
+                    float((result.steps <= b).float().mean()) for b in range(times * budget + 1)
+                ]
+                row[f"{name}_optimal"] = float(result.optimal.float().mean())
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            if save is not None:
+                save(rows)
+            print(
+                f"{size}x{size} {profile}, {cfg.num_steps:,} steps, seed {seed}, {len(starts):,} pairs,"
+                f" budget {budget}: "
+                + " | ".join(
+                    f"{name} "
+                    + " ".join(f"{k}x {row[f'{name}_solved_within'][k * budget]:.1%}" for k in range(1, times + 1))
+                    for name in BUDGET_PLANNERS
+                )
+                + f" | {row['seconds']:.0f} s",
+                flush=True,
+            )
+    return rows
+
+
 def check_only(only: list[str] | None, known, what: str) -> None:
     """--only: stop before any work, naming the argument, if it names a row or model the study does not have."""
     unknown = set(only or ()) - set(known)
@@ -647,6 +699,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "imagine-maps": ("imagine_maps.json", ("profile", "seed", "num_steps", "layouts", "imagine_rule")),
     "readers": ("readers_study.json", ("row", "seed", "budget_seconds")),
     "transition-errors": ("transition_errors.json", ("grid_size", "profile", "seed", "num_steps", "overrides")),
+    "budget": ("budget_study.json", ("grid_size", "seed", "profile", "num_steps", "imagine_rule")),
 }
 
 
@@ -663,13 +716,14 @@ def main() -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        help="scaling, layouts, imagine-maps, transition-errors: training steps (default: per size; the profile's)",
+        help="scaling, layouts, imagine-maps, transition-errors, budget: training steps (default: per size; the"
+        " profile's)",
     )
     parser.add_argument(
         "--profile",
         default="layouts",
         choices=("layouts", "layouts_gpu"),
-        help="layouts, imagine-maps, transition-errors",
+        help="layouts, imagine-maps, transition-errors, budget",
     )
     parser.add_argument("--budget", type=float, default=300.0, help="readers: seconds of training per row")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
@@ -720,6 +774,8 @@ def main() -> None:
         rows = transition_errors_study(layout_sizes, args.seeds, args.profile, args.steps, readers=args.only)
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
+    elif args.study == "budget":
+        rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save)
     else:
         rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
     save(rows)

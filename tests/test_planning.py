@@ -192,6 +192,19 @@ def test_remember_tried_turns_loops_into_exploration():
     assert not bool(bumps.success[dead_end]) and bool(tried.success[dead_end])
 
 
+def test_a_longer_budget_plans_the_same_episodes_step_for_step():
+    """bench/studies.py budget reads the share solved within b steps off one long run: that holds only if a longer
+    step budget leaves every episode as it was up to the shorter one (memory and a seeded random policy included)."""
+    world = gj.World(5, walls="u_trap")
+    for make, memory in ((manhattan_greedy_policy, {"remember_tried": True}), (lambda w: gj.random_policy(3), {})):
+        short = gj.run_mpc(world, make(world), **memory)
+        budget = short.paths.shape[1] - 1
+        long = gj.run_mpc(world, make(world), max_steps=3 * budget, **memory)
+        assert torch.equal(long.paths[:, : budget + 1], short.paths)
+        assert torch.equal(long.steps <= budget, short.success)
+        assert bool((long.success & ~short.success).any())  # some pairs take longer than the budget, and get there
+
+
 def test_imagination_search_remembering_bumps_solves_at_least_as_much(smoke_run, some_pairs):
     """On a trained model, remembering bumps, or every action tried, solves no fewer pairs and leaves the optimal
     ones optimal."""
