@@ -414,7 +414,7 @@ def budget_study(sizes: list[int], seeds: list[int], profile="layouts", steps=No
             g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
             starts, goals = g.sample_pairs(family, 10, 0)  # unseen_layout_report's pairs
-            budget = 2 * int(g.shortest_distances(family, starts, goals).max()) + size  # run_mpc's default
+            budget = g.step_budget(family, g.shortest_distances(family, starts, goals))  # run_mpc's default
             row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps}
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
             t0 = time.perf_counter()
