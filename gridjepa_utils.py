@@ -3102,7 +3102,8 @@ def run_mpc(
     has taken least often from there, the policy's best among those - so an action the model calls a wall bump (an
     infinite score) is tried once every other action has been. The same reasoning holds: a planner that decides from
     (image, goal image) alone, back at an image, would repeat what it did there and loop forever, so this too changes
-    only episodes that would otherwise fail - it turns a loop into an exploration led by the policy's scores.
+    only episodes that would otherwise fail - it turns a loop into an exploration led by the policy's scores. With
+    both memories, remember_tried decides (a bump is one of the actions it counts).
     """
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
@@ -3162,10 +3163,11 @@ def run_mpc(
             episodes, local = active.nonzero()[:, 0], cells[active] % N
             taken = tried[episodes, local].float()  # (n, A) how often each action was taken from this image
             least = taken == taken.amin(1, keepdim=True)
-            inf = float("inf")  # an action the policy rules out (a score of inf) stays below one already taken more
+            # an action the policy rules out (a score of inf) is still preferred to one taken more often from here
             scores = out["scores"].detach().float().cpu().nan_to_num(posinf=torch.finfo(torch.float32).max)
             mine = action  # kept when no other action was taken fewer times from here
-            action = torch.where(least.gather(1, mine[:, None])[:, 0], mine, scores.masked_fill(~least, inf).argmin(1))
+            best = scores.masked_fill(~least, float("inf")).argmin(1)
+            action = torch.where(least.gather(1, mine[:, None])[:, 0], mine, best)
             out = out | {"action": action, "policy_action": mine}
             tried[episodes, local, action] += 1
         elif remember_bumps:  # this step's (episode, cell, action) keys, (n, A)

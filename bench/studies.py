@@ -419,7 +419,7 @@ def budget_study(sizes: list[int], seeds: list[int], profile="layouts", steps=No
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
             t0 = time.perf_counter()
             for name in BUDGET_PLANNERS:
-                policy = g.random_policy() if name.startswith("random") else g.imagination_policy(run.model, family)
+                policy = g.make_policy(name.removesuffix("_tried"), run.model, family)  # as unseen_layout_report
                 with torch.no_grad():
                     result = g.run_mpc(
                         family, policy, starts, goals, max_steps=times * budget, remember_tried=name.endswith("_tried")
