@@ -95,6 +95,19 @@ class Config:
     # encoder: a ViT over the (pooled) image, CLS token -> projector MLP -> latent
     input_size: int = 128  # the 128x128 observation is average-pooled to this before the ViT
     patch_size: int = 16
+    # how pixels become patch tokens. "patch": one linear map per patch (a strided convolution), as ViT. "conv": early
+    # convolutions (Xiao et al., 2021) - log2(patch_size) 3x3 stride-2 convolutions, so each token is built from
+    # local edges and corners before attention mixes them. Tried for reading walls (bench/studies.py readers)
+    stem: str = "patch"
+    # True: the encoder sees only the middle half of the image's rows (32-95 of 128). The isometric board fills 43%
+    # of the height (an 8x8 board with its walls and agent: rows 31-92), so half of a square image's patches hold
+    # only the empty backdrop; cropped, every token covers the board. Tokens: (input/patch) x (input/patch / 2)
+    crop: bool = False
+    # how the tokens become one vector. "cls": the CLS token, as ViT. "flat": every patch token through a shared
+    # Linear(width -> 4 * width / patches), concatenated in board order. Attention pools tokens by a weighted sum of
+    # position-blind values, so from one block the CLS token hardly knows which patch a wall was in; flattening keeps
+    # the place of every token. Tried for reading walls (bench/studies.py readers)
+    pool: str = "cls"
     width: int = 192
     depth: int = 4
     heads: int = 3
@@ -144,6 +157,9 @@ class Config:
             "grid_size",
             "input_size",
             "patch_size",
+            "stem",
+            "crop",
+            "pool",
             "width",
             "depth",
             "heads",
@@ -305,7 +321,13 @@ CONFIG_RANGES = {
     "eval_every": (1, 10**9),
     "ckpt_every": (1, 10**9),
 }
-CONFIG_CHOICES = {"projector_norm": ("batchnorm", "layernorm"), "profile": tuple(PROFILES), "layout": tuple(LAYOUTS)}
+CONFIG_CHOICES = {
+    "projector_norm": ("batchnorm", "layernorm"),
+    "stem": ("patch", "conv"),
+    "pool": ("cls", "flat"),
+    "profile": tuple(PROFILES),
+    "layout": tuple(LAYOUTS),
+}
 CONFIG_POSITIVE = ("lr", "grad_clip")  # must be > 0, not only >= 0
 MAX_PARAMETERS = 200_000_000  # ~0.8 GB of float32 weights (the full profile has ~3.4M)
 
@@ -325,11 +347,31 @@ def check_memory(estimate_bytes: float, what: str) -> None:
         )
 
 
+def num_patches(cfg: Config) -> int:
+    """The encoder's patch tokens: (input/patch)^2, or half as many rows of them with cfg.crop."""
+    side = cfg.input_size // max(1, cfg.patch_size)
+    return side * (side // 2 if cfg.crop else side)
+
+
+def flat_channels(cfg: Config) -> int:
+    """With pool="flat": each patch token's channels after its shared projection (4 x width in all, at least 1)."""
+    return max(1, 4 * cfg.width // num_patches(cfg))
+
+
 def estimate_parameters(cfg: Config) -> int:
     """The JEPA's parameter count from its config alone (without building it): what a model would allocate."""
-    W, Wp, P = cfg.width, cfg.pred_width, (cfg.input_size // max(1, cfg.patch_size)) ** 2
-    encoder = W * cfg.patch_size**2 + W + (P + 2) * W + cfg.depth * (12 * W * W + 13 * W) + 2 * W
-    projector = W * cfg.proj_hidden + 3 * cfg.proj_hidden + cfg.proj_hidden * cfg.latent_dim + cfg.latent_dim
+    W, Wp, P = cfg.width, cfg.pred_width, num_patches(cfg)
+    if cfg.stem == "conv":
+        chans = conv_stem_channels(W, cfg.patch_size)
+        stem = sum(9 * a * b + b for a, b in zip(chans, chans[1:])) + chans[-1] * W + W
+    else:
+        stem = W * cfg.patch_size**2 + W
+    encoder = stem + (P + 2) * W + cfg.depth * (12 * W * W + 13 * W) + 2 * W
+    features = W
+    if cfg.pool == "flat":
+        features = P * flat_channels(cfg)
+        encoder += (W + 1) * flat_channels(cfg)
+    projector = features * cfg.proj_hidden + 3 * cfg.proj_hidden + cfg.proj_hidden * cfg.latent_dim + cfg.latent_dim
     predictor = (cfg.latent_dim + 1) * Wp + 16 * Wp + 4 * Wp + cfg.pred_depth * (18 * Wp * Wp + 15 * Wp)
     return int(encoder + projector + predictor + 2 * Wp + (Wp + 1) * cfg.latent_dim)
 
@@ -373,6 +415,8 @@ def validate_config(cfg: Config) -> Config:
             f"Config.input_size must divide the 128-pixel image and Config.patch_size must divide input_size, "
             f"got input_size={cfg.input_size}, patch_size={cfg.patch_size}"
         )
+    if cfg.stem == "conv" and cfg.patch_size < 2:  # a divisor of 128 is a power of 2: log2(patch_size) halvings
+        raise ValueError(f"Config.stem='conv' needs Config.patch_size >= 2 (one halving each), got {cfg.patch_size}")
     for width, heads in (("width", "heads"), ("pred_width", "pred_heads")):
         if getattr(cfg, width) % getattr(cfg, heads):
             raise ValueError(
@@ -381,7 +425,14 @@ def validate_config(cfg: Config) -> Config:
     params = estimate_parameters(cfg)
     if params > MAX_PARAMETERS:
         raise ValueError(f"this Config describes a model of ~{params:,} parameters, above the limit {MAX_PARAMETERS:,}")
-    tokens = (cfg.input_size // cfg.patch_size) ** 2 + 1
+    if cfg.crop and cfg.input_size % (2 * cfg.patch_size):
+        raise ValueError(
+            f"Config.crop keeps half of the input's rows, so 2 x Config.patch_size must divide Config.input_size, got "
+            f"input_size={cfg.input_size}, patch_size={cfg.patch_size}"
+        )
+    if cfg.pool == "flat" and cfg.spatial:
+        raise ValueError("Config.pool='flat' makes one latent of every token; Config.spatial keeps a latent per token")
+    tokens = num_patches(cfg) + 1
     if cfg.spatial and cfg.latent_dim % (tokens - 1):
         raise ValueError(
             f"with Config.spatial, latent_dim must be a multiple of the number of patches "
@@ -1327,6 +1378,24 @@ def cls_output(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tens
     return cls[:, 0]
 
 
+def conv_stem_channels(width: int, patch_size: int) -> list[int]:
+    """The conv stem's channels, image first: one per stride-2 convolution, doubling up to ``width`` / 2 (at least
+    8). Narrow on purpose: on a CPU a convolution costs far more time per FLOP than the transformer's matmuls."""
+    n = patch_size.bit_length() - 1  # log2(patch_size) halvings
+    return [1] + [max(8, width >> (n - i + 1)) for i in range(1, n + 1)]
+
+
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """Early convolutions (Xiao et al., 2021, "Early Convolutions Help Transformers See Better"): log2(patch_size)
+    3x3 stride-2 convolutions with GELUs, then a 1x1 convolution to ``width``. Like ViT's patch embedding it maps
+    (B, 1, S, S) to (B, width, S / patch_size, S / patch_size), but each token is built from local features."""
+    chans = conv_stem_channels(width, patch_size)
+    layers: list[nn.Module] = []
+    for a, b in zip(chans, chans[1:]):
+        layers += [nn.Conv2d(a, b, kernel_size=3, stride=2, padding=1), nn.GELU()]
+    return nn.Sequential(*layers, nn.Conv2d(chans[-1], width, kernel_size=1))
+
+
 class Encoder(nn.Module):
     """ViT-Tiny-style encoder: image (B, 1, H, W) -> latent (B, D), via patches, a CLS token and a projector.
 
@@ -1338,10 +1407,13 @@ class Encoder(nn.Module):
         if image_size % cfg.input_size or cfg.input_size % cfg.patch_size:
             raise ValueError("input_size must divide the image size and patch_size must divide input_size")
         self.image_size, self.input_size = image_size, cfg.input_size
-        num_patches = (cfg.input_size // cfg.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(1, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.spatial, self.num_patches, self.crop = cfg.spatial, num_patches(cfg), cfg.crop
+        if cfg.stem == "conv":
+            self.patch_embed = conv_stem(cfg.width, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(1, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, cfg.width) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches + 1, cfg.width) * 0.02)
         layer = nn.TransformerEncoderLayer(
             cfg.width,
             cfg.heads,
@@ -1353,12 +1425,14 @@ class Encoder(nn.Module):
         )
         self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
-        self.spatial, self.num_patches = cfg.spatial, num_patches
-        out = cfg.latent_dim // num_patches if cfg.spatial else cfg.latent_dim
-        self.projector = Projector(cfg.width, cfg.proj_hidden, out, cfg.projector_norm)
+        out = cfg.latent_dim // self.num_patches if cfg.spatial else cfg.latent_dim
+        self.flat = nn.Linear(cfg.width, flat_channels(cfg)) if cfg.pool == "flat" else None
+        features = self.num_patches * flat_channels(cfg) if self.flat is not None else cfg.width
+        self.projector = Projector(features, cfg.proj_hidden, out, cfg.projector_norm)
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
-        """The ViT's output before the projector: (B, 1, H, W) -> CLS (B, W), or with spatial (B * patches, W)."""
+        """The ViT's output before the projector: (B, 1, H, W) -> CLS (B, W); with spatial (B * patches, W); with
+        pool="flat" (B, patches x flat_channels)."""
         if obs.shape[-1] not in (self.image_size, self.input_size):
             raise ValueError(
                 f"the encoder takes {self.image_size}x{self.image_size} images (or frames already pooled to "
@@ -1367,12 +1441,16 @@ class Encoder(nn.Module):
         x = obs
         if x.shape[-1] != self.input_size:  # pooling is linear: pool first, then rescale the fewer pixels
             x = F.avg_pool2d(x, self.image_size // self.input_size)  # (B, 1, input, input)
+        if self.crop:  # the middle half of the rows, where the board is
+            x = x[..., self.input_size // 4 : 3 * self.input_size // 4, :]  # (B, 1, input / 2, input)
         x = x * 2 - 1  # [0, 1] -> [-1, 1]
         x = self.patch_embed(x)  # (B, W, h, w)
         x = rearrange(x, "b c h w -> b (h w) c")  # (B, h*w, W)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         if self.spatial:
             return self.norm(self.blocks(x))[:, 1:].flatten(0, 1)  # (B * patches, W)
+        if self.flat is not None:
+            return self.flat(self.norm(self.blocks(x))[:, 1:]).flatten(1)  # (B, patches * channels), board order
         *early, last = self.blocks.layers
         for layer in early:
             x = layer(x)
@@ -1452,7 +1530,7 @@ class SpatialPredictor(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.num_tokens = (cfg.input_size // cfg.patch_size) ** 2
+        self.num_tokens = num_patches(cfg)
         self.channels = cfg.latent_dim // self.num_tokens
         self.in_proj = nn.Linear(self.channels, cfg.pred_width)
         self.pos_embed = nn.Parameter(torch.randn(1, self.num_tokens, cfg.pred_width) * 0.02)

@@ -179,6 +179,97 @@ def test_encoder_computes_the_cls_output_alone_in_its_last_block(depth):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_conv_stem_makes_the_patch_grid_and_learns():
+    """stem="conv": log2(patch_size) stride-2 convolutions give the same token grid as the patch embedding, the
+    parameter estimate counts them as the built model does, every stem layer gets a gradient, and the stem's
+    output depends on a pixel only within its patch's neighbourhood (3x3 kernels: a receptive field, not global)."""
+    cfgs = {stem: gj.make_config("smoke", input_size=64, patch_size=16, stem=stem) for stem in ("patch", "conv")}
+    counts = {stem: gj.count_parameters(gj.JEPA(cfg)) for stem, cfg in cfgs.items()}
+    estimates = {stem: gj.estimate_parameters(cfg) for stem, cfg in cfgs.items()}
+    assert counts["conv"] != counts["patch"]
+    assert counts["conv"] - counts["patch"] == estimates["conv"] - estimates["patch"]
+    torch.manual_seed(0)
+    enc = gj.JEPA(cfgs["conv"]).encoder
+    convs = [m for m in enc.patch_embed if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 4 + [(1, 1)]
+    x = torch.rand(3, 1, 64, 64)
+    assert enc.patch_embed(x).shape == (3, cfgs["conv"].width, 4, 4)
+    enc(torch.rand(4, 1, 128, 128)).square().sum().backward()
+    assert all(float(c.weight.grad.abs().sum()) > 0 for c in convs)
+    x2 = x.clone()
+    x2[:, :, :8, :8] += 1  # a change in the top-left corner reaches the top-left tokens, not the far corner
+    moved = (enc.patch_embed(x2) - enc.patch_embed(x)).abs().amax(dim=(0, 1))
+    assert moved[0, 0] > 0 and moved[3, 3] == 0
+
+
+def test_conv_stem_needs_a_patch_to_halve():
+    with pytest.raises(ValueError, match="needs Config.patch_size >= 2"):
+        gj.make_config("smoke", patch_size=1, stem="conv")
+    with pytest.raises(ValueError, match="Config.stem must be one of"):
+        gj.make_config("smoke", stem="cnn")
+
+
+def test_crop_keeps_the_board_rows_and_drops_the_backdrop():
+    """crop=True: the encoder sees rows 32-95 of 128 only, in (input/patch) x (input/patch / 2) tokens. Every pixel
+    an 8x8 board's walls or agent change lies inside them; a change in the dropped rows leaves the latent as it was,
+    and one inside moves it."""
+    cfg = gj.make_config("smoke", grid_size=8, input_size=64, patch_size=8, crop=True)
+    assert gj.num_patches(cfg) == 32 and gj.num_patches(dataclasses.replace(cfg, crop=False)) == 64
+    torch.manual_seed(0)
+    model = gj.JEPA(cfg).eval()
+    assert model.encoder.pos_embed.shape[1] == 33
+    assert gj.count_parameters(model) - gj.count_parameters(gj.JEPA(dataclasses.replace(cfg, crop=False))) == (
+        gj.estimate_parameters(cfg) - gj.estimate_parameters(dataclasses.replace(cfg, crop=False))
+    )
+    walls = np.zeros((8, 8), dtype=bool)
+    walls[0, 1:], walls[1:, 0] = True, True  # walls along both back edges, the agent on every free cell
+    world = gj.World(8, walls=walls, check_connected=False)
+    frames = world.render(torch.as_tensor(world.free_cells), "cpu")
+    backdrop = gj.World(8).render(torch.tensor([0]), "cpu")
+    changed = (frames - backdrop).abs().amax(dim=(0, 1, 3)) > 0.02  # the rows any wall or agent pixel is in
+    assert changed.any() and not changed[:31].any() and not changed[96:].any()
+    obs = frames[:2]
+    outside, inside = obs.clone(), obs.clone()
+    outside[..., :32, :] = 1.0
+    outside[..., 96:, :] = 0.0
+    inside[..., 60:64, 60:64] = 1 - inside[..., 60:64, 60:64]
+    with torch.no_grad():
+        z, z_out, z_in = (model.encode(x) for x in (obs, outside, inside))
+    torch.testing.assert_close(z_out, z)
+    assert (z_in - z).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="2 x Config.patch_size must divide"):
+        gj.make_config("smoke", input_size=32, patch_size=32, crop=True)
+
+
+def test_flat_pooling_keeps_which_patch_a_feature_is_in():
+    """pool="flat": the features are every patch token's projection in board order (patches x flat_channels): with
+    attention's output switched off, a change inside one patch moves that patch's chunk alone. The parameter
+    estimate counts the extra layer as the built model does; a flat latent cannot also be spatial."""
+    cfg = gj.make_config("smoke", input_size=32, patch_size=16, pool="flat")
+    assert gj.flat_channels(cfg) == 4 * cfg.width // 4
+    torch.manual_seed(0)
+    model = gj.JEPA(cfg).eval()
+    cls = dataclasses.replace(cfg, pool="cls")
+    assert gj.count_parameters(model) - gj.count_parameters(gj.JEPA(cls)) == (
+        gj.estimate_parameters(cfg) - gj.estimate_parameters(cls)
+    )
+    obs = torch.rand(2, 1, 32, 32)
+    assert model.encoder.features(obs).shape == (2, 4 * gj.flat_channels(cfg))
+    assert model.encode(torch.rand(2, 1, 128, 128)).shape == (2, cfg.latent_dim)
+    with torch.no_grad():  # without attention's mixing, each chunk of the features is its own patch's token
+        for layer in model.encoder.blocks.layers:
+            layer.self_attn.out_proj.weight.zero_()
+            layer.self_attn.out_proj.bias.zero_()
+        feats = model.encoder.features(obs).view(2, 4, -1)
+        for k, (r, c) in enumerate([(0, 0), (0, 16), (16, 0), (16, 16)]):  # patches in board (row-major) order
+            changed = obs.clone()
+            changed[..., r : r + 16, c : c + 16] = 1 - changed[..., r : r + 16, c : c + 16]
+            moved = (model.encoder.features(changed).view(2, 4, -1) - feats).abs().amax(dim=(0, 2))
+            assert moved[k] > 1e-3 and (moved[torch.arange(4) != k] == 0).all()
+    with pytest.raises(ValueError, match="Config.pool='flat'"):
+        gj.make_config("smoke", input_size=32, patch_size=16, pool="flat", spatial=True, latent_dim=192)
+
+
 def test_full_profile_parameter_count():
     """The full (the write-up's) architecture has between 2.5M and 4.5M parameters (measured 3.38M)."""
     table = gj.parameter_table(gj.JEPA(gj.make_config("full")))
