@@ -1400,7 +1400,9 @@ class Encoder(nn.Module):
     """ViT-Tiny-style encoder: image (B, 1, H, W) -> latent (B, D), via patches, a CLS token and a projector.
 
     With cfg.spatial the CLS token is not used: each patch token is projected (one shared projector) to
-    D / (number of patches) channels, and the latent is the grid of them, flattened."""
+    D / (number of patches) channels, and the latent is the grid of them, flattened. With cfg.pool="flat" the patch
+    tokens, each through one shared linear layer, are concatenated in board order into the projector; cfg.crop keeps
+    the middle half of the rows; cfg.stem="conv" builds the tokens with early convolutions."""
 
     def __init__(self, cfg: Config, image_size: int = 128):
         super().__init__()

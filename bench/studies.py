@@ -293,10 +293,17 @@ UNLIMITED_LAYOUTS = 50_000  # "unlimited": as many distinct layouts as training 
 LAYOUTS_SIZE_OVERRIDES = {8: {"input_size": 64, "patch_size": 16, "crop": True, "pool": "flat"}}
 
 
-def layouts_config(profile: str, size: int, seed: int, steps: int | None = None, num_layouts=UNLIMITED_LAYOUTS):
-    """The layouts recipe's config for a grid size (with its LAYOUTS_SIZE_OVERRIDES), ``steps`` None: the profile's."""
+def size_overrides(size: int, over: dict | None = None) -> dict:
+    """The Config fields a grid size's layouts recipe changes: ``over``, or when None its LAYOUTS_SIZE_OVERRIDES."""
+    return LAYOUTS_SIZE_OVERRIDES.get(size, {}) if over is None else over
+
+
+def layouts_config(
+    profile: str, size: int, seed: int, steps: int | None = None, num_layouts=UNLIMITED_LAYOUTS, over=None
+):
+    """The layouts recipe's config for a grid size (with size_overrides), ``steps`` None: the profile's."""
     more = {} if steps is None else {"num_steps": steps}
-    over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
+    over = size_overrides(size, over)
     return g.make_config(profile, grid_size=size, seed=seed, num_layouts=num_layouts, **over, **more)
 
 
@@ -319,7 +326,7 @@ def layouts_run(cfg: g.Config, shipped: dict):
 
 
 def layouts_study(
-    sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save=None, profile="layouts", steps=None
+    sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save=None, profile="layouts", steps=None, over=None
 ) -> list[dict]:
     """Worlds never seen: train the `layouts` profile on K procedurally generated layouts (K = 20 ... unlimited),
     then measure (g.evaluate_unseen) next-state accuracy and planning on the 200 held-out layouts (10 seeded pairs
@@ -332,12 +339,12 @@ def layouts_study(
         for count in counts:
             K = UNLIMITED_LAYOUTS if count == "unlimited" else int(count)
             for seed in seeds:
-                over = LAYOUTS_SIZE_OVERRIDES.get(size, {})
-                cfg = layouts_config(profile, size, seed, steps, num_layouts=K)
+                cfg = layouts_config(profile, size, seed, steps, num_layouts=K, over=over)
                 run, record = layouts_run(cfg, shipped)
                 t0 = time.perf_counter()  # a shipped run: its latest evaluation, by the same function (the CLI's)
                 metrics = record["evaluations"][-1]["metrics"] if record else g.evaluate_unseen(run.model, run.world)
-                row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": over}
+                row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed}
+                row["overrides"] = size_overrides(size, over)
                 row |= {"profile": profile, "batch_size": cfg.batch_size, "num_steps": cfg.num_steps}
                 gpu = g.default_out_path(cfg).with_suffix(".gpu.json")  # trained on a GPU by bench/gpu_layouts.py
                 row["trained_on"] = (
@@ -401,7 +408,9 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
 BUDGET_PLANNERS = ("imagine", "imagine_tried", "random_tried")  # the agent without and with its memory; the control
 
 
-def budget_study(sizes: list[int], seeds: list[int], profile="layouts", steps=None, times=3, save=None) -> list[dict]:
+def budget_study(
+    sizes: list[int], seeds: list[int], profile="layouts", steps=None, times=3, save=None, over=None
+) -> list[dict]:
     """How many steps does the agent need? The layouts study's models (the same checkpoints: shipped, or in runs/,
     trained if missing) plan the same 2,000 held-out pairs as there, with ``times`` x the step budget every reported
     figure uses (2 x the longest shortest path + G): the agent-only search without memory and remembering all it
@@ -412,13 +421,14 @@ def budget_study(sizes: list[int], seeds: list[int], profile="layouts", steps=No
     for size in sizes:
         layouts = g.heldout_layouts(size, 200)
         for seed in seeds:
-            cfg = layouts_config(profile, size, seed, steps)
+            cfg = layouts_config(profile, size, seed, steps, over=over)
             run, _ = layouts_run(cfg, shipped)
             g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
             starts, goals = g.sample_pairs(family, 10, 0)  # unseen_layout_report's pairs
             budget = g.step_budget(family, g.shortest_distances(family, starts, goals))  # run_mpc's default
             row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps}
+            row["overrides"] = size_overrides(size, over)
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
             t0 = time.perf_counter()
             for name in BUDGET_PLANNERS:
@@ -510,7 +520,12 @@ def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
 
 
 def transition_errors_study(
-    sizes: list[int], seeds: list[int], profile: str = "layouts", steps=None, readers: list[str] | None = None
+    sizes: list[int],
+    seeds: list[int],
+    profile: str = "layouts",
+    steps=None,
+    readers: list[str] | None = None,
+    over=None,
 ) -> list[dict]:
     """transition_errors on the 200 held-out layouts for the layouts study's unlimited-layouts models (the same
     checkpoints: shipped, or in runs/, trained if missing), BatchNorm calibrated on the training layouts as
@@ -530,11 +545,11 @@ def transition_errors_study(
                 raise SystemExit(f"--only/--seeds: {missing} not in {path.name}; run bench/studies.py readers first")
         runs = [(8, seed, READER_ROWS[name], steps or raced[name, seed], name) for name in readers for seed in seeds]
     else:
-        runs = [(size, seed, LAYOUTS_SIZE_OVERRIDES.get(size, {}), steps, None) for size in sizes for seed in seeds]
+        runs = [(size, seed, size_overrides(size, over), steps, None) for size in sizes for seed in seeds]
     shipped, rows = shipped_layouts_runs(), []
     for size, seed, over, num_steps, name in runs:
         if name is None:
-            cfg = layouts_config(profile, size, seed, num_steps)
+            cfg = layouts_config(profile, size, seed, num_steps, over=over)
             run, _ = layouts_run(cfg, shipped)
         else:
             cfg = readers_config(seed, num_steps, over)
@@ -712,7 +727,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "imagine-maps": ("imagine_maps.json", ("profile", "seed", "num_steps", "layouts", "imagine_rule")),
     "readers": ("readers_study.json", ("row", "seed", "budget_seconds")),
     "transition-errors": ("transition_errors.json", ("grid_size", "profile", "seed", "num_steps", "overrides")),
-    "budget": ("budget_study.json", ("grid_size", "seed", "profile", "num_steps", "imagine_rule")),
+    "budget": ("budget_study.json", ("grid_size", "seed", "profile", "num_steps", "imagine_rule", "overrides")),
 }
 
 
@@ -738,6 +753,12 @@ def main() -> None:
         choices=("layouts", "layouts_gpu"),
         help="layouts, imagine-maps, transition-errors, budget",
     )
+    parser.add_argument(
+        "--overrides",
+        type=json.loads,
+        help="layouts, transition-errors, budget: the Config fields (JSON) the runs change in place of the grid"
+        """ size's LAYOUTS_SIZE_OVERRIDES; the earlier 8x8 reader: '{"input_size": 64, "patch_size": 16}'""",
+    )
     parser.add_argument("--budget", type=float, default=300.0, help="readers: seconds of training per row")
     parser.add_argument("--smooth", type=float, help="scaling: smoothness weight (default: the cpu profile's)")
     parser.add_argument("--ramp", type=float, help="scaling: share of training the smoothness weight ramps in over")
@@ -745,6 +766,8 @@ def main() -> None:
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
     parser.add_argument("--rules", nargs="+", default=list(TUNING_RULES), choices=TUNING_RULES, help="imagine-tuning")
     args = parser.parse_args()
+    if args.overrides is not None and not isinstance(args.overrides, dict):
+        parser.error(f"--overrides must be a JSON object of Config fields, got {args.overrides!r}")
     filename, key_fields = STUDIES[args.study]
     out = g.ASSETS / filename
     command = "python bench/studies.py " + shlex.join(sys.argv[1:])
@@ -774,7 +797,15 @@ def main() -> None:
             args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth, ramp=args.ramp
         )
     elif args.study == "layouts":
-        rows = layouts_study(layout_sizes, args.seeds, args.counts, save=save, profile=args.profile, steps=args.steps)
+        rows = layouts_study(
+            layout_sizes,
+            args.seeds,
+            args.counts,
+            save=save,
+            profile=args.profile,
+            steps=args.steps,
+            over=args.overrides,
+        )
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
     elif args.study == "imagine-maps":
@@ -784,11 +815,13 @@ def main() -> None:
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
     elif args.study == "transition-errors":
-        rows = transition_errors_study(layout_sizes, args.seeds, args.profile, args.steps, readers=args.only)
+        rows = transition_errors_study(
+            layout_sizes, args.seeds, args.profile, args.steps, readers=args.only, over=args.overrides
+        )
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     elif args.study == "budget":
-        rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save)
+        rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:
         rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
     save(rows)

@@ -561,3 +561,14 @@ def test_transition_errors_study_names_a_bad_readers_row(studies):
         studies.transition_errors_study([8], [0], readers=["no such encoder"])
     with pytest.raises(SystemExit, match="--only/--seeds: .* not in readers_study.json"):
         studies.transition_errors_study([8], [99], readers=[next(iter(studies.READER_ROWS))])
+
+
+def test_layouts_config_takes_the_size_overrides_or_the_ones_given(studies):
+    """The layouts study's configs change a grid size's LAYOUTS_SIZE_OVERRIDES fields, or with ``over`` those given
+    instead - so the runs of an earlier reader (its rows in the JSON) can be named again - and a row records which."""
+    recipe = studies.layouts_config("layouts", 8, 0, 12000)
+    assert all(getattr(recipe, k) == v for k, v in studies.LAYOUTS_SIZE_OVERRIDES[8].items())
+    earlier = studies.layouts_config("layouts", 8, 0, 20000, over={"input_size": 64, "patch_size": 16})
+    assert (earlier.input_size, earlier.patch_size, earlier.crop, earlier.pool) == (64, 16, False, "cls")
+    assert gj.default_out_path(earlier) != gj.default_out_path(studies.layouts_config("layouts", 8, 0, 20000))
+    assert studies.size_overrides(5) == {} and studies.size_overrides(8, {}) == {}
