@@ -353,6 +353,13 @@ def num_patches(cfg: Config) -> int:
     return side * (side // 2 if cfg.crop else side)
 
 
+def conv_stem_channels(width: int, patch_size: int) -> list[int]:
+    """The conv stem's channels, image first: one per stride-2 convolution, doubling up to ``width`` / 2 (at least
+    8). Narrow on purpose: on a CPU a convolution costs far more time per FLOP than the transformer's matmuls."""
+    n = patch_size.bit_length() - 1  # log2(patch_size) halvings
+    return [1] + [max(8, width >> (n - i + 1)) for i in range(1, n + 1)]
+
+
 def flat_channels(cfg: Config) -> int:
     """With pool="flat": each patch token's channels after its shared projection (4 x width in all, at least 1)."""
     return max(1, 4 * cfg.width // num_patches(cfg))
@@ -1376,13 +1383,6 @@ def cls_output(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tens
     cls = x[:, :1] + layer.dropout1(layer.self_attn(h[:, :1], h, h, need_weights=False)[0])
     cls = cls + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(cls))))))
     return cls[:, 0]
-
-
-def conv_stem_channels(width: int, patch_size: int) -> list[int]:
-    """The conv stem's channels, image first: one per stride-2 convolution, doubling up to ``width`` / 2 (at least
-    8). Narrow on purpose: on a CPU a convolution costs far more time per FLOP than the transformer's matmuls."""
-    n = patch_size.bit_length() - 1  # log2(patch_size) halvings
-    return [1] + [max(8, width >> (n - i + 1)) for i in range(1, n + 1)]
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
