@@ -336,15 +336,15 @@ def layouts_study(
     shipped = shipped_layouts_runs()
     rows = []
     for size in sizes:
+        fields = size_overrides(size, over)
         for count in counts:
             K = UNLIMITED_LAYOUTS if count == "unlimited" else int(count)
             for seed in seeds:
-                cfg = layouts_config(profile, size, seed, steps, num_layouts=K, over=over)
+                cfg = layouts_config(profile, size, seed, steps, num_layouts=K, over=fields)
                 run, record = layouts_run(cfg, shipped)
                 t0 = time.perf_counter()  # a shipped run: its latest evaluation, by the same function (the CLI's)
                 metrics = record["evaluations"][-1]["metrics"] if record else g.evaluate_unseen(run.model, run.world)
-                row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed}
-                row["overrides"] = size_overrides(size, over)
+                row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": fields}
                 row |= {"profile": profile, "batch_size": cfg.batch_size, "num_steps": cfg.num_steps}
                 gpu = g.default_out_path(cfg).with_suffix(".gpu.json")  # trained on a GPU by bench/gpu_layouts.py
                 row["trained_on"] = (
@@ -419,16 +419,15 @@ def budget_study(
     planned step for step as under the shorter budget, so at b = the budget the shares are the layouts study's."""
     shipped, rows = shipped_layouts_runs(), []
     for size in sizes:
-        layouts = g.heldout_layouts(size, 200)
+        layouts, fields = g.heldout_layouts(size, 200), size_overrides(size, over)
         for seed in seeds:
-            cfg = layouts_config(profile, size, seed, steps, over=over)
+            cfg = layouts_config(profile, size, seed, steps, over=fields)
             run, _ = layouts_run(cfg, shipped)
             g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
             starts, goals = g.sample_pairs(family, 10, 0)  # unseen_layout_report's pairs
             budget = g.step_budget(family, g.shortest_distances(family, starts, goals))  # run_mpc's default
-            row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps}
-            row["overrides"] = size_overrides(size, over)
+            row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps, "overrides": fields}
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
             t0 = time.perf_counter()
             for name in BUDGET_PLANNERS:
@@ -713,6 +712,58 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
     return rows
 
 
+LONG_RUNS = [  # readers the layouts study ran long on 8x8 (seed 0): name, overrides, schedule, a note
+    (
+        "64x64 input, patch 16, 1 block (the 8x8 recipe)",
+        READER_ROWS["64x64 input, patch 16, 1 block (the 8x8 recipe)"],
+        20000,
+        "",
+    ),
+    (
+        "64x64 input, patch 32, 1 block",
+        READER_ROWS["64x64 input, patch 32, 1 block"],
+        20000,
+        "; stopped after 10,000 steps, its training curve flat since step 3,000",
+    ),
+    (
+        "64x64 input cropped to the board, patch 16, 1 block, flattened tokens",
+        READER_ROWS["64x64 input cropped to the board, patch 16, 1 block, flattened tokens"],
+        12000,
+        "",
+    ),
+    (
+        "64x64 input cropped to the board, patch 16, 1 block, flattened tokens, 250,000 transitions",
+        LAYOUTS_SIZE_OVERRIDES[8],
+        12000,
+        " (LAYOUTS_SIZE_OVERRIDES[8])",
+    ),
+]
+
+
+def long_runs_study() -> list[dict]:
+    """The long runs' training curves, read from their checkpoints in runs/ (the layouts study's, under the CLI's
+    names; a run not there is named with the command that trains it). Saved beside the readers rows as long_runs."""
+    runs = []
+    for name, over, steps, note in LONG_RUNS:
+        cfg = layouts_config("layouts", 8, 0, steps, over=over)
+        path = g.default_out_path(cfg)
+        how = "python bench/studies.py layouts --sizes 8 --counts unlimited --steps"
+        how += f" {steps} --overrides '{json.dumps(over)}'"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: train it with {how}")
+        ckpt = g.load_checkpoint(path, cfg)
+        history = ckpt["history"]
+        runs.append(
+            {"row": name, "seed": 0, "overrides": over, "num_steps": steps, "steps_run": ckpt["step"]}
+            | {"train_seconds": ckpt["train_seconds"], "how": how + note}
+            | {"curve": {"step": history["eval_step"], "next_state_accuracy": history["next_state_acc"]}}
+        )
+        print(
+            f"{name}: {ckpt['step']:,} of {steps:,} steps, {history['next_state_acc'][-1]:.3f} at the last", flush=True
+        )
+    return runs
+
+
 STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
     "recipe-tuning": ("recipe_tuning.json", ("row", "validation_layout", "seed")),
     "probes": ("probe_study.json", ("row", "seed")),
@@ -726,6 +777,7 @@ STUDIES = {  # name -> (output file, key that identifies a row when a study is p
     "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
     "imagine-maps": ("imagine_maps.json", ("profile", "seed", "num_steps", "layouts", "imagine_rule")),
     "readers": ("readers_study.json", ("row", "seed", "budget_seconds")),
+    "long-runs": ("readers_study.json", ("row", "seed", "budget_seconds")),  # its long_runs, beside the rows
     "transition-errors": ("transition_errors.json", ("grid_size", "profile", "seed", "num_steps", "overrides")),
     "budget": ("budget_study.json", ("grid_size", "seed", "profile", "num_steps", "imagine_rule", "overrides")),
 }
@@ -820,6 +872,9 @@ def main() -> None:
         )
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
+    elif args.study == "long-runs":
+        saved = (saved or {}) | {"long_runs": long_runs_study()}
+        rows = []
     elif args.study == "budget":
         rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:

@@ -572,3 +572,23 @@ def test_layouts_config_takes_the_size_overrides_or_the_ones_given(studies):
     assert (earlier.input_size, earlier.patch_size, earlier.crop, earlier.pool) == (64, 16, False, "cls")
     assert gj.default_out_path(earlier) != gj.default_out_path(studies.layouts_config("layouts", 8, 0, 20000))
     assert studies.size_overrides(5) == {} and studies.size_overrides(8, {}) == {}
+
+
+def test_long_runs_read_each_curve_from_its_checkpoint_or_name_the_command(smoke_run, studies, monkeypatch, tmp_path):
+    """bench/studies.py long-runs: each long run's curve, steps and time come from its checkpoint as saved; a run
+    that is not there is refused with the command that trains it."""
+    cfg = smoke_run.cfg
+    gj.save_checkpoint(
+        tmp_path / "run.pt", smoke_run.model, cfg, step=cfg.num_steps, history=smoke_run.history, train_seconds=12.5
+    )
+    monkeypatch.setattr(studies, "LONG_RUNS", [("a run", {"input_size": 32}, cfg.num_steps, "; a note")])
+    monkeypatch.setattr(studies, "layouts_config", lambda profile, size, seed, steps, over: cfg)
+    monkeypatch.setattr(studies.g, "default_out_path", lambda c: tmp_path / "run.pt")
+    (run,) = studies.long_runs_study()
+    assert run["curve"]["step"] == smoke_run.history["eval_step"]
+    assert run["curve"]["next_state_accuracy"] == smoke_run.history["next_state_acc"]
+    assert (run["steps_run"], run["train_seconds"], run["overrides"]) == (cfg.num_steps, 12.5, {"input_size": 32})
+    assert run["how"].endswith(f"""--steps {cfg.num_steps} --overrides '{{"input_size": 32}}'; a note""")
+    monkeypatch.setattr(studies.g, "default_out_path", lambda c: tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt not found: train it with python bench/studies.py layouts"):
+        studies.long_runs_study()
