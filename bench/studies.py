@@ -9,6 +9,7 @@
     python bench/studies.py imagine-maps --seeds 0 1 2  # what the search imagines, against the true layouts (05)
     python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
     python bench/studies.py readers   # 8x8: which encoder reads walls best for equal CPU time (05)
+    python bench/studies.py long-runs  # 8x8: the training curves of the readers run long (05), from runs/
     python bench/studies.py transition-errors --sizes 8 --steps 20000  # what a layouts model gets wrong (05)
     python bench/studies.py budget --sizes 8 --steps 20000 --seeds 0 1  # steps the agent needs, 3x the budget (05)
     python bench/studies.py transition-errors --only "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)" ...
@@ -739,9 +740,10 @@ LONG_RUNS = [  # readers the layouts study ran long on 8x8 (seed 0): name, overr
     ),
     (
         "64x64 input cropped to the board, patch 16, 1 block, flattened tokens, 250,000 transitions",
-        LAYOUTS_SIZE_OVERRIDES[8],
+        READER_ROWS["64x64 input cropped to the board, patch 16, 1 block, flattened tokens"]
+        | {"num_transitions": 250_000},
         12000,
-        " (LAYOUTS_SIZE_OVERRIDES[8])",
+        " (the 8x8 recipe since)",
     ),
 ]
 
