@@ -553,15 +553,15 @@ def transition_errors_study(
     else:
         runs = [(size, seed, size_overrides(size, over), steps, None) for size in sizes for seed in seeds]
     shipped, rows = shipped_layouts_runs(), []
-    for size, seed, over, num_steps, name in runs:
+    for size, seed, fields, num_steps, name in runs:
         if name is None:
-            cfg = layouts_config(profile, size, seed, num_steps, over=over)
+            cfg = layouts_config(profile, size, seed, num_steps, over=fields)
             run, _ = layouts_run(cfg, shipped)
         else:
-            cfg = readers_config(seed, num_steps, over)
+            cfg = readers_config(seed, num_steps, fields)
             run = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False)
         g.calibrate_batchnorm(run.model, run.world)
-        row = {"grid_size": size, "profile": cfg.profile, "seed": seed, "num_steps": cfg.num_steps, "overrides": over}
+        row = {"grid_size": size, "profile": cfg.profile, "seed": seed, "num_steps": cfg.num_steps, "overrides": fields}
         row |= ({"readers_row": name} if name else {}) | {"train_seconds": run.total_train_seconds}
         row |= {"layouts": "held-out", **transition_errors(run.model, g.heldout_layouts(size, 200))}
         rows.append(row)
@@ -836,20 +836,25 @@ def main() -> None:
     saved = json.loads(out.read_text()) if out.exists() else None
     layout_sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]  # generated layouts: 12x12 only when asked
 
-    def save(rows: list[dict]) -> None:
+    def save(rows: list[dict], **more) -> None:
         """Write rows, keeping the saved rows this run does not redo (and whatever else the file holds, such as the
-        readers study's long_runs)."""
+        readers study's long_runs, unless ``more`` gives it anew)."""
         redone = {key(r) for r in rows}
         kept = [r for r in saved["rows"] if key(r) not in redone] if saved else []
-        meta = (saved or {}) | {
-            "command": f"{saved['command']}; {command}" if saved else command,
-            "device": g.describe_device(torch.device("cpu")),
-            "threads": torch.get_num_threads(),
-            "rows": kept + rows,
-        }
+        meta = (
+            (saved or {})
+            | more
+            | {
+                "command": f"{saved['command']}; {command}" if saved else command,
+                "device": g.describe_device(torch.device("cpu")),
+                "threads": torch.get_num_threads(),
+                "rows": kept + rows,
+            }
+        )
         default = lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)
         out.write_text(json.dumps(meta, indent=2, default=default))
 
+    more = {}  # what a study writes beside its rows
     if args.study == "probes":
         rows = probe_study(args.seeds, args.only)
     elif args.study == "scaling":
@@ -881,13 +886,12 @@ def main() -> None:
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     elif args.study == "long-runs":
-        saved = (saved or {}) | {"long_runs": long_runs_study()}
-        rows = []
+        rows, more = [], {"long_runs": long_runs_study()}
     elif args.study == "budget":
         rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:
         rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
-    save(rows)
+    save(rows, **more)
     print(f"written to {out}")
 
 
