@@ -838,14 +838,14 @@ def main() -> None:
 
     def save(rows: list[dict], **more) -> None:
         """Write rows, keeping the saved rows this run does not redo (and whatever else the file holds, such as the
-        readers study's long_runs, unless ``more`` gives it anew)."""
+        readers study's long_runs, unless ``more`` gives it anew); the command joins the file's list once."""
         redone = {key(r) for r in rows}
         kept = [r for r in saved["rows"] if key(r) not in redone] if saved else []
         meta = (
             (saved or {})
             | more
             | {
-                "command": f"{saved['command']}; {command}" if saved else command,
+                "command": "; ".join(dict.fromkeys([*(saved["command"].split("; ") if saved else []), command])),
                 "device": g.describe_device(torch.device("cpu")),
                 "threads": torch.get_num_threads(),
                 "rows": kept + rows,
