@@ -745,14 +745,28 @@ LONG_RUNS = [  # readers the layouts study ran long on 8x8 (seed 0): name, overr
         12000,
         " (the 8x8 recipe since)",
     ),
+    (
+        "64x64 input cropped to the board, patch 16, 1 block, flattened tokens, 250,000 transitions, 20,000 steps",
+        READER_ROWS["64x64 input cropped to the board, patch 16, 1 block, flattened tokens"]
+        | {"num_transitions": 250_000},
+        20000,
+        "",
+    ),
 ]
 
 
-def long_runs_study() -> list[dict]:
+def long_runs_study(only: list[str] | None = None, saved: list[dict] | None = None) -> list[dict]:
     """The long runs' training curves, read from their checkpoints in runs/ (the layouts study's, under the CLI's
-    names; a run not there is named with the command that trains it). Saved beside the readers rows as long_runs."""
+    names; a run not there is named with the command that trains it). Saved beside the readers rows as long_runs.
+    ``only``: read these runs; the others are kept from ``saved`` (the long_runs saved before)."""
+    check_only(only, dict.fromkeys(name for name, *_ in LONG_RUNS), "long run")
+    kept = {r["row"]: r for r in saved or []}
     runs = []
     for name, over, steps, note in LONG_RUNS:
+        if only and name not in only:
+            if name in kept:
+                runs.append(kept[name])
+            continue
         cfg = layouts_config("layouts", 8, 0, steps, over=over)
         path = g.default_out_path(cfg)
         how = "python bench/studies.py layouts --sizes 8 --counts unlimited --steps"
@@ -799,7 +813,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="+",
-        help="probes/geometry/recipe-tuning/imagine-tuning/readers/transition-errors: these rows or models only",
+        help="probes/geometry/recipe-tuning/imagine-tuning/readers/transition-errors/long-runs: these rows, models or"
+        " runs only",
     )
     parser.add_argument(
         "--steps",
@@ -886,7 +901,7 @@ def main() -> None:
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     elif args.study == "long-runs":
-        rows, more = [], {"long_runs": long_runs_study()}
+        rows, more = [], {"long_runs": long_runs_study(args.only, (saved or {}).get("long_runs"))}
     elif args.study == "budget":
         rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:

@@ -592,3 +592,12 @@ def test_long_runs_read_each_curve_from_its_checkpoint_or_name_the_command(smoke
     monkeypatch.setattr(studies.g, "default_out_path", lambda c: tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match="missing.pt not found: train it with python bench/studies.py layouts"):
         studies.long_runs_study()
+    # --only reads the runs it names and keeps the others as saved, so a run whose checkpoint is gone stays listed
+    two = [("a run", {"input_size": 32}, cfg.num_steps, ""), ("another", {"input_size": 64}, cfg.num_steps, "")]
+    monkeypatch.setattr(studies, "LONG_RUNS", two)
+    monkeypatch.setattr(studies.g, "default_out_path", lambda c: tmp_path / "run.pt")
+    kept = {"row": "a run", "seed": 0, "curve": "as saved"}
+    first, second = studies.long_runs_study(only=["another"], saved=[kept])
+    assert first == kept and second["row"] == "another" and second["overrides"] == {"input_size": 64}
+    with pytest.raises(SystemExit, match="--only: unknown long run"):
+        studies.long_runs_study(only=["no such run"])
