@@ -1223,15 +1223,16 @@ class PaintedFrames:
     pooling 128x128 frames is about a quarter of a layouts-profile step)."""
 
     index: torch.Tensor  # (B, T) long, on the frames' device
-    frames: torch.Tensor  # (U, H, W) uint8, or (U, size, size) float32 pooled
+    frames: torch.Tensor  # (U, H, W) uint8, or (U, size, size) float32 pooled; half the rows when cropped
 
 
 def paint_frames(
-    world: World, data: Transitions, device, progress: bool = False, size: int | None = None
+    world: World, data: Transitions, device, progress: bool = False, size: int | None = None, crop: bool = False
 ) -> PaintedFrames | None:
     """Paint every distinct state of ``data`` once, on ``device``, for sample_batch to gather from. ``size``: the
     encoder's input size (cfg.input_size); below the image size the frames are stored average-pooled to it -
-    what Encoder.features does first - and 4x smaller than uint8 at 128 -> 32.
+    what Encoder.features does first - and 4x smaller than uint8 at 128 -> 32. ``crop`` (cfg.crop): only the
+    middle half of the rows is stored, the rows such an encoder reads - half the memory, the same latents.
 
     None when it would not pay: a single layout (its atlas is already one gather) or frames above the memory
     limit (then it says so and batches are painted on demand, as before)."""
@@ -1245,7 +1246,9 @@ def paint_frames(
         )
     states, index = torch.unique(data.states.long(), return_inverse=True)
     pool = size is not None and size < world.image_size
-    need = len(states) * (4 * size**2 if pool else world.image_size**2)
+    side = size if pool else world.image_size
+    rows = slice(side // 4, 3 * side // 4) if crop else slice(None)
+    need = len(states) * (4 if pool else 1) * side**2 // (2 if crop else 1)
     if need > memory_limit_bytes():
         print(
             f"painting on demand: the {len(states):,} frames of this dataset would take {need / 2**30:.1f} GiB, "
@@ -1260,7 +1263,14 @@ def paint_frames(
         chunks = tqdm(chunks, desc="painting frames", mininterval=0.5)
     k = world.image_size // size if pool else 1
     paint = lambda c: F.avg_pool2d(world.render(c, device), k)[:, 0] if pool else world._paint(c, device)
-    return PaintedFrames(index.to(device), torch.cat([paint(c) for c in chunks]))
+    frames = torch.empty(  # filled chunk by chunk: held once (joining the chunks would hold them twice)
+        (len(states), side // (2 if crop else 1), side), dtype=torch.float32 if pool else torch.uint8, device=device
+    )
+    at = 0
+    for c in chunks:
+        frames[at : at + len(c)] = paint(c)[:, rows]
+        at += len(c)
+    return PaintedFrames(index.to(device), frames)
 
 
 def sample_batch(
@@ -1434,7 +1444,7 @@ class Encoder(nn.Module):
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         """The ViT's output before the projector: (B, 1, H, W) -> CLS (B, W); with spatial (B * patches, W); with
-        pool="flat" (B, patches x flat_channels)."""
+        pool="flat" (B, patches x flat_channels). With crop, frames may come already cropped: (B, 1, H / 2, W)."""
         if obs.shape[-1] not in (self.image_size, self.input_size):
             raise ValueError(
                 f"the encoder takes {self.image_size}x{self.image_size} images (or frames already pooled to "
@@ -1443,8 +1453,8 @@ class Encoder(nn.Module):
         x = obs
         if x.shape[-1] != self.input_size:  # pooling is linear: pool first, then rescale the fewer pixels
             x = F.avg_pool2d(x, self.image_size // self.input_size)  # (B, 1, input, input)
-        if self.crop:  # the middle half of the rows, where the board is
-            x = x[..., self.input_size // 4 : 3 * self.input_size // 4, :]  # (B, 1, input / 2, input)
+        if self.crop and x.shape[-2] == x.shape[-1]:  # the middle half of the rows, where the board is (frames
+            x = x[..., self.input_size // 4 : 3 * self.input_size // 4, :]  # painted cropped have only those)
         x = x * 2 - 1  # [0, 1] -> [-1, 1]
         x = self.patch_embed(x)  # (B, W, h, w)
         x = rearrange(x, "b c h w -> b (h w) c")  # (B, h*w, W)
@@ -2328,7 +2338,11 @@ def _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_a
     steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
     notes: list[str] = []
     t0 = time.perf_counter()  # painting the frames counts as training time
-    painted = paint_frames(world, data, device, progress and _is_main_process(), cfg.input_size) if len(steps) else None
+    painted = (
+        paint_frames(world, data, device, progress and _is_main_process(), cfg.input_size, cfg.crop)
+        if len(steps)
+        else None
+    )
     bar = _progress(steps, progress and _is_main_process())
     for step in bar:
         model.train()
@@ -2426,7 +2440,7 @@ def estimate_train_time(
     opt = make_optimizer(model, cfg)
     world.render(data.states[:1], device)  # a first call cuts the sprite sheet: not part of painting
     t0 = time.perf_counter()
-    painted = paint_frames(world, data, device, size=cfg.input_size)  # a family's frames: train() paints them once
+    painted = paint_frames(world, data, device, size=cfg.input_size, crop=cfg.crop)  # train() paints them once
     _synchronize(device)
     paint_seconds = 0.0
     if painted is not None:  # per distinct frame, times the distinct frames of the full dataset (same share)

@@ -159,6 +159,29 @@ def test_frames_painted_pooled_are_what_the_encoder_pools():
             encoder(torch.zeros(2, 1, 64, 64))
 
 
+def test_frames_painted_cropped_keep_the_rows_a_cropping_encoder_reads():
+    """For an encoder that crops to the middle half of the rows, the frames are stored with only those rows (half
+    the memory): they are exactly the full pooled frames' middle rows, and the encoder maps both to the same
+    latents, bit for bit - so a recipe's training does not change with the storage."""
+    family = gj.WorldFamily(gj.procedural_layouts(8, 200, seed=5))
+    data = gj.make_transitions(family, 200, seq_len=3, seed=3)
+    full = gj.paint_frames(family, data, "cpu", size=64)
+    cropped = gj.paint_frames(family, data, "cpu", size=64, crop=True)
+    assert cropped.frames.shape[1:] == (32, 64) and torch.equal(cropped.frames, full.frames[:, 16:48])
+    assert torch.equal(
+        gj.paint_frames(family, data, "cpu", crop=True).frames, gj.paint_frames(family, data, "cpu").frames[:, 32:96]
+    )
+    idx = torch.arange(30)
+    obs, _ = gj.sample_batch(family, data, idx, "cpu", full)
+    obs_cropped, _ = gj.sample_batch(family, data, idx, "cpu", cropped)
+    cfg = gj.make_config("smoke", grid_size=8, input_size=64, patch_size=16, crop=True, pool="flat")
+    torch.manual_seed(0)
+    encoder = gj.JEPA(cfg, family.image_size).encoder.eval()
+    with torch.no_grad():
+        ref = encoder(obs.flatten(0, 1))
+        assert torch.equal(ref, encoder(obs_cropped.flatten(0, 1)))
+
+
 def test_training_on_painted_frames_takes_the_same_steps():
     """train() on a layout family gathers from frames painted once: its weights after 3 steps equal those of
     the same 3 steps with every batch painted on demand."""
