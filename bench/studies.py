@@ -719,23 +719,26 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
     return rows
 
 
-LONG_RUNS = [  # readers the layouts study ran long on 8x8 (seed 0): name, overrides, schedule, a note
+LONG_RUNS = [  # readers the layouts study ran long on 8x8: name, overrides, schedule, seed, a note
     (
         "64x64 input, patch 16, 1 block (the 8x8 recipe)",
         READER_ROWS["64x64 input, patch 16, 1 block (the 8x8 recipe)"],
         20000,
+        0,
         "",
     ),
     (
         "64x64 input, patch 32, 1 block",
         READER_ROWS["64x64 input, patch 32, 1 block"],
         20000,
+        0,
         "; stopped after 10,000 steps, its training curve flat since step 3,000",
     ),
     (
         "64x64 input cropped to the board, patch 16, 1 block, flattened tokens",
         READER_ROWS["64x64 input cropped to the board, patch 16, 1 block, flattened tokens"],
         12000,
+        0,
         "",
     ),
     (
@@ -743,6 +746,7 @@ LONG_RUNS = [  # readers the layouts study ran long on 8x8 (seed 0): name, overr
         READER_ROWS["64x64 input cropped to the board, patch 16, 1 block, flattened tokens"]
         | {"num_transitions": 250_000},
         12000,
+        0,
         " (the 8x8 recipe since)",
     ),
     (
@@ -750,6 +754,7 @@ LONG_RUNS = [  # readers the layouts study ran long on 8x8 (seed 0): name, overr
         READER_ROWS["64x64 input cropped to the board, patch 16, 1 block, flattened tokens"]
         | {"num_transitions": 250_000},
         20000,
+        0,
         "",
     ),
 ]
@@ -762,21 +767,21 @@ def long_runs_study(only: list[str] | None = None, saved: list[dict] | None = No
     check_only(only, dict.fromkeys(name for name, *_ in LONG_RUNS), "long run")
     kept = {r["row"]: r for r in saved or []}
     runs = []
-    for name, over, steps, note in LONG_RUNS:
+    for name, over, steps, seed, note in LONG_RUNS:
         if only and name not in only:
             if name in kept:
                 runs.append(kept[name])
             continue
-        cfg = layouts_config("layouts", 8, 0, steps, over=over)
+        cfg = layouts_config("layouts", 8, seed, steps, over=over)
         path = g.default_out_path(cfg)
         how = "python bench/studies.py layouts --sizes 8 --counts unlimited --steps"
-        how += f" {steps} --overrides '{json.dumps(over)}'"
+        how += f" {steps}" + (f" --seeds {seed}" if seed else "") + f" --overrides '{json.dumps(over)}'"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: train it with {how}")
         ckpt = g.load_checkpoint(path, cfg)
         history = ckpt["history"]
         runs.append(
-            {"row": name, "seed": 0, "overrides": over, "num_steps": steps, "steps_run": ckpt["step"]}
+            {"row": name, "seed": seed, "overrides": over, "num_steps": steps, "steps_run": ckpt["step"]}
             | {"train_seconds": ckpt["train_seconds"], "how": how + note}
             | {"curve": {"step": history["eval_step"], "next_state_accuracy": history["next_state_acc"]}}
         )

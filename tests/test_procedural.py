@@ -604,8 +604,9 @@ def test_long_runs_read_each_curve_from_its_checkpoint_or_name_the_command(smoke
     gj.save_checkpoint(
         tmp_path / "run.pt", smoke_run.model, cfg, step=cfg.num_steps, history=smoke_run.history, train_seconds=12.5
     )
-    monkeypatch.setattr(studies, "LONG_RUNS", [("a run", {"input_size": 32}, cfg.num_steps, "; a note")])
-    monkeypatch.setattr(studies, "layouts_config", lambda profile, size, seed, steps, over: cfg)
+    monkeypatch.setattr(studies, "LONG_RUNS", [("a run", {"input_size": 32}, cfg.num_steps, 0, "; a note")])
+    seeds = []
+    monkeypatch.setattr(studies, "layouts_config", lambda profile, size, seed, steps, over: seeds.append(seed) or cfg)
     monkeypatch.setattr(studies.g, "default_out_path", lambda c: tmp_path / "run.pt")
     (run,) = studies.long_runs_study()
     assert run["curve"]["step"] == smoke_run.history["eval_step"]
@@ -616,11 +617,12 @@ def test_long_runs_read_each_curve_from_its_checkpoint_or_name_the_command(smoke
     with pytest.raises(FileNotFoundError, match="missing.pt not found: train it with python bench/studies.py layouts"):
         studies.long_runs_study()
     # --only reads the runs it names and keeps the others as saved, so a run whose checkpoint is gone stays listed
-    two = [("a run", {"input_size": 32}, cfg.num_steps, ""), ("another", {"input_size": 64}, cfg.num_steps, "")]
+    two = [("a run", {"input_size": 32}, cfg.num_steps, 0, ""), ("another", {"input_size": 64}, cfg.num_steps, 1, "")]
     monkeypatch.setattr(studies, "LONG_RUNS", two)
     monkeypatch.setattr(studies.g, "default_out_path", lambda c: tmp_path / "run.pt")
     kept = {"row": "a run", "seed": 0, "curve": "as saved"}
     first, second = studies.long_runs_study(only=["another"], saved=[kept])
     assert first == kept and second["row"] == "another" and second["overrides"] == {"input_size": 64}
+    assert second["seed"] == seeds[-1] == 1 and f"--steps {cfg.num_steps} --seeds 1 --overrides" in second["how"]
     with pytest.raises(SystemExit, match="--only: unknown long run"):
         studies.long_runs_study(only=["no such run"])
