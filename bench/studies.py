@@ -757,6 +757,14 @@ LONG_RUNS = [  # readers the layouts study ran long on 8x8: name, overrides, sch
         0,
         "",
     ),
+    (
+        "64x64 input cropped to the board, patch 16, 1 block, flattened tokens, 500,000 transitions, 20,000 steps",
+        READER_ROWS["64x64 input cropped to the board, patch 16, 1 block, flattened tokens"]
+        | {"num_transitions": 500_000},
+        20000,
+        1,
+        "; seed 1: seed 0's checkpoint was not kept",
+    ),
 ]
 
 
