@@ -445,7 +445,8 @@ def validate_config(cfg: Config) -> Config:
             f"with Config.spatial, latent_dim must be a multiple of the number of patches "
             f"({tokens - 1} = (input_size / patch_size)^2), got latent_dim={cfg.latent_dim}"
         )
-    per_image = 128 * 128 + 16 * tokens * cfg.width * cfg.depth + 4 * cfg.proj_hidden  # floats, roughly
+    flat = (tokens - 1) * flat_channels(cfg) if cfg.pool == "flat" else 0  # the flattened tokens, into the projector
+    per_image = 128 * 128 + 16 * tokens * cfg.width * cfg.depth + 4 * cfg.proj_hidden + flat  # floats, roughly
     batch_bytes = 4 * cfg.batch_size * cfg.seq_len * per_image
     check_memory(batch_bytes, f"a training batch of Config.batch_size={cfg.batch_size} x seq_len={cfg.seq_len}")
     return cfg
