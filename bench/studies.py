@@ -294,9 +294,9 @@ UNLIMITED_LAYOUTS = 50_000  # "unlimited": one layout per training trajectory of
 # 0.886 of the others of the same layouts, so it learns some transitions by heart. 250,000 training transitions (five
 # per layout) in place of 50,000 take the curve to 0.944 and validation to 0.946 over the same 12,000 steps; over
 # 20,000 steps held-out planning stops 1.5 / 0.3 points short of 90% (seeds 0 / 1). 500,000 transitions (ten per
-# layout) over 20,000 steps: 92.2% / 91.5%. Their 1,000,000 frames, stored cropped to the rows the encoder reads,
-# take ~8 GiB: above the default memory limit they are painted batch by batch instead (the same images, slower);
-# GRIDJEPA_MEMORY_LIMIT_GB=12 paints them once
+# layout) over 20,000 steps: 92.2% / 91.5% / 91.3% (seeds 0 / 1 / 2). Their 1,000,000 frames, stored cropped to the
+# rows the encoder reads, take ~8 GiB: above the default memory limit they are painted batch by batch instead (the
+# same images, slower); GRIDJEPA_MEMORY_LIMIT_GB=12 paints them once
 LAYOUTS_SIZE_OVERRIDES = {
     8: {"input_size": 64, "patch_size": 16, "crop": True, "pool": "flat", "num_transitions": 500_000}
 }
