@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,27 +31,27 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import results  # noqa: E402
+
 import gridjepa_utils as g  # noqa: E402
 
-EARLIER = {"num_steps": 300}  # the cpu profile's schedule until it became 450 steps: rows measured with it say so
+PROBE_BASE = {"num_steps": 300, "smooth_weight": 0.0}  # the probe rows' shared overrides of the cpu profile
 
-BEFORE_MAP = {**EARLIER, "smooth_weight": 0.0}  # the cpu profile before the latent-map term
-
-PROBE_ROWS = {  # name -> overrides of the cpu profile, as it was when they were measured: 300 steps, no smoothness term
-    # (the original write-up's objective)
-    "cpu profile (lam 0.1, D 192)": BEFORE_MAP,
-    "lam 1": {**BEFORE_MAP, "lam": 1.0},
-    "lam 10": {**BEFORE_MAP, "lam": 10.0},
-    "latent dim 16": {**BEFORE_MAP, "latent_dim": 16},
-    "T=4 + rollout loss": {**BEFORE_MAP, "seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
-    "obstacles (two_rooms)": {**BEFORE_MAP, "layout": "two_rooms"},
-    "data 5k transitions": {**BEFORE_MAP, "num_transitions": 5_000},
-    "encoder input 64x64": {**BEFORE_MAP, "input_size": 64},
-    "3x the steps (900)": {**BEFORE_MAP, "num_steps": 900},
-    "T=8 + rollout loss": {**BEFORE_MAP, "seq_len": 8, "rollout_weight": 1.0, "batch_size": 9},
+PROBE_ROWS = {  # name -> overrides of the cpu profile: 300 steps and no smoothness term (the original write-up's
+    # objective), as the cpu profile was when these rows were first measured
+    "cpu profile (lam 0.1, D 192)": PROBE_BASE,
+    "lam 1": {**PROBE_BASE, "lam": 1.0},
+    "lam 10": {**PROBE_BASE, "lam": 10.0},
+    "latent dim 16": {**PROBE_BASE, "latent_dim": 16},
+    "T=4 + rollout loss": {**PROBE_BASE, "seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
+    "obstacles (two_rooms)": {**PROBE_BASE, "layout": "two_rooms"},
+    "data 5k transitions": {**PROBE_BASE, "num_transitions": 5_000},
+    "encoder input 64x64": {**PROBE_BASE, "input_size": 64},
+    "3x the steps (900)": {**PROBE_BASE, "num_steps": 900},
+    "T=8 + rollout loss": {**PROBE_BASE, "seq_len": 8, "rollout_weight": 1.0, "batch_size": 9},
     "T=4 + rollout loss, input 64x64": {
-        **BEFORE_MAP,
+        **PROBE_BASE,
         "seq_len": 4,
         "rollout_weight": 1.0,
         "batch_size": 21,
@@ -62,21 +61,76 @@ PROBE_ROWS = {  # name -> overrides of the cpu profile, as it was when they were
 
 
 GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the map recipe)
-    "write-up objective (w 0)": {**EARLIER, "smooth_weight": 0.0},
-    "w 1": {**EARLIER, "smooth_weight": 1.0},
-    "w 3": {**EARLIER, "smooth_weight": 3.0},
-    "w 5, 300 steps (the earlier recipe)": EARLIER,
+    "write-up objective (w 0)": {"num_steps": 300, "smooth_weight": 0.0},
+    "w 1": {"num_steps": 300, "smooth_weight": 1.0},
+    "w 3": {"num_steps": 300, "smooth_weight": 3.0},
+    "w 5, 300 steps (the earlier recipe)": {"num_steps": 300},
     "w 5, 450 steps (the recipe)": {},
-    "w 5 without the ramp": {**EARLIER, "smooth_ramp": 0.0},
-    "w 5 ramped over all of training": {**EARLIER, "smooth_ramp": 1.0},
-    "w 10": {**EARLIER, "smooth_weight": 10.0},
-    "w 0, lam 10": {**EARLIER, "smooth_weight": 0.0, "lam": 10.0},
-    "w 5, T=4 + rollout loss": {**EARLIER, "seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
+    "w 5 without the ramp": {"num_steps": 300, "smooth_ramp": 0.0},
+    "w 5 ramped over all of training": {"num_steps": 300, "smooth_ramp": 1.0},
+    "w 10": {"num_steps": 300, "smooth_weight": 10.0},
+    "w 0, lam 10": {"num_steps": 300, "smooth_weight": 0.0, "lam": 10.0},
+    "w 5, T=4 + rollout loss": {"num_steps": 300, "seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
 }
 
 
 # imagination search's settings, as the rows were planned (older rows: rule "radius", merge 0.4 or 0.5, meet "both")
 IMAGINE_SETTINGS = g.imagination_settings()
+OLD_RULES = ("undo", "radius")  # bump rules since removed from the module: a row planned with one says so in its id
+DEVICE = g.describe_device(torch.device("cpu"))
+
+
+def model_tag(row: dict) -> str:
+    """A layouts model in a row id: grid, profile (layouts_gpu: "-gpu"), steps, overrides, seed."""
+    over = results.slug(row.get("overrides") or {}, empty="")
+    profile = row.get("profile", "layouts").removeprefix("layouts").replace("_", "-")
+    return (
+        f"g{row.get('grid_size', 5)}{profile}-steps{row['num_steps']}"
+        + (f"-{over}" if over else "")
+        + (f"-s{row['seed']}")
+    )
+
+
+def row_id(study: str, row: dict) -> str:
+    """A row's id in its study's file, from the fields that tell it apart (its study, grid size, layouts, seed,
+    overrides); the same run measured again gets the same id and replaces the row."""
+    rule = row.get("imagine_rule", row.get("rule"))
+    old = f"-{rule}" if rule in OLD_RULES and study != "imagine-tuning" else ""
+    over, seed = results.slug(row.get("overrides") or {}), row.get("seed")
+    if study in ("probes", "geometry", "layouts-geometry"):
+        layout = row.get("layout", "open").replace("_", "-")
+        where = f"-{layout}" if study == "layouts-geometry" else ""
+        return f"{study}{where}-{over}-s{seed}"
+    if study == "scaling":
+        layout = "open" if row["layout"] == "open" else "walls10"
+        return (
+            f"scaling-g{row['grid_size']}-{layout}-steps{row['num_steps']}-w{row['smooth_weight']:g}"
+            f"-ramp{row['smooth_ramp']:g}{old}"
+        )
+    if study == "layouts":
+        tag = model_tag(row).replace(f"g{row['grid_size']}", f"g{row['grid_size']}-n{row['layouts']}", 1)
+        return f"layouts-{tag}{old}"
+    if study == "budget":
+        return f"budget-{model_tag(row)}{old}"
+    if study == "imagine-maps":
+        return f"imagine-maps-{model_tag(row)}-{row['layouts'].replace('-', '')}{old}"
+    if study == "transition-errors":
+        return f"transition-errors{'-readers' if 'readers_row' in row else ''}-{model_tag(row)}"
+    if study == "readers":
+        return f"readers-g8-{over}-budget{row['budget_seconds']:g}-s{seed}"
+    if study == "long-runs":
+        return f"long-runs-g8-{over}-steps{row['num_steps']}-s{seed}"
+    if study == "recipe-tuning":
+        return f"recipe-tuning-{over}-v{row['validation_layout']}-s{seed}{old}"
+    if study == "imagine-tuning":
+        model = "".join(c for c in row["model"].lower() if c not in "()").replace(" ", "-").replace("_", "-")
+        return f"imagine-tuning-{model}-{row['rule']}-merge{row['merge']:g}-{row['meet']}"
+    raise ValueError(f"unknown study {study!r}")
+
+
+def stamp(study: str, row: dict, cfg: g.Config, device: str = DEVICE) -> dict:
+    """A measured row with its provenance first: id, the full Config it trained with, device, commit, command."""
+    return results.provenance(row_id(study, row), cfg, device) | row
 
 
 def plan_summary(world, policy, remember_bumps: bool = False) -> dict:
@@ -138,9 +192,10 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
                 cfg = g.make_config("cpu", seed=seed, layout=layout, **GEOMETRY_ROWS[name])
                 row = {"row": name, "layout": layout, "seed": seed, "overrides": GEOMETRY_ROWS[name]}
                 row |= geometry_row(cfg, name.startswith("write-up"), planners)
+                row = stamp("geometry" if layout == "open" else "layouts-geometry", row, cfg)
                 rows.append(row)
                 if save is not None:
-                    save(rows)  # a long study: each row is on disk as soon as it is done
+                    save([row])  # a long study: each row is on disk as soon as it is done
                 p = row["plans"]
                 print(
                     f"{layout:9s} {name:26s} seed {seed}: PC1+2 {row['pc1'] + row['pc2']:.0%}"
@@ -164,7 +219,7 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
     return rows
 
 
-def probe_study(seeds: list[int], only: list[str] | None = None) -> list[dict]:
+def probe_study(seeds: list[int], only: list[str] | None = None, save=None) -> list[dict]:
     """Held-out-cell probe R^2 (plain and ridge, 20 splits) with the untrained baseline, and planning, per row."""
     rows = []
     for name, overrides in PROBE_ROWS.items():
@@ -188,7 +243,10 @@ def probe_study(seeds: list[int], only: list[str] | None = None) -> list[dict]:
                 "trained": trained,
                 "untrained": untrained,
             }
+            row = stamp("probes", row, cfg)
             rows.append(row)
+            if save is not None:
+                save([row])
             print(
                 f"{name:30s} seed {seed}: held-out R2 plain {trained['heldout_mean']:6.2f}"
                 f" ± {trained['heldout_std']:.2f}"
@@ -211,6 +269,7 @@ def scaling_study(
     layouts=SCALING_LAYOUTS,
     smooth: float | None = None,
     ramp: float | None = None,
+    save=None,
 ) -> list[dict]:
     """The cpu recipe (latent-map term on) on G x G grids, open and with 10% random walls (a seeded connected
     layout): steps to 99% next-state accuracy (checked every 25 steps), the latent's geometry, and planning on up
@@ -271,7 +330,10 @@ def scaling_study(
                 **IMAGINE_SETTINGS,
                 "plans": plans,
             }
+            row = stamp("scaling", row, cfg)
             rows.append(row)
+            if save is not None:
+                save([row])
             print(
                 f"grid {size:2d} {layout:9s}: next-state {evals[-1][1]:.3f} (99% at {reached}), "
                 f"PC1+2 {row['pc1'] + row['pc2']:.0%}, rho {row['spearman_l2_grid']:.2f} | "
@@ -367,9 +429,10 @@ def layouts_study(
                 # the search's settings as planned (None: a shipped run's evaluation from before they were recorded)
                 row |= {k: metrics.get(k) for k in IMAGINE_SETTINGS}
                 row["eval_seconds"] = time.perf_counter() - t0
+                row = stamp("layouts", row, cfg, row["trained_on"])
                 rows.append(row)
                 if save is not None:
-                    save(rows)
+                    save([row])
                 print(
                     f"{size}x{size}, {count:>9s} layouts, seed {seed}: next-state on training layouts"
                     f" {metrics['training_layouts_next_state_accuracy']:.3f}, held-out"
@@ -385,7 +448,7 @@ def layouts_study(
     return rows
 
 
-def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | None = None) -> list[dict]:
+def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | None = None, save=None) -> list[dict]:
     """What the imagination search imagines, read against the true layouts (g.imagined_map_fidelity, privileged):
     searches from every free cell of the 200 held-out layouts and of the four named ones, with the planner's
     settings, for the 5x5 layouts models of the layouts study (the same checkpoints: shipped, or in runs/, trained if
@@ -403,7 +466,10 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
             row = {"profile": profile, "seed": seed, "num_steps": cfg.num_steps, "layouts": name}
             row |= g.imagination_settings() | g.imagined_map_fidelity(run.model, family)
             row["seconds"] = time.perf_counter() - t0
+            row = stamp("imagine-maps", row, cfg)
             rows.append(row)
+            if save is not None:
+                save([row])
             print(
                 f"{profile} seed {seed}, {name:8s} ({row['searches']} searches): complete "
                 + " ".join(f"{v:.0%}" for v in row["complete"])
@@ -450,9 +516,10 @@ def budget_study(
                 ]
                 row[f"{name}_optimal"] = float(result.optimal.float().mean())
             row["seconds"] = time.perf_counter() - t0
+            row = stamp("budget", row, cfg)
             rows.append(row)
             if save is not None:
-                save(rows)
+                save([row])
             print(
                 f"{size}x{size} {profile}, {cfg.num_steps:,} steps, seed {seed}, {len(starts):,} pairs,"
                 f" budget {budget}: "
@@ -534,6 +601,7 @@ def transition_errors_study(
     steps=None,
     readers: list[str] | None = None,
     over=None,
+    save=None,
 ) -> list[dict]:
     """transition_errors on the 200 held-out layouts for the layouts study's unlimited-layouts models (the same
     checkpoints: shipped, or in runs/, trained if missing), BatchNorm calibrated on the training layouts as
@@ -544,10 +612,14 @@ def transition_errors_study(
         if profile != "layouts":
             raise SystemExit(f"--profile: the readers study's models use the layouts profile, got {profile!r}")
         check_only(readers, READER_ROWS, "row")
-        raced = {}  # (row, seed) -> the step count the readers study gave it
+        raced = {}  # (row, seed) -> the step count the readers study gave it, its row found by overrides and seed
         if steps is None:
-            path = g.ASSETS / STUDIES["readers"][0]
-            raced = {(r["row"], r["seed"]): r["num_steps"] for r in json.loads(path.read_text())["rows"]}
+            path = g.ASSETS / STUDIES["readers"]
+            saved = {(json.dumps(r["overrides"], sort_keys=True), r["seed"]): r for r in results.load(path)["rows"]}
+            for name, seed in itertools.product(readers, seeds):
+                row = saved.get((json.dumps(READER_ROWS[name], sort_keys=True), seed))
+                if row is not None:
+                    raced[name, seed] = row["num_steps"]
             missing = [(name, seed) for name in readers for seed in seeds if (name, seed) not in raced]
             if missing:
                 raise SystemExit(f"--only/--seeds: {missing} not in {path.name}; run bench/studies.py readers first")
@@ -566,7 +638,10 @@ def transition_errors_study(
         row = {"grid_size": size, "profile": cfg.profile, "seed": seed, "num_steps": cfg.num_steps, "overrides": fields}
         row |= ({"readers_row": name} if name else {}) | {"train_seconds": run.total_train_seconds}
         row |= {"layouts": "held-out", **transition_errors(run.model, g.heldout_layouts(size, 200))}
+        row = stamp("transition-errors", row, cfg)
         rows.append(row)
+        if save is not None:
+            save([row])
         print(
             f"{size}x{size} {name or profile} seed {seed}, {cfg.num_steps} steps: moves right"
             f" {row['moves_right'] / row['moves']:.3f} (read as a stay {row['moves_as_stays'] / row['moves']:.3f},"
@@ -582,7 +657,9 @@ TUNING_MERGES = (0.3, 0.4, 0.5)
 TUNING_MEETS = ("both", "either")
 
 
-def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = None, rules=TUNING_RULES) -> list[dict]:
+def imagine_tuning_study(
+    pairs_per_layout: int = 10, only: list[str] | None = None, rules=TUNING_RULES, save=None
+) -> list[dict]:
     """The imagination search's three settings - the bump rule, the merge radius and when the two searches meet - on
     data that no reported figure uses: the shipped layouts models on the 200 validation layouts
     (g.validation_layouts: never trained on, never tested; 10 seeded pairs each), and the shipped single-layout
@@ -608,7 +685,10 @@ def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = No
             plan = g.run_mpc(world, policy, starts, goals).summary()
             row = {"model": label, "checkpoint": file, "rule": rule, "merge": merge, "meet": meet, "pairs": len(starts)}
             row |= {k: plan[k] for k in ("success", "optimal", "seconds")}
+            row = stamp("imagine-tuning", row, cfg)
             rows.append(row)
+            if save is not None:
+                save([row])
             print(
                 f"{label:16s} rule {rule:10s} merge {merge} meet {meet:6s}: {plan['success']:.1%} solved,"
                 f" {plan['optimal']:.1%} optimal ({plan['seconds']:.0f} s)",
@@ -618,10 +698,10 @@ def imagine_tuning_study(pairs_per_layout: int = 10, only: list[str] | None = No
 
 
 RECIPE_ROWS = {  # name -> overrides of the cpu profile: the schedules compared when the recipe's 450 steps were chosen
-    "300 steps, ramp 0.5 (the earlier recipe)": EARLIER,
-    "300 steps, ramp 0.75": {**EARLIER, "smooth_ramp": 0.75},
+    "300 steps, ramp 0.5 (the earlier recipe)": {"num_steps": 300},
+    "300 steps, ramp 0.75": {"num_steps": 300, "smooth_ramp": 0.75},
     "450 steps, ramp 0.5 (the recipe)": {},
-    "300 steps, ramp 1": {**EARLIER, "smooth_ramp": 1.0},
+    "300 steps, ramp 1": {"num_steps": 300, "smooth_ramp": 1.0},
 }
 
 
@@ -643,9 +723,10 @@ def recipe_tuning_study(num_layouts: int = 8, seeds=(0, 1), only: list[str] | No
                 row["next_state_accuracy"] = g.next_state_accuracy(run.model, world)
                 for label, memory in (("imagine", False), ("imagine (remembers bumps)", True)):
                     row[label] = plan_summary(world, g.imagination_policy(run.model, world), remember_bumps=memory)
+                row = stamp("recipe-tuning", row, cfg)
                 rows.append(row)
                 if save is not None:
-                    save(rows)
+                    save([row])
                 print(
                     f"{name:42s} validation layout {k} seed {seed}: next-state {row['next_state_accuracy']:.3f}"
                     f" | imagine {row['imagine']['success']:.3f}"
@@ -709,9 +790,10 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
             row["training_layouts_next_state_accuracy"] = g.next_state_accuracy(run.model, seen)
             row["validation_next_state_accuracy"] = g.next_state_accuracy(run.model, val)
             row["curve"] = {"step": run.history["eval_step"], "next_state_accuracy": run.history["next_state_acc"]}
+            row = stamp("readers", row, cfg)
             rows.append(row)
             if save is not None:
-                save(rows)
+                save([row])
             print(
                 f"{name:55s} seed {seed}: {steps} steps ({estimate['seconds_per_step']:.3f} s each) | next-state:"
                 f" training layouts {row['training_layouts_next_state_accuracy']:.3f},"
@@ -790,33 +872,29 @@ def long_runs_study(only: list[str] | None = None, saved: list[dict] | None = No
             raise FileNotFoundError(f"{path} not found: train it with {how}")
         ckpt = g.load_checkpoint(path, cfg)
         history = ckpt["history"]
-        runs.append(
-            {"row": name, "seed": seed, "overrides": over, "num_steps": steps, "steps_run": ckpt["step"]}
-            | {"train_seconds": ckpt["train_seconds"], "how": how + note}
-            | {"curve": {"step": history["eval_step"], "next_state_accuracy": history["next_state_acc"]}}
-        )
+        run = {"row": name, "seed": seed, "overrides": over, "num_steps": steps, "steps_run": ckpt["step"]}
+        run |= {"train_seconds": ckpt["train_seconds"], "how": how + note}
+        run |= {"curve": {"step": history["eval_step"], "next_state_accuracy": history["next_state_acc"]}}
+        runs.append(stamp("long-runs", run, cfg))
         print(
             f"{name}: {ckpt['step']:,} of {steps:,} steps, {history['next_state_acc'][-1]:.3f} at the last", flush=True
         )
     return runs
 
 
-STUDIES = {  # name -> (output file, key that identifies a row when a study is partly redone)
-    "recipe-tuning": ("recipe_tuning.json", ("row", "validation_layout", "seed")),
-    "probes": ("probe_study.json", ("row", "seed")),
-    "scaling": ("scaling.json", ("grid_size", "layout", "num_steps", "smooth_weight", "smooth_ramp")),
-    "geometry": ("geometry_study.json", ("layout", "row", "seed")),
-    "layouts-geometry": ("geometry_study.json", ("layout", "row", "seed")),
-    "layouts": (
-        "layouts_study.json",
-        ("grid_size", "layouts", "seed", "profile", "num_steps", "imagine_rule", "overrides"),
-    ),
-    "imagine-tuning": ("imagine_tuning.json", ("model", "rule", "merge", "meet")),
-    "imagine-maps": ("imagine_maps.json", ("profile", "seed", "num_steps", "layouts", "imagine_rule")),
-    "readers": ("readers_study.json", ("row", "seed", "budget_seconds")),
-    "long-runs": ("readers_study.json", ("row", "seed", "budget_seconds")),  # its long_runs, beside the rows
-    "transition-errors": ("transition_errors.json", ("grid_size", "profile", "seed", "num_steps", "overrides")),
-    "budget": ("budget_study.json", ("grid_size", "seed", "profile", "num_steps", "imagine_rule", "overrides")),
+STUDIES = {  # name -> its file in assets/ (bench/results.py writes it; a row redone replaces the row of its id)
+    "recipe-tuning": "recipe_tuning.json",
+    "probes": "probe_study.json",
+    "scaling": "scaling.json",
+    "geometry": "geometry_study.json",
+    "layouts-geometry": "layouts_geometry.json",
+    "layouts": "layouts_study.json",
+    "imagine-tuning": "imagine_tuning.json",
+    "imagine-maps": "imagine_maps.json",
+    "readers": "readers_study.json",
+    "long-runs": "long_runs.json",
+    "transition-errors": "transition_errors.json",
+    "budget": "budget_study.json",
 }
 
 
@@ -840,8 +918,8 @@ def main() -> None:
     parser.add_argument(
         "--profile",
         default="layouts",
-        choices=("layouts", "layouts_gpu"),
-        help="layouts, imagine-maps, transition-errors, budget",
+        choices=("layouts", "layouts_gpu", "smoke"),
+        help="layouts, imagine-maps, transition-errors, budget (smoke: a seconds-long check of the study's code)",
     )
     parser.add_argument(
         "--overrides",
@@ -855,41 +933,30 @@ def main() -> None:
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
     parser.add_argument("--rules", nargs="+", default=list(TUNING_RULES), choices=TUNING_RULES, help="imagine-tuning")
+    parser.add_argument("--out-dir", type=Path, default=g.ASSETS, help="where the study's JSON is (default: assets/)")
     args = parser.parse_args()
     if args.overrides is not None and not isinstance(args.overrides, dict):
         parser.error(f"--overrides must be a JSON object of Config fields, got {args.overrides!r}")
-    filename, key_fields = STUDIES[args.study]
-    out = g.ASSETS / filename
-    command = "python bench/studies.py " + shlex.join(sys.argv[1:])
-    # a row's key: its key fields, a dict (a row's overrides) as sorted JSON so that it can be compared and hashed
-    key = lambda r: tuple(json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for v in map(r.get, key_fields))
-    saved = json.loads(out.read_text()) if out.exists() else None
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.budget <= 0:
+        parser.error(f"--budget must be above 0 seconds, got {args.budget:g}")
+    args.seeds, args.sizes = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.sizes))  # --seeds 7 7: once
+    out = args.out_dir / STUDIES[args.study]
+    results.load(out)  # an unreadable file stops the study before it trains anything
     layout_sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]  # generated layouts: 12x12 only when asked
+    written = set()
 
-    def save(rows: list[dict], **more) -> None:
-        """Write rows, keeping the saved rows this run does not redo (and whatever else the file holds, such as the
-        readers study's long_runs, unless ``more`` gives it anew); the command joins the file's list once."""
-        redone = {key(r) for r in rows}
-        kept = [r for r in saved["rows"] if key(r) not in redone] if saved else []
-        meta = (
-            (saved or {})
-            | more
-            | {
-                "command": "; ".join(dict.fromkeys([*(saved["command"].split("; ") if saved else []), command])),
-                "device": g.describe_device(torch.device("cpu")),
-                "threads": torch.get_num_threads(),
-                "rows": kept + rows,
-            }
-        )
-        default = lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)
-        out.write_text(json.dumps(meta, indent=2, default=default))
+    def save(rows: list[dict]) -> None:
+        """Add rows to the study's file as soon as they are measured (a row of the same id is replaced)."""
+        results.append_rows(out, rows, args.study)
+        written.update(r["id"] for r in rows)
 
-    more = {}  # what a study writes beside its rows
     if args.study == "probes":
-        rows = probe_study(args.seeds, args.only)
+        rows = probe_study(args.seeds, args.only, save=save)
     elif args.study == "scaling":
         rows = scaling_study(
-            args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth, ramp=args.ramp
+            args.sizes, steps=args.steps, layouts=args.grid_layouts, smooth=args.smooth, ramp=args.ramp, save=save
         )
     elif args.study == "layouts":
         rows = layouts_study(
@@ -904,25 +971,27 @@ def main() -> None:
     elif args.study == "geometry":
         rows = geometry_study(args.seeds, args.only, save=save)
     elif args.study == "imagine-maps":
-        rows = imagine_maps_study(args.seeds, profile=args.profile, steps=args.steps)
+        rows = imagine_maps_study(args.seeds, profile=args.profile, steps=args.steps, save=save)
     elif args.study == "imagine-tuning":
-        rows = imagine_tuning_study(only=args.only, rules=args.rules)
+        rows = imagine_tuning_study(only=args.only, rules=args.rules, save=save)
     elif args.study == "recipe-tuning":
         rows = recipe_tuning_study(only=args.only, save=save)
     elif args.study == "transition-errors":
         rows = transition_errors_study(
-            layout_sizes, args.seeds, args.profile, args.steps, readers=args.only, over=args.overrides
+            layout_sizes, args.seeds, args.profile, args.steps, readers=args.only, over=args.overrides, save=save
         )
     elif args.study == "readers":
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     elif args.study == "long-runs":
-        rows, more = [], {"long_runs": long_runs_study(args.only, (saved or {}).get("long_runs"))}
+        rows = long_runs_study(args.only)
     elif args.study == "budget":
         rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:
         rows = geometry_study(args.seeds, args.only, layouts=("two_rooms", "u_trap", "maze"), save=save)
-    save(rows, **more)
-    print(f"written to {out}")
+    rest = [r for r in rows if r["id"] not in written]
+    if rest:
+        save(rest)
+    print(f"{len(rows)} rows written to {out}")
 
 
 if __name__ == "__main__":
