@@ -1,0 +1,748 @@
+"""RESULTS.md and README's headline table, written from the study results and run records in assets/.
+
+    python bench/report.py           # write RESULTS.md, assets/figures/*.png and README's headline table
+    python bench/report.py --check   # exit 1, with a summary of the differences, if either text would change
+
+Every number in the text is read from a JSON file; each table row names the row id it comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import results  # noqa: E402
+
+ASSETS, FIGURES = ROOT / "assets", ROOT / "assets" / "figures"
+RESULTS_MD, README = ROOT / "RESULTS.md", ROOT / "README.md"
+OLD_RULES = ("undo", "radius")  # imagination bump rules since removed from the module
+MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
+
+
+def pct(x, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.{digits}f}%"
+
+
+def num(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def mean(values: list) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def rows_of(study: str) -> list[dict]:
+    return results.load(ASSETS / f"{study}.json")["rows"]
+
+
+def record(name: str) -> dict:
+    return json.loads((ASSETS / f"{name}.json").read_text())
+
+
+def ids(rows: list[dict]) -> str:
+    """The ids of rows that differ only in their seed, as one pattern: layouts-...-s{0,1,2}."""
+    stems = dict.fromkeys(re.sub(r"-s\d+(?=$|-)", "-s{}", r["id"]) for r in rows)
+    seeds = ",".join(dict.fromkeys(str(r.get("seed", 0)) for r in rows))
+    out = [s.format("{" + seeds + "}" if "," in seeds else seeds) for s in stems]
+    return "<br>".join(f"`{s}`" for s in out)
+
+
+def provenance(rows: list[dict]) -> str:
+    devices = ", ".join(dict.fromkeys(r["device"] for r in rows))
+    commits = ", ".join(f"`{c[:8]}`" for c in dict.fromkeys(r["commit"] for r in rows))
+    commands = "<br>".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows))
+    return f"*Provenance* — device: {devices}; commits: {commits}; commands:<br>{commands}"
+
+
+class Figures:
+    """Collects the figures a run draws; written to assets/figures/<name>.png (small, bytes stable)."""
+
+    def __init__(self, write: bool):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.plt, self.write = plt, write
+        plt.rcParams.update({"font.size": 8, "svg.hashsalt": "gridjepa"})
+
+    def save(self, fig, name: str) -> str:
+        if self.write:
+            FIGURES.mkdir(parents=True, exist_ok=True)
+            fig.savefig(FIGURES / f"{name}.png", dpi=80, metadata={"Software": None}, bbox_inches="tight")
+        self.plt.close(fig)
+        return f"![{name}](assets/figures/{name}.png)"
+
+
+# ── the headline: the original write-up's claims beside what was measured ──
+
+
+def headline() -> str:
+    cpu = record("gridjepa_cpu")["metrics"]
+    cpu_rec = record("gridjepa_cpu")
+    geo = [
+        r for r in rows_of("geometry_study") if r["overrides"] == {"num_steps": 300, "smooth_weight": 0.0, "lam": 10.0}
+    ]
+    obstacles = [r for r in rows_of("layouts_geometry") if r["overrides"] == {}]
+    lay = {r["id"]: r for r in rows_of("layouts_study")}
+    five = lay["layouts-g5-nunlimited-steps7500-s0"]
+    eight = [r for r in lay.values() if r["id"].startswith("layouts-g8-nunlimited-steps20000-t500k-in64-p16-crop-flat")]
+    tried = [r["heldout_imagine_tried_success"] for r in eight]
+    f = "`assets/gridjepa_cpu.json`"
+    rows = [
+        [
+            "600/600 start→goal pairs planned optimally (greedy probe planner, 5×5)",
+            f"{pct(cpu['plan_optimal'])} optimal, {pct(cpu['plan_success'])} solved",
+            f,
+            "`metrics.plan_optimal`",
+        ],
+        ["100/100 next states predicted", pct(cpu["next_state_accuracy"]), f, "`metrics.next_state_accuracy`"],
+        [
+            "PCA of the latents: 25 clusters on a lattice",
+            f"PC1 + PC2 {pct(cpu['pc1_plus_pc2'], 0)} of the variance; Spearman ρ {num(cpu['spearman_l2_grid'], 2)}"
+            " (latent vs grid distance)",
+            f,
+            "`metrics.pc1_plus_pc2`",
+        ],
+        [
+            "Linear probe R² = 1.0 (fitted on every cell)",
+            f"fit {num(cpu['probe_r2_fit'], 2)}; on held-out cells {num(cpu['probe_r2_heldout'])}",
+            f,
+            "`metrics.probe_r2_heldout`",
+        ],
+        [
+            "(the write-up's objective, λ = 10, no map term)",
+            f"held-out-cell R² {num(np.median([r['probe_r2_heldout'] for r in geo]), 2)} (median of {len(geo)} seeds;"
+            f" ridge: mean {num(np.mean([r['probe_r2_ridge_heldout'] for r in geo]), 2)})",
+            "`assets/geometry_study.json`",
+            ids(geo),
+        ],
+        [
+            "Planning by the latent cost: not tried (the probe planned)",
+            f"greedy latent cost {pct(cpu['latent_greedy_success'])} solved",
+            f,
+            "`metrics.latent_greedy_success`",
+        ],
+        [
+            "Obstacles: a next step",
+            f"imagination search {pct(min(r['plans']['imagine']['success'] for r in obstacles))}–"
+            f"{pct(max(r['plans']['imagine']['success'] for r in obstacles))} solved on three 5×5 obstacle layouts"
+            f" ({len(obstacles)} runs; bump rule: {', '.join(sorted({r['imagine_rule'] for r in obstacles}))},"
+            " since removed)",
+            "`assets/layouts_geometry.json`",
+            ids(obstacles),
+        ],
+        [
+            "Worlds never seen: “no evidence it would generalize”",
+            f"5×5: {pct(five['heldout_next_state_accuracy'])} next states and {pct(five['heldout_imagine_success'])}"
+            f" of {five['heldout_pairs']:,} pairs solved on 200 held-out layouts",
+            "`assets/layouts_study.json`",
+            f"`{five['id']}`",
+        ],
+        [
+            "Scale the grid: a next step",
+            f"8×8 held-out layouts, remembering all it tried: {' / '.join(pct(t) for t in tried)} solved"
+            f" (seeds {', '.join(str(r['seed']) for r in eight)})",
+            "`assets/layouts_study.json`",
+            ids(eight),
+        ],
+        [
+            "~30 min of training on an RTX PRO 6000 GPU (200 epochs)",
+            f"{cpu_rec['train_seconds']:.0f} s on {cpu_rec['device']}, {cpu_rec['config']['num_steps']} steps",
+            f,
+            "`train_seconds`",
+        ],
+    ]
+    return table(["The original write-up", "Measured here", "File", "Row"], rows)
+
+
+# ── the studies ──
+
+
+def shipped_section(fig: Figures) -> str:
+    single = ["gridjepa_cpu", "gridjepa_cpu_two_rooms", "gridjepa_cpu_u_trap", "gridjepa_cpu_maze"]
+    rows = []
+    for name in single:
+        r = record(name)
+        m = r["metrics"]
+        rows.append(
+            [
+                f"`{name}.json`",
+                r["config"]["layout"],
+                r["config"]["num_steps"],
+                f"{r['train_seconds']:.0f}",
+                pct(m["next_state_accuracy"]),
+                pct(m["pc1_plus_pc2"], 0),
+                num(m["probe_r2_heldout"]),
+                pct(m["plan_success"]),
+                pct(m["latent_greedy_success"]),
+            ]
+        )
+    text = table(
+        [
+            "record",
+            "layout",
+            "steps",
+            "train s",
+            "next-state",
+            "PC1+PC2",
+            "held-out R²",
+            "probe planner",
+            "latent greedy",
+        ],
+        rows,
+    )
+    lay_rows = []
+    for name in ("gridjepa_layouts", "gridjepa_layouts_gpu"):
+        r = record(name)
+        m = r["metrics"]
+        lay_rows.append(
+            [
+                f"`{name}.json`",
+                r["device"],
+                f"{r['train_seconds'] / 60:.1f}",
+                pct(m["heldout_next_state_accuracy"]),
+                pct(m["heldout_imagine_success"]),
+                pct(m["heldout_graph_success"]),
+                pct(m["heldout_probe_success"]),
+                pct(m["heldout_random_success"]),
+                pct(m["named_imagine_success"]),
+            ]
+        )
+    text += (
+        "\n\nThe two shipped worlds-never-seen models, on 200 held-out layouts (imagine: planning from the two "
+        "images alone; graph: the privileged imagined graph):\n\n"
+    )
+    text += table(
+        ["record", "trained on", "train min", "next-state", "imagine", "graph", "probe", "random", "named: imagine"],
+        lay_rows,
+    )
+    commands = "<br>".join(f"`{record(n)['command']}`" for n in single + ["gridjepa_layouts", "gridjepa_layouts_gpu"])
+    return text + f"\n\n*Provenance* — commands:<br>{commands}"
+
+
+def benchmark_section(fig: Figures) -> str:
+    b, gpu = record("benchmark"), record("gpu_benchmark")
+    rows = [
+        [k.removesuffix("_cpu"), f"{v['steps_per_s']:.1f}", f"{v['images_per_s']:,.0f}", f"{v['params']:,}"]
+        for k, v in b["training"].items()
+    ]
+    text = f"Training speed on {b['device']}:\n\n" + table(["profile", "steps/s", "images/s", "parameters"], rows)
+    rows = [
+        [
+            k,
+            f"{v['steps_per_s']:.1f}",
+            f"{v['images_per_s']:,.0f}",
+            f"{v['parameters']:,}",
+            f"{v['full_run_estimate_s']:.0f}",
+        ]
+        for k, v in gpu["profiles"].items()
+    ]
+    text += f"\n\nOn {gpu['device']} (torch {gpu['torch']}):\n\n"
+    text += table(["profile", "steps/s", "images/s", "parameters", "full run, s (estimated)"], rows)
+    t = gpu["train"]
+    text += (
+        f"\n\nThe `{t['profile']}` profile trained there in {t['train_seconds']:.0f} s: next-state"
+        f" {pct(t['next_state_accuracy'])}, held-out probe R² {num(t['probe_r2_heldout'])}, probe planner"
+        f" {pct(t['plan_success'])} solved."
+    )
+    return text + f"\n\n*Provenance* — `assets/benchmark.json`, `assets/gpu_benchmark.json` (`{gpu['command']}`)"
+
+
+def probes_section(fig: Figures) -> str:
+    rows = rows_of("probe_study")
+    out = [
+        [
+            f"`{r['id']}`",
+            r["row"],
+            f"{r['trained']['heldout_mean']:.2f} ± {r['trained']['heldout_std']:.2f}",
+            num(r["trained"]["ridge_heldout_mean"], 2),
+            num(r["untrained"]["heldout_mean"], 2),
+            num(r["untrained"]["ridge_heldout_mean"], 2),
+            pct(r["plan_success"]),
+            f"{r['train_seconds']:.0f}",
+        ]
+        for r in rows
+    ]
+    text = table(
+        ["id", "row", "held-out R² (plain)", "ridge", "untrained", "untrained ridge", "probe plans", "train s"], out
+    )
+    f, ax = fig.plt.subplots(figsize=(7, 3.2))
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [r["trained"]["ridge_heldout_mean"] for r in rows], 0.4, label="trained")
+    ax.barh(y + 0.2, [r["untrained"]["ridge_heldout_mean"] for r in rows], 0.4, label="untrained encoder")
+    ax.set(yticks=y, yticklabels=[r["row"] for r in rows], xlabel="held-out-cell probe R² (ridge)", xlim=(-0.5, 1))
+    ax.invert_yaxis()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
+    return text + "\n\n" + fig.save(f, "probes") + "\n\n" + provenance(rows)
+
+
+def group(rows: list[dict], key) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def geometry_section(fig: Figures) -> str:
+    rows = rows_of("geometry_study")
+    groups = group(rows, lambda r: r["row"])
+    metrics = [
+        ("PC1+PC2", lambda r: r["pc1"] + r["pc2"]),
+        ("Spearman", lambda r: r["spearman_l2_grid"]),
+        ("held-out R²", lambda r: r["probe_r2_heldout"]),
+        ("next-state", lambda r: r["next_state_accuracy"]),
+        ("probe plans", lambda r: r["plans"]["probe"]["success"]),
+        ("latent greedy", lambda r: r["plans"]["latent"]["success"]),
+        ("CEM", lambda r: r["plans"]["cem"]["success"]),
+        ("train s", lambda r: r["train_seconds"]),
+    ]
+    out = [
+        [ids(rs), name, len(rs)]
+        + [f"{np.mean([m(r) for r in rs]):.2f} ({np.min([m(r) for r in rs]):.2f})" for _, m in metrics]
+        for name, rs in groups.items()
+    ]
+    text = "Mean over seeds (the lowest in brackets):\n\n"
+    text += table(["ids", "recipe", "seeds"] + [n for n, _ in metrics], out)
+    f, ax = fig.plt.subplots(figsize=(7, 3.2))
+    for i, rs in enumerate(groups.values()):
+        v = [r["pc1"] + r["pc2"] for r in rs]
+        ax.plot([np.mean(v)], [i], "o", color="C0")
+        ax.plot(v, [i] * len(v), ".", color="C0", alpha=0.4)
+    ax.set(yticks=range(len(groups)), yticklabels=list(groups), xlabel="PC1 + PC2 (share of variance; dots: seeds)")
+    ax.invert_yaxis()
+    return text + "\n\n" + fig.save(f, "geometry") + "\n\n" + provenance(rows)
+
+
+def layouts_geometry_section(fig: Figures) -> str:
+    rows = rows_of("layouts_geometry")
+    planners = ["probe", "latent", "cem", "search", "imagine", "graph"]
+    out = []
+    for (layout, name), rs in group(rows, lambda r: (r["layout"], r["row"])).items():
+        out.append(
+            [ids(rs), layout, name, len(rs), pct(np.mean([r["next_state_accuracy"] for r in rs]))]
+            + [pct(mean([r["plans"][p]["success"] for r in rs if p in r["plans"]])) for p in planners]
+        )
+    return (
+        "Mean over seeds; planners' share of pairs solved:\n\n"
+        + table(["ids", "layout", "recipe", "seeds", "next-state"] + planners, out)
+        + "\n\n"
+        + provenance(rows)
+    )
+
+
+def scaling_section(fig: Figures) -> str:
+    rows = rows_of("scaling")
+    show = ["latent greedy", "cem", "imagine", "imagine (remembers bumps)", "graph (privileged)", "probe", "random"]
+    out = [
+        [
+            f"`{r['id']}`",
+            f"{r['grid_size']}×{r['grid_size']}",
+            r["layout"],
+            r["num_steps"],
+            f"{r['smooth_weight']:g}",
+            f"{r['smooth_ramp']:g}",
+            r["imagine_rule"],
+            num(r["final_next_state_accuracy"]),
+            r["steps_to_99"] or "–",
+            f"{r['train_seconds']:.0f}",
+            pct(r["pc1"] + r["pc2"], 0),
+        ]
+        + [pct(r["plans"][n]["success"]) if n in r["plans"] else "–" for n in show]
+        for r in rows
+    ]
+    text = table(
+        ["id", "grid", "layout", "steps", "w", "ramp", "rule", "next-state", "99% at", "train s", "PC1+PC2"] + show, out
+    )
+    recipe = {}
+    for r in rows:  # the recipe (w 5, half ramp) on each size's default schedule: the fewest steps
+        if r["smooth_weight"] == 5 and r["smooth_ramp"] == 0.5:
+            k = (r["grid_size"], r["layout"])
+            if k not in recipe or r["num_steps"] < recipe[k]["num_steps"]:
+                recipe[k] = r
+    f, axes = fig.plt.subplots(1, 3, figsize=(10, 3))
+    for layout, ls in (("open", "-"), ("walls 10%", "--")):
+        rs = sorted((r for r in recipe.values() if r["layout"] == layout), key=lambda r: r["grid_size"])
+        sizes = [r["grid_size"] for r in rs]
+        axes[0].plot(sizes, [r["train_seconds"] for r in rs], "o" + ls, label=layout)
+        for i, n in enumerate(["latent greedy", "imagine", "graph (privileged)"]):
+            axes[1].plot(sizes, [r["plans"][n]["success"] for r in rs], "o" + ls, color=f"C{i}", label=f"{n}, {layout}")
+        axes[2].plot(
+            sizes,
+            [r["plans"]["cem"]["ms_per_decision_all_pairs"] / r["plan_pairs"] for r in rs],
+            "o" + ls,
+            label=layout,
+        )
+    axes[0].set(title="CPU seconds of training", xlabel="grid side")
+    axes[1].set(title="share of 600 pairs solved", xlabel="grid side", ylim=(0, 1.05))
+    axes[2].set(title="CEM: ms per pair per decision", xlabel="grid side")
+    axes[0].legend()
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
+    return text + "\n\n" + fig.save(f, "scaling") + "\n\n" + provenance(rows)
+
+
+LAYOUT_SERIES = [
+    ("next-state", "heldout_next_state_accuracy"),
+    ("imagine", "heldout_imagine_success"),
+    ("optimal", "heldout_imagine_optimal"),
+    ("remembering all it tried", "heldout_imagine_tried_success"),
+    ("graph (privileged)", "heldout_graph_success"),
+    ("greedy probe", "heldout_probe_success"),
+    ("random", "heldout_random_success"),
+]
+
+
+def short_label(r: dict) -> str:
+    over = results.slug(r["overrides"], empty="")
+    return (
+        f"{r['layouts']} layouts, {r['num_steps']:,} steps"
+        + (", GPU" if "cpu" not in r["trained_on"] else "")
+        + (f", {over}" if over else "")
+        + f", seed {r['seed']}"
+    )
+
+
+def layouts_section(fig: Figures) -> str:
+    rows = rows_of("layouts_study")
+    out = [
+        [f"`{r['id']}`", f"{r['train_seconds'] / 60:.1f}", r["imagine_rule"]]
+        + [pct(r.get(k)) for _, k in LAYOUT_SERIES]
+        for r in rows
+    ]
+    text = "On 200 held-out layouts (2,000 pairs); planned with each row's bump rule (`rule`):\n\n"
+    text += table(["id", "train min", "rule"] + [n for n, _ in LAYOUT_SERIES], out)
+    shown = [r for r in rows if r["imagine_rule"] not in OLD_RULES]
+    f, axes = fig.plt.subplots(2, 1, figsize=(8, 9), gridspec_kw={"height_ratios": (4, 9)})
+    for ax, size in zip(axes, (5, 8), strict=True):
+        rs = [r for r in shown if r["grid_size"] == size]
+        y = np.arange(len(rs))
+        for i, (label, key) in enumerate(LAYOUT_SERIES):
+            ax.barh(y + (i - 3) * 0.12, [r.get(key) or np.nan for r in rs], 0.12, label=label)
+        ax.axvline(1, color="k", ls=":", lw=0.8)
+        ax.set(
+            yticks=y,
+            yticklabels=[short_label(r) for r in rs],
+            xlim=(0, 1.02),
+            title=f"{size}×{size}: 200 held-out layouts, 2,000 pairs (rule: consistent)",
+        )
+        ax.invert_yaxis()
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4, frameon=False)
+    return text + "\n\n" + fig.save(f, "layouts") + "\n\n" + provenance(rows)
+
+
+def memory_section(fig: Figures) -> str:
+    rows = [r for r in rows_of("layouts_study") if "heldout_imagine_tried_success" in r]
+    keys = [
+        ("no memory", "imagine"),
+        ("remembering bumps", "imagine_memory"),
+        ("remembering all it tried", "imagine_tried"),
+    ]
+    out = [
+        [f"`{r['id']}`", num(r["heldout_next_state_accuracy"])]
+        + [pct(r.get(f"heldout_{k}_success")) for _, k in keys]
+        + [pct(r["heldout_graph_success"]), pct(r["heldout_imagine_optimal"])]
+        + [pct(r.get(f"named_{k}_success")) for _, k in keys]
+        for r in rows
+    ]
+    text = table(
+        ["id", "next-state"] + [n for n, _ in keys] + ["graph", "optimal"] + [f"named: {n}" for n, _ in keys], out
+    )
+    return text + "\n\n" + provenance(rows)
+
+
+def budget_section(fig: Figures) -> str:
+    rows = rows_of("budget_study")
+    names = {
+        "imagine": "no memory",
+        "imagine_tried": "remembering all it tried",
+        "random_tried": "no model: random, remembering all it tried",
+    }
+    marks = (0.5, 1, 1.5, 2, 3)
+    out = [
+        [f"`{r['id']}`", names[n], r["budget"]] + [pct(r[f"{n}_solved_within"][round(k * r["budget"])]) for k in marks]
+        for r in rows
+        for n in names
+    ]
+    text = table(["id", "planner", "budget (steps)"] + [f"{k:g}× budget" for k in marks], out)
+    f, axes = fig.plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, size in zip(axes, (5, 8), strict=True):
+        rs = [r for r in rows if r["grid_size"] == size]
+        for r in rs:
+            x = np.arange(r["max_steps"] + 1) / r["budget"]
+            for n, style in zip(names, (":", "-", "--"), strict=True):
+                if n == "random_tried" and r is not rs[0]:
+                    continue  # no model: one curve
+                ax.plot(
+                    x,
+                    r[f"{n}_solved_within"],
+                    style,
+                    color="gray" if n == "random_tried" else f"C{r['seed']}",
+                    label=names[n] + ("" if n == "random_tried" else f", seed {r['seed']}"),
+                )
+        ax.axvline(1, color="k", lw=0.8)
+        ax.set(
+            title=f"{size}×{size}: {rs[0]['pairs']:,} held-out pairs, budget {rs[0]['budget']} steps",
+            xlabel="steps, in units of the budget",
+        )
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False, fontsize=7)
+    axes[0].set_ylabel("share solved within")
+    return text + "\n\n" + fig.save(f, "budget") + "\n\n" + provenance(rows)
+
+
+def readers_section(fig: Figures) -> str:
+    rows = rows_of("readers_study")
+    out = [
+        [
+            f"`{r['id']}`",
+            r["row"],
+            r["num_steps"],
+            f"{r['train_seconds']:.0f}",
+            num(r["validation_next_state_accuracy"]),
+            num(r["training_layouts_next_state_accuracy"]),
+        ]
+        for r in rows
+    ]
+    text = table(["id", "encoder", "steps", "train s", "validation next-state", "training layouts"], out)
+    f, ax = fig.plt.subplots(figsize=(7, 4.5))
+    order = sorted(rows, key=lambda r: r["validation_next_state_accuracy"])
+    y = np.arange(len(order))
+    ax.barh(y, [r["validation_next_state_accuracy"] for r in order], color="C0")
+    ax.set(
+        yticks=y,
+        yticklabels=[f"{r['row']}, seed {r['seed']}" for r in order],
+        xlim=(0, 1),
+        xlabel="next-state accuracy, 100 validation layouts, after ~5 min of CPU",
+    )
+    return text + "\n\n" + fig.save(f, "readers") + "\n\n" + provenance(rows)
+
+
+def long_runs_section(fig: Figures) -> str:
+    rows = rows_of("long_runs")
+    out = [
+        [
+            f"`{r['id']}`",
+            r["row"],
+            f"{r['steps_run']:,} of {r['num_steps']:,}",
+            f"{r['train_seconds'] / 60:.0f}",
+            num(r["curve"]["next_state_accuracy"][-1]),
+        ]
+        for r in rows
+    ]
+    text = table(["id", "encoder", "steps run", "train min", "last next-state (training curve)"], out)
+    f, ax = fig.plt.subplots(figsize=(7, 3.4))
+    for i, r in enumerate(rows):
+        ax.plot(r["curve"]["step"], r["curve"]["next_state_accuracy"], "-", color=f"C{i}", label=r["id"])
+    ax.set(xlabel="training step", ylabel="next-state accuracy (training curve)", ylim=(0, 1))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=1, frameon=False, fontsize=7)
+    return text + "\n\n" + fig.save(f, "long_runs") + "\n\n" + provenance(rows)
+
+
+def transition_errors_section(fig: Figures) -> str:
+    rows = rows_of("transition_errors")
+    out = []
+    for r in rows:
+        q = r["as_stay_along_quartiles"]
+        out.append(
+            [
+                f"`{r['id']}`",
+                r.get("readers_row", "layouts study"),
+                pct(r["moves_right"] / r["moves"]),
+                pct(r["moves_as_stays"] / r["moves"]),
+                num(q[1], 2) if q else "–",
+                pct(r["bumps_right"] / r["bumps"]),
+                f"{r['moves']:,}",
+                f"{r['bumps']:,}",
+            ]
+        )
+    text = table(
+        [
+            "id",
+            "model",
+            "moves right",
+            "moves read as a stay",
+            "stay: share of the way (median)",
+            "bumps right",
+            "moves",
+            "bumps",
+        ],
+        out,
+    )
+    maps = [r for r in rows if "readers_row" not in r]
+    f, axes = fig.plt.subplots(1, len(maps), figsize=(2.8 * len(maps), 3), squeeze=False)
+    for ax, r in zip(axes[0], maps, strict=True):
+        im = ax.imshow(np.array(r["move_error_by_cell"]), cmap="magma", vmin=0, vmax=1)
+        ax.set_title(r["id"].removeprefix("transition-errors-").replace("-in64", "\nin64"), fontsize=7)
+        ax.set(xticks=[], yticks=[])
+    f.colorbar(im, ax=axes[0].tolist(), label="moves into the cell read wrong")
+    return text + "\n\n" + fig.save(f, "transition_errors") + "\n\n" + provenance(rows)
+
+
+def imagine_maps_section(fig: Figures) -> str:
+    rows = rows_of("imagine_maps")
+    pick = lambda v: " / ".join(pct(v[d - 1], 0) for d in (1, 3, 5, 10))  # noqa: E731
+    out = [
+        [f"`{r['id']}`", r["layouts"], f"{r['searches']:,}", pick(r["complete"]), pick(r["no_phantom"])] for r in rows
+    ]
+    text = table(["id", "layouts", "searches", "complete, d = 1 / 3 / 5 / 10", "no phantom, d = 1 / 3 / 5 / 10"], out)
+    f, ax = fig.plt.subplots(figsize=(7, 3))
+    for i, r in enumerate(r for r in rows if r["layouts"] == "held-out"):
+        ax.plot(r["depth"], r["complete"], "-o", ms=3, color=f"C{i}", label=f"{r['id']}: complete")
+        ax.plot(r["depth"], r["no_phantom"], "--s", ms=3, color=f"C{i}", label="… no phantom")
+    ax.set(xlabel="moves from the image the search starts from (d)", ylabel="share of searches", ylim=(0, 1.02))
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=7)
+    return text + "\n\n" + fig.save(f, "imagine_maps") + "\n\n" + provenance(rows)
+
+
+def imagine_tuning_section(fig: Figures) -> str:
+    rows = rows_of("imagine_tuning")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    cells = {(r["rule"], r["merge"], r["meet"], r["model"]): r["success"] for r in rows}
+    settings = list(dict.fromkeys((r["rule"], r["merge"], r["meet"]) for r in rows))
+    out = [
+        [f"`imagine-tuning-*-{rule}-merge{merge:g}-{meet}`", rule, merge, meet]
+        + [pct(cells.get((rule, merge, meet, m))) for m in models]
+        for rule, merge, meet in settings
+    ]
+    text = "Share of pairs solved (validation layouts for the layouts models, every pair for the others):\n\n"
+    return text + table(["ids", "rule", "merge", "meet"] + models, out) + "\n\n" + provenance(rows)
+
+
+def recipe_tuning_section(fig: Figures) -> str:
+    rows = rows_of("recipe_tuning")
+    out = []
+    for name, rs in group(rows, lambda r: r["row"]).items():
+        out.append(
+            [
+                ids(rs).replace("-v0-", "-v*-"),
+                name,
+                len(rs),
+                num(np.mean([r["next_state_accuracy"] for r in rs])),
+                pct(np.mean([r["imagine"]["success"] for r in rs])),
+                pct(np.mean([r["imagine (remembers bumps)"]["success"] for r in rs])),
+            ]
+        )
+    text = "Mean over validation layouts and seeds:\n\n"
+    return (
+        text
+        + table(["ids", "schedule", "runs", "next-state", "imagine", "remembering bumps"], out)
+        + "\n\n"
+        + provenance(rows)
+    )
+
+
+STUDIES = [  # heading, what it measures, section
+    ("Shipped models", "The checkpoints in assets/ and the run records beside them.", shipped_section),
+    ("Benchmarks", "Training and planning speed.", benchmark_section),
+    ("Probes", "What moves the held-out-cell linear probe R² (notebook 04).", probes_section),
+    (
+        "Geometry",
+        "What makes the latent a map: each lever against the write-up's objective, per seed.",
+        geometry_section,
+    ),
+    (
+        "Geometry on obstacle layouts",
+        "The map recipe on the three 5×5 obstacle layouts, with every planner.",
+        layouts_geometry_section,
+    ),
+    (
+        "Scaling",
+        "Grids of 5 to 16 cells a side: time to 99% next-state accuracy, the map, and planning.",
+        scaling_section,
+    ),
+    (
+        "Worlds never seen",
+        "Trained on 20 … unlimited generated layouts, measured on 200 held-out ones.",
+        layouts_section,
+    ),
+    (
+        "Memory variants",
+        "The agent-only planner without memory, remembering its bumps, and remembering all it tried.",
+        memory_section,
+    ),
+    (
+        "Step budget",
+        "How many steps the agent needs: the held-out pairs again with 3× the step budget.",
+        budget_section,
+    ),
+    (
+        "Readers (8×8)",
+        "Which encoder reads an 8×8 layout's walls best for the same ~5 minutes of CPU.",
+        readers_section,
+    ),
+    ("Long runs (8×8)", "The leading readers trained long: their training curves.", long_runs_section),
+    ("Transition errors", "What a layouts model gets wrong on the held-out layouts.", transition_errors_section),
+    ("Imagined maps", "What the imagination search imagines, against the true layouts.", imagine_maps_section),
+    ("Imagination tuning", "The search's settings, chosen on validation layouts.", imagine_tuning_section),
+    ("Recipe tuning", "The cpu recipe's schedule, chosen on validation layouts.", recipe_tuning_section),
+]
+
+
+def anchor(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def render(write_figures: bool) -> tuple[str, str]:
+    """(RESULTS.md, the README headline table)."""
+    fig = Figures(write_figures)
+    head = headline()
+    parts = [
+        "# Results",
+        "",
+        "Generated by `python bench/report.py` from `assets/*.json`; do not edit by hand.",
+        "",
+        "## Headline",
+        "",
+        head,
+        "",
+        "## Contents",
+        "",
+    ]
+    parts += [f"- [{h}](#{anchor(h)})" for h, _, _ in STUDIES]
+    for heading, intro, section in STUDIES:
+        parts += ["", f"## {heading}", "", intro, "", section(fig)]
+    return "\n".join(parts) + "\n", head
+
+
+def readme_with(head: str) -> str:
+    text = README.read_text()
+    start, end = MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"{README}: the markers {start} / {end} are missing")
+    before, rest = text.split(start, 1)
+    return before + start + "\n" + head + "\n" + end + rest.split(end, 1)[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if RESULTS.md or README's headline would change")
+    args = parser.parse_args()
+    md, head = render(write_figures=not args.check)
+    readme = readme_with(head)
+    targets = [(RESULTS_MD, md), (README, readme)]
+    if args.check:
+        stale = [(p, new) for p, new in targets if not p.exists() or p.read_text() != new]
+        for path, new in stale:
+            old = path.read_text().splitlines() if path.exists() else []
+            diff = list(difflib.unified_diff(old, new.splitlines(), str(path.name), "generated", lineterm="", n=0))
+            print(f"{path.name} is out of date ({len(diff)} diff lines):\n" + "\n".join(diff[:40]))
+        sys.exit(1 if stale else 0)
+    for path, new in targets:
+        path.write_text(new)
+    print(f"written {RESULTS_MD.name}, README's headline and {FIGURES.relative_to(ROOT)}/")
+
+
+if __name__ == "__main__":
+    main()
