@@ -139,7 +139,8 @@ def headline() -> str:
         [
             "Obstacles: a next step",
             f"imagination search {pct(min(r['plans']['imagine']['success'] for r in obstacles))}–"
-            f"{pct(max(r['plans']['imagine']['success'] for r in obstacles))} solved on three 5×5 obstacle layouts"
+            f"{pct(max(r['plans']['imagine']['success'] for r in obstacles))} solved on"
+            f" {len({r['layout'] for r in obstacles})} obstacle layouts"
             f" ({len(obstacles)} runs; bump rule: {', '.join(sorted({r['imagine_rule'] for r in obstacles}))},"
             " since removed)",
             "`assets/layouts_geometry.json`",
@@ -148,13 +149,14 @@ def headline() -> str:
         [
             "Worlds never seen: “no evidence it would generalize”",
             f"5×5: {pct(five['heldout_next_state_accuracy'])} next states and {pct(five['heldout_imagine_success'])}"
-            f" of {five['heldout_pairs']:,} pairs solved on 200 held-out layouts",
+            f" of {five['heldout_pairs']:,} pairs solved on held-out layouts",
             "`assets/layouts_study.json`",
             f"`{five['id']}`",
         ],
         [
             "Scale the grid: a next step",
-            f"8×8 held-out layouts, remembering all it tried: {' / '.join(pct(t) for t in tried)} solved"
+            f"{eight[0]['grid_size']}×{eight[0]['grid_size']} held-out layouts, remembering all it tried:"
+            f" {' / '.join(pct(t) for t in tried)} solved"
             f" (seeds {', '.join(str(r['seed']) for r in eight)})",
             "`assets/layouts_study.json`",
             ids(eight),
@@ -223,7 +225,7 @@ def shipped_section(fig: Figures) -> str:
             ]
         )
     text += (
-        "\n\nThe two shipped worlds-never-seen models, on 200 held-out layouts (imagine: planning from the two "
+        "\n\nThe two shipped worlds-never-seen models, on held-out layouts (imagine: planning from the two "
         "images alone; graph: the privileged imagined graph):\n\n"
     )
     text += table(
@@ -387,7 +389,7 @@ def scaling_section(fig: Figures) -> str:
             label=layout,
         )
     axes[0].set(title="CPU seconds of training", xlabel="grid side")
-    axes[1].set(title="share of 600 pairs solved", xlabel="grid side", ylim=(0, 1.05))
+    axes[1].set(title=f"share of {rows[-1]['plan_pairs']} pairs solved", xlabel="grid side", ylim=(0, 1.05))
     axes[2].set(title="CEM: ms per pair per decision", xlabel="grid side")
     axes[0].legend()
     axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
@@ -422,7 +424,8 @@ def layouts_section(fig: Figures) -> str:
         + [pct(r.get(k)) for _, k in LAYOUT_SERIES]
         for r in rows
     ]
-    text = "On 200 held-out layouts (2,000 pairs); planned with each row's bump rule (`rule`):\n\n"
+    pairs = rows[-1]["heldout_pairs"]
+    text = f"On the held-out layouts ({pairs:,} pairs); planned with each row's bump rule (`rule`):\n\n"
     text += table(["id", "train min", "rule"] + [n for n, _ in LAYOUT_SERIES], out)
     shown = [r for r in rows if r["imagine_rule"] not in OLD_RULES]
     f, axes = fig.plt.subplots(2, 1, figsize=(8, 9), gridspec_kw={"height_ratios": (4, 9)})
@@ -436,7 +439,7 @@ def layouts_section(fig: Figures) -> str:
             yticks=y,
             yticklabels=[short_label(r) for r in rs],
             xlim=(0, 1.02),
-            title=f"{size}×{size}: 200 held-out layouts, 2,000 pairs (rule: consistent)",
+            title=f"{size}×{size}: held-out layouts, {rs[0]['heldout_pairs']:,} pairs (rule: consistent)",
         )
         ax.invert_yaxis()
     axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=4, frameon=False)
@@ -524,7 +527,7 @@ def readers_section(fig: Figures) -> str:
         yticks=y,
         yticklabels=[f"{r['row']}, seed {r['seed']}" for r in order],
         xlim=(0, 1),
-        xlabel="next-state accuracy, 100 validation layouts, after ~5 min of CPU",
+        xlabel=f"next-state accuracy on validation layouts, after {order[0]['budget_seconds'] / 60:.0f} min of CPU",
     )
     return text + "\n\n" + fig.save(f, "readers") + "\n\n" + provenance(rows)
 
@@ -654,17 +657,17 @@ STUDIES = [  # heading, what it measures, section
     ),
     (
         "Geometry on obstacle layouts",
-        "The map recipe on the three 5×5 obstacle layouts, with every planner.",
+        "The map recipe on the named obstacle layouts, with every planner.",
         layouts_geometry_section,
     ),
     (
         "Scaling",
-        "Grids of 5 to 16 cells a side: time to 99% next-state accuracy, the map, and planning.",
+        "Larger grids: the steps to 99% next-state accuracy, the map, and planning.",
         scaling_section,
     ),
     (
         "Worlds never seen",
-        "Trained on 20 … unlimited generated layouts, measured on 200 held-out ones.",
+        "Trained on more and more generated layouts, measured on held-out ones.",
         layouts_section,
     ),
     (
@@ -674,12 +677,12 @@ STUDIES = [  # heading, what it measures, section
     ),
     (
         "Step budget",
-        "How many steps the agent needs: the held-out pairs again with 3× the step budget.",
+        "How many steps the agent needs: the held-out pairs again with a longer step budget.",
         budget_section,
     ),
     (
         "Readers (8×8)",
-        "Which encoder reads an 8×8 layout's walls best for the same ~5 minutes of CPU.",
+        "Which encoder reads an 8×8 layout's walls best for the same CPU time.",
         readers_section,
     ),
     ("Long runs (8×8)", "The leading readers trained long: their training curves.", long_runs_section),

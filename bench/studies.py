@@ -83,7 +83,8 @@ DEVICE = g.describe_device(torch.device("cpu"))
 def model_tag(row: dict) -> str:
     """A layouts model in a row id: grid, profile (layouts_gpu: "-gpu"), steps, overrides, seed."""
     over = results.slug(row.get("overrides") or {}, empty="")
-    profile = row.get("profile", "layouts").removeprefix("layouts").replace("_", "-")
+    profile = row.get("profile", "layouts")
+    profile = "" if profile == "layouts" else "-" + profile.removeprefix("layouts_").replace("_", "-")
     return (
         f"g{row.get('grid_size', 5)}{profile}-steps{row['num_steps']}"
         + (f"-{over}" if over else "")
