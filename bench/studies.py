@@ -1,21 +1,22 @@
-"""Studies too long for CI; their results are saved in assets/ and plotted by the notebooks.
+"""Studies too long for CI; their rows are saved in assets/ by bench/results.py and reported in RESULTS.md.
 
     python bench/studies.py probes    # what moves held-out-cell probe R^2 (notebook 04) -> assets/probe_study.json
     python bench/studies.py scaling   # grids 5, 8, 12: time to 99% next-state accuracy (05) -> assets/scaling.json
     python bench/studies.py geometry --seeds 0 1 2 3 4   # what makes the latent a map (04) -> geometry_study.json
-    python bench/studies.py layouts-geometry --seeds 0 1 2  # the map recipe on obstacle layouts (05)
+    python bench/studies.py layouts-geometry --seeds 0 1 2  # the map recipe on obstacle layouts -> layouts_geometry
     python bench/studies.py layouts --sizes 5 8   # worlds never seen: 20 ... unlimited training layouts (05)
     python bench/studies.py imagine-tuning  # imagination search's settings, on validation layouts (05)
     python bench/studies.py imagine-maps --seeds 0 1 2  # what the search imagines, against the true layouts (05)
     python bench/studies.py recipe-tuning   # the cpu recipe's schedule, on validation layouts (05)
     python bench/studies.py readers   # 8x8: which encoder reads walls best for equal CPU time (05)
-    python bench/studies.py long-runs  # 8x8: the training curves of the readers run long (05), from runs/
+    python bench/studies.py long-runs  # 8x8: the readers' training curves run long, from runs/ -> long_runs.json
     python bench/studies.py transition-errors --sizes 8 --steps 20000  # what a layouts model gets wrong (05)
     python bench/studies.py budget --sizes 8 --steps 20000 --seeds 0 1  # steps the agent needs, 3x the budget (05)
     python bench/studies.py transition-errors --only "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)" ...
                                       # the same for the readers study's models
 
-Each row trains with the project's own code on this machine's CPU; the command and the figures are saved together.
+Each row trains with the project's own code on this machine's CPU and is saved with its id, full config, device,
+commit and command; a row measured again (the same id) replaces it. --out-dir writes elsewhere (e.g. a smoke check).
 """
 
 from __future__ import annotations
@@ -35,6 +36,20 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import results  # noqa: E402
 
 import gridjepa_utils as g  # noqa: E402
+
+
+class _Lab:
+    """What only the studies use: from bench/lab.py where it has moved there, else from the module."""
+
+    def __getattr__(self, name):
+        try:
+            import lab
+        except ImportError:
+            return getattr(g, name)
+        return getattr(lab, name) if hasattr(lab, name) else getattr(g, name)
+
+
+L = _Lab()
 
 PROBE_BASE = {"num_steps": 300, "smooth_weight": 0.0}  # the probe rows' shared overrides of the cpu profile
 
@@ -75,7 +90,7 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
 
 
 # imagination search's settings, as the rows were planned (older rows: rule "radius", merge 0.4 or 0.5, meet "both")
-IMAGINE_SETTINGS = g.imagination_settings()
+IMAGINE_SETTINGS = L.imagination_settings()
 OLD_RULES = ("undo", "radius")  # bump rules since removed from the module: a row planned with one says so in its id
 DEVICE = g.describe_device(torch.device("cpu"))
 
@@ -350,7 +365,7 @@ UNLIMITED_LAYOUTS = 50_000  # "unlimited": one layout per training trajectory of
 # 8x8: cells too small to read at 32x32; in 5-7 min of CPU 4 patches of 32x32 get 0.74-0.77 of the validation
 # transitions right, 16 patches of 16x16 0.71-0.73, 64 patches of 8x8 0.26-0.29 (seeds 0 and 1; python
 # bench/studies.py readers). Over a long run 16 patches go further: 0.81 at step 10,000 of 20,000 on the training
-# curve, 4 patches 0.71, flat since step 3,000 (readers_study.json's long_runs). Then the tokens' places: cropped
+# curve, 4 patches 0.71, flat since step 3,000 (long_runs.json). Then the tokens' places: cropped
 # to the board's rows (8 patches) and flattened rather than pooled by the CLS token (pool="flat"), the training
 # curve stands at 0.905 at step 10,000 of 12,000 (validation layouts: 0.889), where 16 CLS-pooled patches stood at
 # 0.81 of 20,000 and ended at 0.84. Then the data: that model gets 0.954 of the transitions it trained on right and
@@ -465,7 +480,7 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
             t0 = time.perf_counter()
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
             row = {"profile": profile, "seed": seed, "num_steps": cfg.num_steps, "layouts": name}
-            row |= g.imagination_settings() | g.imagined_map_fidelity(run.model, family)
+            row |= L.imagination_settings() | L.imagined_map_fidelity(run.model, family)
             row["seconds"] = time.perf_counter() - t0
             row = stamp("imagine-maps", row, cfg)
             rows.append(row)
@@ -570,7 +585,7 @@ def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
     rows, cols = np.divmod(np.arange(G * G), G)
     ring = np.maximum(np.abs(rows - (G - 1) / 2), np.abs(cols - (G - 1) / 2)).astype(int)
     for walls in layouts:
-        t = g.next_state_table(model, g.World(G, walls=walls, image_size=model.encoder.image_size))
+        t = L.next_state_table(model, g.World(G, walls=walls, image_size=model.encoder.image_size))
         move, right = ~t["bump"], t["predicted"] == t["next"]
         as_stay = move & (t["predicted"] == t["cell"])
         counts["moves"] += int(move.sum())
@@ -653,7 +668,7 @@ def transition_errors_study(
     return rows
 
 
-TUNING_RULES = g.IMAGINE_RULES[::-1]  # the earlier rule first
+TUNING_RULES = tuple(getattr(L, "IMAGINE_RULES", ("consistent",)))[::-1]  # the earlier rule first
 TUNING_MERGES = (0.3, 0.4, 0.5)
 TUNING_MEETS = ("both", "either")
 
