@@ -37,6 +37,7 @@ import tempfile
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -98,11 +99,12 @@ IMAGES_JS = """async (root) => {
 
 STATE_JS = """(root) => {
   // What a person reads off a widget: its HTML text, dropdown values, buttons pressed, boxes ticked, slider.
-  const text = [...root.querySelectorAll('.widget-html-content')].map(e => e.innerText).join('\\n');
+  const plain = t => (t || '').replace(/\u00a0/g, ' ');
+  const text = plain([...root.querySelectorAll('.widget-html-content')].map(e => e.innerText).join('\\n'));
   const dropdowns = {};
   for (const dd of root.querySelectorAll('.widget-dropdown')) {
     const label = dd.querySelector('.widget-label'), sel = dd.querySelector('select');
-    if (label && sel) dropdowns[label.textContent.trim()] = sel.options[sel.selectedIndex]?.text;
+    if (label && sel) dropdowns[label.textContent.trim()] = plain(sel.options[sel.selectedIndex]?.text);
   }
   const pressed = [...root.querySelectorAll('.widget-toggle-button.mod-active')].map(b => b.innerText.trim());
   const boxes = {};
@@ -112,7 +114,7 @@ STATE_JS = """(root) => {
   const handle = root.querySelector('.widget-slider .noUi-handle');
   const slider = handle ? {now: Number(handle.getAttribute('aria-valuenow')),
                            max: Number(handle.getAttribute('aria-valuemax'))} : null;
-  return {text, dropdowns, pressed, boxes, slider, all: root.innerText};
+  return {text, dropdowns, pressed, boxes, slider, all: plain(root.innerText)};
 }"""
 
 DONE_JS = """() => {
@@ -136,23 +138,27 @@ class Checks:
     """Named pass/fail results with a detail each; a failure does not stop the run."""
 
     def __init__(self):
-        self.rows: list[tuple[str, bool, str]] = []
+        self.rows: list[tuple[str, str, str]] = []  # (check, 'pass' / 'FAIL' / 'note', detail)
 
     def add(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.rows.append((name, bool(ok), detail))
+        self.rows.append((name, "pass" if ok else "FAIL", detail))
         print(f"  {'ok  ' if ok else 'FAIL'} {name}" + (f" - {detail}" if detail and not ok else ""), flush=True)
         return bool(ok)
+
+    def note(self, name: str, detail: str) -> None:
+        self.rows.append((name, "note", detail))
+        print(f"  note {name} - {detail}", flush=True)
 
     def table(self) -> str:
         width = max(len(n) for n, _, _ in self.rows)
         lines = [f"{'check':{width}s}  result", f"{'-' * width}  ------"]
-        for name, ok, detail in self.rows:
-            lines.append(f"{name:{width}s}  {'pass' if ok else 'FAIL: ' + detail}")
+        for name, result, detail in self.rows:
+            lines.append(f"{name:{width}s}  {result}" + (f": {detail}" if result != "pass" else ""))
         return "\n".join(lines)
 
     @property
     def failed(self) -> int:
-        return sum(not ok for _, ok, _ in self.rows)
+        return sum(result == "FAIL" for _, result, _ in self.rows)
 
 
 def wait_for(fn, timeout: float, every: float = 0.2):
@@ -298,10 +304,20 @@ class Session:
         self.page = self.context.new_page()
         self.console: list[str] = []
         self.kernel: list[str] = []
+        self.outside: set[str] = set()  # resources from other hosts, which this machine cannot reach
         self.phase = "load"
-        self.page.on("console", lambda m: m.type == "error" and self.console.append(f"[{self.phase}] {m.text}"))
+        self.page.on("console", self._console)
         self.page.on("pageerror", lambda e: self.console.append(f"[{self.phase}] page error: {e}"))
         self.page.on("websocket", self._watch)
+
+    def _console(self, m) -> None:
+        if m.type != "error":
+            return
+        host = urllib.parse.urlparse(m.location.get("url") or "").hostname
+        if m.text.startswith("Failed to load resource") and host not in (None, "127.0.0.1", "localhost"):
+            self.outside.add(m.location["url"])
+        else:
+            self.console.append(f"[{self.phase}] {m.text}")
 
     def _watch(self, ws):
         def frame(payload):
@@ -362,6 +378,8 @@ class Session:
         self.checks.add(
             f"{name[:2]}: the browser console has no errors", not self.console, " | ".join(self.console[:3])
         )
+        if self.outside:
+            self.checks.note(f"{name[:2]}: not loaded (another host, unreachable here)", " ".join(sorted(self.outside)))
 
     def close(self) -> None:
         self.context.close()
@@ -387,10 +405,10 @@ class Widget:
         return box.locator("select").first
 
     def options(self, label: str) -> list[str]:
-        return self.dropdown(label).evaluate("s => [...s.options].map(o => o.text)")
+        return self.dropdown(label).evaluate("s => [...s.options].map(o => o.text.replace(/\\u00a0/g, ' '))")
 
     def select(self, label: str, text: str) -> None:
-        self.dropdown(label).select_option(label=text)
+        self.dropdown(label).select_option(index=self.options(label).index(text))
 
     def settle(self, timeout: float = 30) -> None:
         """Wait until the kernel has handled what the browser sent and the images have loaded."""
@@ -544,11 +562,15 @@ def slider_to(w: Widget, value: int) -> None:
     page.mouse.up()
 
 
+def playing(w: Widget) -> bool:
+    """Whether the Play button shows 'pause' (the episode is playing)."""
+    return w.root.locator(".widget-play i.fa-pause").count() > 0
+
+
 def drive_player(w: Widget, checks: Checks, out: Path, shoot: bool, planners: str = "all") -> None:
     name = f"05 {w.tag}"
     w.settle(120)
-    st = w.state()
-    ims = w.images()
+    st, ims = w.state(), w.images()
     checks.add(
         f"{name}: shows planner/start/goal, 2 memory boxes, a step slider, a frame and a map",
         {"planner", "start", "goal"} <= set(st["dropdowns"])
@@ -559,65 +581,109 @@ def drive_player(w: Widget, checks: Checks, out: Path, shoot: bool, planners: st
         f"dropdowns {st['dropdowns']}, boxes {st['boxes']}, {len(ims)} images",
     )
     w.natural_size(name + " at first", checks)
-    frame, board = ims[0], ims[1]
+    board = ims[1]
     checks.add(
         f"{name}: the map keeps its shape",
         board["nh"] > 0 and board["h"] > 0 and abs(board["w"] / board["h"] - board["nw"] / board["nh"]) < 0.02,
         f"shown {board['w']:.0f}x{board['h']:.0f}, PNG {board['nw']}x{board['nh']}",
     )
 
-    # Play: the slider walks, the frame and the text follow; a screenshot mid-episode
-    start_frame = frame["hash"]
-    last = st["slider"]["max"]
-    w.root.locator(".widget-play button").first.click()
-    moved = wait_for(lambda: w.state()["slider"]["now"] >= min(2, last), 20, 0.1)
-    mid = w.state()
-    if shoot and moved:
-        w.shot(out / "05_player_mid_episode.png")
-    ended = wait_for(lambda: w.state()["slider"]["now"] == last, 0.6 * last + 20, 0.2)
+    # Play: the slider walks to the end and stops there, the text following; a pause mid-episode, and a screenshot
+    last, texts = st["slider"]["max"], {st["text"]}
+    paused = last < 4
+    play = w.root.locator(".widget-play button").first
+    play.click()
+    end = time.time() + 0.6 * last + 30
+    while time.time() < end and (w.state()["slider"]["now"] < last or playing(w)):
+        texts.add(w.state()["text"])
+        if not paused and w.state()["slider"]["now"] >= 3:  # pause mid-episode: it holds; a screenshot; play on
+            play.click()
+            w.settle()
+            held = w.state()
+            time.sleep(1.5)
+            checks.add(
+                f"{name}: the pause button holds the episode",
+                not playing(w) and w.state()["slider"] == held["slider"],
+                f"slider {held['slider']} -> {w.state()['slider']}",
+            )
+            if shoot:
+                w.shot(out / "05_player_mid_episode.png")
+            paused = True
+            play.click()
+        time.sleep(0.1)
     w.settle()
-    st, ims = w.state(), w.images()
+    st = w.state()
     checks.add(
-        f"{name}: Play walks the slider to the episode's end ({last} steps)",
-        bool(moved and ended),
-        f"slider at {st['slider']}",
+        f"{name}: Play walks the slider to the episode's end ({last} steps) and stops",
+        st["slider"]["now"] == last and not playing(w),
+        f"slider at {st['slider']}, playing {playing(w)}",
     )
     checks.add(
-        f"{name}: during Play the text names the step",
-        last < 2 or re.search(rf"\b{mid['slider']['now']}\b", mid["text"]) is not None,
-        f"slider {mid['slider']}, text {mid['text'][:120]!r}",
-    )
-    checks.add(
-        f"{name}: after Play the frame has moved on",
-        ims[0]["hash"] != start_frame or last == 0,
-        "the same frame as at step 0",
+        f"{name}: during Play the text follows the steps",
+        len(texts) >= min(last, 4) and re.search(rf"\b{last}\b", st["text"]) is not None,
+        f"{len(texts)} different texts over {last} steps; at the end {st['text'][:100]!r}",
     )
 
-    # the slider by hand: to 0 shows the start frame again, then one step on with the arrow key
-    slider_to(w, 0)
-    w.settle()
-    st, ims = w.state(), w.images()
-    back = st["slider"]["now"] == 0 and ims[0]["hash"] == start_frame
-    checks.add(f"{name}: dragging the slider to 0 shows the start frame", back, f"slider {st['slider']}")
-    if last > 0:
+    # the planner: each one (or the next one) named in the text, with its scores or a note that it has none
+    options = w.options("planner")
+    current = w.state()["dropdowns"]["planner"]
+    todo = [o for o in options if o != current][: None if planners == "all" else 1]
+    wrong, solving = [], [current] if "solved in" in w.state()["text"] else []
+    for option in todo:
+        w.select("planner", option)
+        w.settle(180)
+        st = w.state()
+        scores = re.search(r"\d\.\d\d", st["text"]) is not None or "no scores" in st["text"]
+        if option not in st["text"] or not scores or st["slider"]["now"] != 0 or "nan" in st["text"]:
+            wrong.append(f"{option}: slider {st['slider']}, {st['text'][:140]!r}")
+        if "solved in" in st["text"]:
+            solving.append(option)
+    checks.add(
+        f"{name}: each planner ({len(todo)}) is named with its scores or 'no scores'", not wrong, "; ".join(wrong[:2])
+    )
+
+    # the slider by hand, on an episode that reaches its goal: the end shows another frame, 0 the start again,
+    # the arrow key one step on
+    if solving:
+        w.select("planner", solving[0])
+        w.settle(180)
+        start_frame, last = w.images()[0]["hash"], w.state()["slider"]["max"]
+        slider_to(w, last)
+        w.settle()
+        st, ims = w.state(), w.images()
+        checks.add(
+            f"{name}: dragging the slider to the end of '{solving[0]}' shows the goal reached",
+            st["slider"]["now"] == last and ims[0]["hash"] != start_frame and "reached" in st["text"],
+            f"slider {st['slider']}, text {st['text'][:100]!r}",
+        )
+        slider_to(w, 0)
+        w.settle()
+        st, ims = w.state(), w.images()
+        checks.add(
+            f"{name}: dragging the slider back to 0 shows the start frame",
+            st["slider"]["now"] == 0 and ims[0]["hash"] == start_frame,
+            f"slider {st['slider']}",
+        )
         w.root.locator(".widget-slider .noUi-handle").first.press("ArrowRight")
         w.settle()
         st1, ims1 = w.state(), w.images()
         checks.add(
-            f"{name}: the arrow key moves the slider one step and the frame with it",
+            f"{name}: the arrow key moves the slider one step, the frame and the text with it",
             st1["slider"]["now"] == 1 and ims1[0]["hash"] != start_frame and st1["text"] != st["text"],
-            f"slider {st1['slider']}",
+            f"slider {st1['slider']}, text {st1['text'][:80]!r}",
         )
-    w.natural_size(name + " while stepping", checks)
+        w.natural_size(name + " while stepping", checks)
+    else:
+        checks.add(f"{name}: a planner that reaches the goal, to step through", False, f"none of {options}")
 
     # the memory boxes: ticking one re-plans, so the episode starts again at step 0
     for box in list(w.state()["boxes"]):
-        if last > 0:
-            slider_to(w, last)
+        if w.state()["slider"]["max"] > 0:
+            slider_to(w, w.state()["slider"]["max"])
             w.settle()
         was = w.state()
         w.root.locator(".widget-checkbox", has_text=box).locator("input").click()
-        w.settle(120)
+        w.settle(180)
         now = w.state()
         checks.add(
             f"{name}: ticking '{box}' re-plans from step 0",
@@ -625,23 +691,7 @@ def drive_player(w: Widget, checks: Checks, out: Path, shoot: bool, planners: st
             f"box {was['boxes'][box]} -> {now['boxes'][box]}, slider {was['slider']} -> {now['slider']}",
         )
         w.root.locator(".widget-checkbox", has_text=box).locator("input").click()
-        w.settle(120)
-
-    # the planner: each one (or the next one) named in the text, with its scores or a note that it has none
-    options = w.options("planner")
-    current = w.state()["dropdowns"]["planner"]
-    todo = [o for o in options if o != current] if planners == "all" else [o for o in options if o != current][:1]
-    wrong = []
-    for option in todo:
-        w.select("planner", option)
         w.settle(180)
-        st = w.state()
-        scores = re.search(r"\d\.\d\d", st["text"]) is not None or "no scores" in st["text"]
-        if option not in st["text"] or not scores or st["slider"]["now"] != 0 or "nan" in st["text"]:
-            wrong.append(f"{option}: {st['text'][:140]!r}")
-    checks.add(
-        f"{name}: each planner ({len(todo)}) is named with its scores or 'no scores'", not wrong, "; ".join(wrong[:2])
-    )
 
     # start and goal: the frame (start) and the map (path, goal) change, and the text
     for label, image in (("start", 0), ("goal", 1)):
