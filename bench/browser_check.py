@@ -23,6 +23,7 @@ browser) is stopped on the way out, failure or not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -780,13 +781,15 @@ def check_notebook(browser, base: str, token: str, name: str, checks: Checks, ou
     except Exception as e:
         checks.add(f"{name[:2]}: the check ran to its end", False, f"{type(e).__name__}: {str(e)[:300]}")
         traceback.print_exc()
-        s.page.screenshot(path=str(out / f"{name[:2]}_exception.png"), full_page=True)
+        with contextlib.suppress(Exception):
+            s.page.screenshot(path=str(out / f"{name[:2]}_exception.png"), full_page=True)
     finally:
         time.sleep(1)
         s.reports_clean(name)
-        s.close()
-        for session in api(base, token, "/api/sessions") or []:  # free the kernel before the next notebook
-            api(base, token, f"/api/sessions/{session['id']}", "DELETE")
+        with contextlib.suppress(Exception):  # the browser may be gone already (a TERM reaches its group too)
+            s.close()
+            for session in api(base, token, "/api/sessions") or []:  # free the kernel before the next notebook
+                api(base, token, f"/api/sessions/{session['id']}", "DELETE")
 
 
 def main() -> int:
@@ -797,6 +800,8 @@ def main() -> int:
     parser.add_argument("--run-timeout", type=float, default=900, help="seconds for Run All Cells, per notebook")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's TERM still runs the clean-up below
 
     args.out.mkdir(parents=True, exist_ok=True)
     checks = Checks()
@@ -826,7 +831,8 @@ def main() -> int:
                             print(f"{name}:", flush=True)
                             check_notebook(browser, base, token, name, checks, args.out, args.run_timeout)
                 finally:
-                    browser.close()
+                    with contextlib.suppress(Exception):
+                        browser.close()
     finally:
         if server is not None:
             stop_server(server, base, token)
