@@ -278,8 +278,8 @@ def test_run_mpc_unreachable_goal():
 
 
 def test_run_mpc_remember_bumps_bad_inputs(open_world, monkeypatch):
-    """remember_bumps and remember_tried must be bools, and need a policy that scores its actions (to take the
-    next-best one); remember_tried's counts are checked against the memory limit before they are allocated."""
+    """remember_bumps and remember_tried must be bools; with a policy that scores nothing, memory ranks the allowed
+    actions alike (the first is taken); the memory's counts are checked against the limit before they are allocated."""
     start, goal = torch.tensor([open_world.cell_index(0, 0)]), torch.tensor([open_world.cell_index(4, 4)])
     with pytest.raises(TypeError, match=r"remember_bumps must be True or False, got 'yes'"):
         gj.run_mpc(open_world, gj.bfs_policy(open_world), start, goal, remember_bumps="yes")
@@ -287,12 +287,12 @@ def test_run_mpc_remember_bumps_bad_inputs(open_world, monkeypatch):
     def unscored(cells, goals):  # always "up": from the top row, a bump
         return {"action": torch.zeros(len(cells), dtype=torch.long)}
 
-    with pytest.raises(TypeError, match=r"remember_bumps needs a policy that returns 'scores'"):
-        gj.run_mpc(open_world, unscored, start, goal, remember_bumps=True)
+    bumped = gj.run_mpc(open_world, unscored, start, goal, max_steps=3, remember_bumps=True, record=True)
+    assert [int(step["action"][0]) for step in bumped.trace] == [0, 1, 0]  # up (a bump), then down, then up again
     with pytest.raises(TypeError, match=r"remember_tried must be True or False, got 1"):
         gj.run_mpc(open_world, gj.bfs_policy(open_world), start, goal, remember_tried=1)
-    with pytest.raises(TypeError, match=r"remember_tried needs a policy that returns 'scores'"):
-        gj.run_mpc(open_world, unscored, start, goal, remember_tried=True)
+    tried = gj.run_mpc(open_world, unscored, start, goal, max_steps=4, remember_tried=True, record=True)
+    assert [int(step["action"][0]) for step in tried.trace] == [0, 1, 0, 2]  # back at (0, 0): left, not yet taken
     starts, goals = open_world.all_pairs()  # 600 pairs x 25 images x 4 actions of counts: 240 kB
     monkeypatch.setenv("GRIDJEPA_MEMORY_LIMIT_GB", "0.0001")
     with pytest.raises(ValueError, match=r"run_mpc\(remember_tried=True\) for 600 pairs would need about"):

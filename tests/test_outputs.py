@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent: output paths, concurrent runs, checkpoint integrity, refusals that say why."""
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -32,8 +33,9 @@ def run_cli(*args) -> int:
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporary or lock files a run left behind."""
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".lock", ".probe")))
+    """Temporary files or lock-holder pids a run left behind (a .lock file nobody holds is inert: the OS lock on it
+    went with its process)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".pid", ".probe")))
 
 
 # ── output paths never coincide and never clobber ──
@@ -79,16 +81,16 @@ def test_symlink_or_partial_file_at_tmp_name_is_harmless(tmp_path, model, smoke_
 
 
 def test_failed_write_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, model, smoke_cfg, monkeypatch):
-    """A write that fails half way (here: torch.save raising like a full disk) keeps the previous checkpoint."""
+    """A write that fails half way (here: a full disk, as the file is synced) keeps the previous checkpoint and
+    says so with the path, not with torch's internal message."""
     path = tmp_path / "m.pt"
     gj.save_checkpoint(path, model, smoke_cfg, step=3)
 
-    def full_disk(obj, f):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(gj.torch, "save", full_disk)
-    with pytest.raises(OSError, match=r"cannot write .*m\.pt: No space left"):
+    monkeypatch.setattr(gj.os, "fsync", full_disk)
+    with pytest.raises(OSError, match=r"no space left on device writing .*m\.pt"):
         gj.save_checkpoint(path, model, smoke_cfg, step=4)
     monkeypatch.undo()
     assert gj.load_checkpoint(path)["step"] == 3 and leftovers(tmp_path) == []
@@ -186,25 +188,28 @@ def test_another_seed_on_a_finished_output_is_refused_and_changes_nothing(tmp_pa
 # ── one writer per output ──
 
 
-def test_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
-    """<out>.lock held by a live process refuses a second writer by pid; one left by a dead process is stale."""
+def test_lock_refuses_a_live_holder_and_is_free_once_it_dies(tmp_path):
+    """<out>.lock held by a live process refuses a second writer by pid; killed, the holder's lock is gone with it
+    (an OS lock: nothing stale to take over). Re-entrant within one process."""
     out = tmp_path / "x.pt"
-    lock = Path(str(out) + ".lock")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    pid_file = Path(f"{out}.lock.pid")
+    script = f"import sys, time; sys.path.insert(0, {str(gj.REPO_ROOT)!r}); import gridjepa_utils as gj\n"
+    script += f"with gj.output_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
-        lock.write_text(json.dumps({"pid": holder.pid, "host": gj.socket.gethostname()}))
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RuntimeError, match=rf"being written by process {holder.pid}"):
             with gj.output_lock(out):
                 pass
     finally:
         holder.kill()
         holder.wait()
-    with gj.output_lock(out):  # the holder is dead now
-        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    with gj.output_lock(out):  # the holder is dead: its lock went with it
+        assert pid_file.read_text() == str(os.getpid())
         with gj.output_lock(out):  # re-entrant in one process
             pass
-        assert lock.exists()
-    assert not lock.exists()
+        assert pid_file.exists()
+    assert not pid_file.exists() and leftovers(tmp_path) == []
 
 
 def test_two_processes_on_one_output_never_mix(tmp_path):
@@ -290,14 +295,65 @@ def test_out_of_range_step_is_refused(tmp_path, model, smoke_cfg):
         gj.lr_at(-100, smoke_cfg)
 
 
+def as_format_0(path, **config):
+    """Rewrite a checkpoint as one written before checksums existed: no format, checksum or train time, and a config
+    without the fields added since."""
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["format"], ckpt["checksum"], ckpt["train_seconds"]
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in gj.NEWER_THAN_FORMAT_0} | config
+    torch.save(ckpt, path)
+
+
 def test_checkpoints_without_a_checksum_still_load(tmp_path, model, smoke_cfg):
-    """Checkpoints written before checksums existed (the shipped ones) load, with their training time kept."""
+    """Checkpoints written before checksums existed load, with their training time kept; the shipped ones (which
+    carry a checksum but no format key) load too."""
     path = tmp_path / "old.pt"
     gj.save_checkpoint(path, model, smoke_cfg, metrics={"train_seconds": 12.5})
-    ckpt = torch.load(path, weights_only=True)
-    del ckpt["checksum"], ckpt["train_seconds"]
-    torch.save(ckpt, path)
+    as_format_0(path)
     assert gj.load_checkpoint(path)["train_seconds"] == 12.5
+    for shipped in sorted(gj.ASSETS.glob("*.pt")):
+        assert gj.load_checkpoint(shipped)["step"] > 0, shipped
+
+
+def test_a_removed_checksum_is_not_taken_for_an_old_checkpoint(tmp_path, model, smoke_cfg):
+    """Deleting a checkpoint's checksum (with or without its format key) after editing it does not make it pass as
+    one written before checksums existed."""
+    path = tmp_path / "m.pt"
+    for drop in (("checksum",), ("checksum", "format"), ("checksum", "format", "train_seconds")):
+        gj.save_checkpoint(path, model, smoke_cfg)
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["config"]["grid_size"] = 6
+        for key in drop:
+            del ckpt[key]
+        torch.save(ckpt, path)
+        with pytest.raises(ValueError, match=r"integrity check|no checksum"):
+            gj.load_checkpoint(path)
+    resave(path, format=3)
+    with pytest.raises(ValueError, match=r"has format 3"):
+        gj.load_checkpoint(path)
+
+
+def test_retired_config_fields_load_at_their_old_values_only(tmp_path, model, smoke_cfg):
+    """An old config naming stem="patch", spatial=False, rollout_frames=0 loads (the fields are dropped); another
+    value of them, or an unknown field, is refused by name."""
+    path = tmp_path / "m.pt"
+    gj.save_checkpoint(path, model, smoke_cfg)
+    resave(path, config={"stem": "patch", "spatial": False, "rollout_frames": 0})
+    assert gj.load_model(path)[1] == smoke_cfg
+    for field, value in (("stem", "conv"), ("spatial", True), ("rollout_frames", 1), ("colour", "red")):
+        gj.save_checkpoint(path, model, smoke_cfg)
+        resave(path, config={field: value})
+        with pytest.raises(ValueError, match=rf"does not build \({field}"):
+            gj.load_model(path)
+
+
+def test_weights_must_fit_their_config(tmp_path, model, smoke_cfg):
+    """A config whose shapes differ from the weights' (here a crafted proj_hidden) is refused, naming the tensor."""
+    path = tmp_path / "m.pt"
+    gj.save_checkpoint(path, model, smoke_cfg)
+    resave(path, config={"proj_hidden": 128})
+    with pytest.raises(ValueError, match=r"weights do not fit its config \(encoder\.projector\.net\.0\.weight"):
+        gj.load_model(path)
 
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):

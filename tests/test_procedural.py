@@ -2,12 +2,16 @@
 (notebook 05's "a world it has never seen")."""
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import gridjepa_utils as gj
+
+sys.path.insert(0, str(gj.REPO_ROOT / "bench"))
+import lab  # noqa: E402  (study-only code: bench/lab.py)
 
 
 def keys(layouts):
@@ -252,15 +256,19 @@ def test_imagination_policy_searches_each_image_once(monkeypatch):
     world = gj.World(5, walls="maze")
     model = OracleModel(world)
     searched = []
-    real = gj._imagine_all
+    real = gj.imagine_map
 
     def counting(model, emb, *args):
         searched.extend(emb.argmax(1).tolist())
         return real(model, emb, *args)
 
-    monkeypatch.setattr(gj, "_imagine_all", counting)
-    kept = gj.run_mpc(world, gj.imagination_policy(model, world))
+    monkeypatch.setattr(gj, "imagine_map", counting)
+    policy = gj.imagination_policy(model, world)
+    kept = gj.run_mpc(world, policy)
     assert sorted(searched) == sorted(set(searched)) and set(searched) <= set(world.free_cells.tolist())
+    for memory in ("remember_bumps", "remember_tried"):  # the same planner with a memory: its searches serve it
+        assert torch.equal(gj.run_mpc(world, policy, **{memory: True}).paths, kept.paths)
+    assert sorted(searched) == sorted(set(searched))
 
     def fresh(cells, goals):  # a new planner, so no search is kept between steps
         return gj.imagination_policy(model, world)(cells, goals)
@@ -306,18 +314,15 @@ class BlurryBumpModel(OracleModel):
 
 @pytest.mark.parametrize("name", ["open", "two_rooms", "maze"])
 def test_undoing_a_move_tells_a_blurry_bump_from_a_move(name):
-    """A bump imagined 0.6 of a step away is beyond the radius rule's reach (0.4 or 0.5 of the longest move): it
-    becomes a place that does not exist. The undo rule asks whether the opposite action comes back - a bump's does
-    not - and finds every place at its BFS depth; the planner is then optimal on every pair. Its one blind spot is a
-    cell walled on both opposite sides (a door, a corridor): there undoing a bump is another bump of the same length,
-    so that bump may stay a place of its own (on the open board there is none, and every place is found once)."""
+    """A bump imagined 0.6 of a step away, beyond half the longest move: the search asks whether the opposite action
+    comes back - a bump's does not - and finds every place at its BFS depth; the planner is then optimal on every
+    pair. Its one blind spot is a cell walled on both opposite sides (a door, a corridor): there undoing a bump is
+    another bump of the same length, so that bump may stay a place of its own (on the open board there is none, and
+    every place is found once)."""
     world = gj.World(5, walls=name)
     model = BlurryBumpModel(world)
     cells = world.free_cells[[0, -1]]
     start = model.encode(world.render(torch.from_numpy(cells)))
-    for merge in (0.4, 0.5):
-        radius = gj.imagine_map(model, start, max_nodes=64, merge=merge, rule="radius")
-        assert (radius["count"] > len(world.free_cells) + 2).all()
     found = gj.imagine_map(model, start, max_nodes=64)
     for u, cell in enumerate(cells):
         count = int(found["count"][u])
@@ -345,17 +350,15 @@ class DoorNearACornerModel(BlurryBumpModel):
 
 
 def test_consistent_merge_keeps_a_door_near_a_corner():
-    """The door's latent lies within half a move of the corner cell (row 1, column 1), so a search that merges a new
-    latent into whatever place is near loses the door (or the corner) and with it a room: from every cell the undo
-    rule finds 10 or 20 of the 21 places. The consistent rule merges only into a place that is one such move from
-    the parent too, and finds every place once, at its BFS depth, from every cell."""
+    """The door's latent lies within half a move of the corner cell (row 1, column 1), so a search that merged a new
+    latent into whatever place is near would lose the door (or the corner) and with it a room. The search merges
+    only into a place that is one such move from the parent too, and finds every place once, at its BFS depth, from
+    every cell."""
     world = gj.World(5, walls="two_rooms")
     model = DoorNearACornerModel(world)
     free = torch.from_numpy(world.free_cells)
     start = model.encode(world.render(free))
-    lost = gj.imagine_map(model, start, max_nodes=64, rule="undo")
-    assert (lost["count"] < len(free)).all()
-    found = gj.imagine_map(model, start, max_nodes=64)  # the default rule: consistent
+    found = gj.imagine_map(model, start, max_nodes=64)
     for u, cell in enumerate(free):
         count = int(found["count"][u])
         assert count == len(free)
@@ -364,32 +367,26 @@ def test_consistent_merge_keeps_a_door_near_a_corner():
         np.testing.assert_array_equal(found["depth"][u, :count].numpy(), world.bfs_from(int(cell))[places.numpy()])
 
 
-def test_imagined_map_fidelity_tells_a_true_map_from_a_lost_room_and_from_phantoms():
-    """A perfect model's searches are true maps at every depth. A door near a corner under the undo rule loses a room
-    (incomplete from some depth on); blurry bumps under the radius rule are places that do not exist (phantoms),
-    while the true cells are all still found. The consistent rule's maps of both models are true."""
+def test_imagined_map_fidelity_tells_a_true_map():
+    """A perfect model's searches are true maps at every depth, and so are those of a door near a corner (no room
+    lost) and of blurry bumps (no phantom place)."""
     world = gj.World(5, walls="two_rooms")
-    perfect = gj.imagined_map_fidelity(OracleModel(world), world)
+    perfect = lab.imagined_map_fidelity(OracleModel(world), world)
     assert perfect["depth"] == list(range(1, 11)) and perfect["searches"] == len(world.free_cells)
     assert perfect["complete"] == [1.0] * 10 and perfect["no_phantom"] == [1.0] * 10
     door = DoorNearACornerModel(world)
-    lost = gj.imagined_map_fidelity(door, world, rule="undo")
-    assert lost["complete"][-1] == 0.0 and lost["no_phantom"][-1] < 1  # every search loses a cell; some misplace one
-    assert gj.imagined_map_fidelity(door, world)["complete"] == [1.0] * 10
+    assert lab.imagined_map_fidelity(door, world)["complete"] == [1.0] * 10
     open_world = gj.World(5)
     blurry = BlurryBumpModel(open_world)
-    phantoms = gj.imagined_map_fidelity(blurry, open_world, max_depth=4, merge=0.4, rule="radius")
-    assert phantoms["complete"] == [1.0] * 4
-    assert phantoms["no_phantom"][0] == 9 / 25 and phantoms["no_phantom"][-1] == 0.0  # clean: the 9 cells off the edge
-    assert gj.imagined_map_fidelity(blurry, open_world, max_depth=4)["no_phantom"] == [1.0] * 4
+    assert lab.imagined_map_fidelity(blurry, open_world, max_depth=4)["no_phantom"] == [1.0] * 4
     family = gj.WorldFamily(np.stack([gj.layout_walls("two_rooms"), gj.layout_walls("two_rooms")]))
-    assert gj.imagined_map_fidelity(OracleModel(family), family)["searches"] == 2 * len(world.free_cells)
+    assert lab.imagined_map_fidelity(OracleModel(family), family)["searches"] == 2 * len(world.free_cells)
     with pytest.raises(TypeError, match="world must be a World or WorldFamily"):
-        gj.imagined_map_fidelity(door, world.walls)
-    with pytest.raises(ValueError, match="max_depth must be an integer >= 1"):
-        gj.imagined_map_fidelity(door, world, max_depth=0)
+        lab.imagined_map_fidelity(door, world.walls)
+    with pytest.raises(ValueError, match="max_depth must be >= 1"):
+        lab.imagined_map_fidelity(door, world, max_depth=0)
     with pytest.raises(ValueError, match="merge must be a number in"):
-        gj.imagined_map_fidelity(door, world, merge=1.0)
+        lab.imagined_map_fidelity(door, world, merge=1.0)
 
 
 def test_imagination_policy_bad_arguments(open_world):
@@ -400,8 +397,6 @@ def test_imagination_policy_bad_arguments(open_world):
         gj.imagination_policy(model, open_world, max_depth=0)
     with pytest.raises(ValueError, match="meet must be 'either' or 'both'"):
         gj.imagination_policy(model, open_world, meet="any")
-    with pytest.raises(ValueError, match=r"rule must be one of \('consistent', 'undo', 'radius'\)"):
-        gj.imagination_policy(model, open_world, rule="nearest")
 
 
 # ── the model parts the layouts need ──
@@ -424,21 +419,6 @@ def test_inverse_dynamics_term():
     assert "idm_loss" not in gj.jepa_loss(plain, sigreg, obs, actions, gj.make_config("smoke"), step=0)
 
 
-def test_spatial_latents_shapes_and_training():
-    """spatial=True: the latent is every patch's channels side by side; encode, predict and a training step work."""
-    cfg = gj.make_config("smoke", spatial=True, latent_dim=64)  # 16 patches x 4 channels
-    model = gj.JEPA(cfg)
-    world = gj.World(5)
-    obs = world.render(torch.arange(4))
-    z = model.encode(obs)
-    assert z.shape == (4, 64)
-    assert model.predict(z, torch.tensor([0, 1, 2, 3])).shape == (4, 64)
-    result = gj.train(gj.dataclasses.replace(cfg, num_steps=3), world=world, progress=False)
-    assert len(result.history["loss"]) >= 1
-    with pytest.raises(ValueError, match="multiple of the number of patches"):
-        gj.make_config("smoke", spatial=True, latent_dim=50)
-
-
 def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
     """--layouts N trains on N generated layouts and reports next-state accuracy and planning on the held-out and
     named layouts (smoke profile: numbers in range, not quality)."""
@@ -458,7 +438,6 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
         for memory in ("memory", "tried"):
             assert metrics[f"{where}_imagine_{memory}_success"] >= metrics[f"{where}_imagine_success"]
             assert metrics[f"{where}_imagine_{memory}_optimal"] == metrics[f"{where}_imagine_optimal"]
-    assert metrics["imagine_rule"] == "consistent" and metrics["imagine_merge"] == 0.5  # the search's settings
     saved = gj.load_run(out)[1]
     assert saved.num_layouts == 30
     with pytest.raises(SystemExit):
@@ -503,26 +482,18 @@ def test_layouts_procedural_picks_the_gpu_recipe_on_a_gpu(monkeypatch):
 
 
 def test_searches_meet_when_either_would_take_the_place():
-    """The meeting rule and the bump rule, on the shipped GPU-trained layouts model and 30 validation layouts (never
-    trained on, never reported; 300 pairs). Meeting when either search would take the other's place as its own
-    solves more than requiring both, under either bump rule (measured: radius rule 94.7% vs 85.0%, undo rule 98.3% vs
-    95.7%), and the undo rule solves more than the radius rule."""
+    """The meeting rule, on the shipped GPU-trained layouts model and 30 validation layouts (never trained on, never
+    reported; 300 pairs): meeting when either search would take the other's place as its own solves more pairs than
+    requiring both (measured: 98.3% against 95.7%)."""
     model, _ = gj.load_model(gj.ASSETS / "gridjepa_layouts_gpu.pt")
     family = gj.WorldFamily(gj.validation_layouts(5, 30), image_size=model.encoder.image_size)
     gj.calibrate_batchnorm(model, gj.WorldFamily(gj.procedural_layouts(5, 200), image_size=model.encoder.image_size))
     starts, goals = gj.sample_pairs(family, 10, 0)
     solved = {
-        (rule, meet): float(
-            gj.run_mpc(family, gj.imagination_policy(model, family, merge=merge, meet=meet, rule=rule), starts, goals)
-            .success.float()
-            .mean()
-        )
-        for rule, merge in (("radius", 0.4), ("undo", 0.5))
+        meet: gj.run_mpc(family, gj.imagination_policy(model, family, meet=meet), starts, goals).summary()["success"]
         for meet in ("both", "either")
     }
-    assert solved["radius", "either"] >= 0.9 and solved["radius", "either"] - solved["radius", "both"] >= 0.05, solved
-    assert solved["undo", "either"] >= 0.97 and solved["undo", "either"] > solved["undo", "both"], solved
-    assert solved["undo", "either"] > solved["radius", "either"], solved
+    assert solved["either"] >= 0.97 and solved["either"] > solved["both"], solved
 
 
 @pytest.fixture(scope="module")

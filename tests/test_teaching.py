@@ -10,15 +10,37 @@ import gridjepa_utils as gj
 
 def test_load_run_reads_a_notebook_checkpoint_without_json(tmp_path, smoke_run, smoke_cfg):
     """A checkpoint written by train() alone (notebook 03) has no JSON beside it: load_run still gives the model,
-    its config and what the checkpoint recorded; a JSON beside it adds the command line's fields."""
+    its config and what the checkpoint recorded; this run's record beside it adds the command line's fields."""
     path = tmp_path / "nb03.pt"
     gj.save_checkpoint(path, smoke_run.model, smoke_cfg, None, 30, smoke_run.history)
     model, cfg, run = gj.load_run(path)
     assert cfg == smoke_cfg and run["step"] == 30 and run["command"] is None and run["metrics"] == {}
     assert run["history"] == smoke_run.history
-    path.with_suffix(".json").write_text('{"command": "python x.py", "metrics": {"plan_success": 1.0}}')
+    record = {"kind": gj.RECORD_KIND, "checkpoint": path.name, "config": gj.dataclasses.asdict(smoke_cfg)}
+    gj.write_record(path, record | {"command": "python x.py", "metrics": {"plan_success": 1.0}, "step": 99999})
     _, _, run = gj.load_run(path)
-    assert run["command"] == "python x.py" and run["metrics"] == {"plan_success": 1.0}
+    assert run["command"] == "python x.py" and run["metrics"] == {"plan_success": 1.0} and run["step"] == 30
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("{not json", "not a run record"),
+        ('{"step": 99999}', "not a run record written by"),
+        ('{"kind": "gridjepa run record", "command": "x", "checkpoint": "other.pt", "config": {}}', "other.pt"),
+        ('{"kind": "gridjepa run record", "command": "x", "checkpoint": "r.pt", "config": {"seed": 7}}', "seed"),
+        ('{"kind": "gridjepa run record", "command": 3, "checkpoint": "r.pt", "config": {}}', "wrong type"),
+    ],
+)
+def test_load_run_ignores_a_record_that_is_not_this_runs(tmp_path, smoke_run, smoke_cfg, text, reason):
+    """Malformed JSON, a file that is not a record, another checkpoint's record or another run's: load_run warns
+    why and keeps the checkpoint's own step and metrics - nothing of that file is trusted."""
+    path = tmp_path / "r.pt"
+    gj.save_checkpoint(path, smoke_run.model, smoke_cfg, None, 30, smoke_run.history, {"acc": 0.5})
+    path.with_suffix(".json").write_text(text)
+    with pytest.warns(UserWarning, match=reason):
+        _, _, run = gj.load_run(path)
+    assert run["step"] == 30 and run["metrics"] == {"acc": 0.5} and run["command"] is None
 
 
 def test_train_step_is_the_step_train_takes(smoke_cfg, open_world):

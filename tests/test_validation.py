@@ -35,7 +35,6 @@ def model(smoke_cfg):
         ("seq_len", 1, r"Config\.seq_len must be >= 2 and <= 17"),
         ("lr", 0.0, r"Config\.lr must be > 0"),
         ("rollout_weight", -0.5, r"Config\.rollout_weight must be >= 0"),
-        ("rollout_frames", 17, r"Config\.rollout_frames must be >= 0 and <= 16"),
         ("lam", True, r"Config\.lam must be a number"),
         ("layout", "nowhere", r"Config\.layout must be one of"),
         ("projector_norm", "groupnorm", r"Config\.projector_norm must be one of"),
@@ -72,9 +71,9 @@ def test_every_profile_is_valid():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--lam", "-1"], r"Config\.lam must be >= 0"),
-        (["--lam", "nan"], r"Config\.lam must be a finite number"),
-        (["--lam", "inf"], r"Config\.lam must be a finite number"),
+        (["--lam", "-1"], r"--lam \(Config\.lam\) must be >= 0"),
+        (["--lam", "nan"], r"--lam \(Config\.lam\) must be a finite number"),
+        (["--lam", "inf"], r"--lam \(Config\.lam\) must be a finite number"),
         (["--steps", "-5"], r"--steps \(Config\.num_steps\) must be >= 1"),
         (["--batch-size", "0"], r"--batch-size \(Config\.batch_size\) must be >= 1"),
         (["--smooth-ramp", "1.5"], r"--smooth-ramp \(Config\.smooth_ramp\) must be >= 0\.0 and <= 1\.0, got 1\.5"),
@@ -164,6 +163,15 @@ def test_run_mpc_arguments(open_world):
     for bad in (-3, 0):
         with pytest.raises(ValueError, match=r"max_steps must be >= 1"):
             gj.run_mpc(open_world, policy, max_steps=bad)
+    for bad in (2.5, True, "8"):
+        with pytest.raises(TypeError, match=r"max_steps must be an integer"):
+            gj.run_mpc(open_world, policy, max_steps=bad)
+    with pytest.raises(TypeError, match=r"policy must be callable"):
+        gj.run_mpc(open_world, "bfs")
+    with pytest.raises(TypeError, match=r"record must be True or False"):
+        gj.run_mpc(open_world, policy, record=1)
+    huge = gj.run_mpc(open_world, policy, torch.tensor([0]), torch.tensor([24]), max_steps=10**9)
+    assert huge.paths.shape == (1, 9) and huge.steps.tolist() == [8]  # memory follows the steps run, not max_steps
     with pytest.raises(ValueError, match=r"pass both starts and goals"):
         gj.run_mpc(open_world, policy, goals=torch.tensor([3]))
     with pytest.raises(ValueError, match=r"pass both starts and goals"):
@@ -182,7 +190,7 @@ def test_run_mpc_refuses_a_policys_invalid_action(open_world):
 
 
 def test_cem_arguments(model, open_world):
-    with pytest.raises(ValueError, match=r"iterations must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"iterations must be >= 1, got 0"):
         gj.cem_policy(model, open_world, iterations=0)
     with pytest.raises(ValueError, match=r"smoothing must be a number in \[0, 1\]"):
         gj.cem_policy(model, open_world, smoothing=1.5)
@@ -233,3 +241,33 @@ def test_world_fuzz_inputs(open_world):
         gj.random_layout(5, 1.0)
     with pytest.raises(ValueError, match=r"at least two free cells"):
         gj.World(5, walls=np.ones((5, 5), dtype=bool))
+
+
+def test_memory_limit_variable_is_checked_like_a_flag(monkeypatch):
+    """$GRIDJEPA_MEMORY_LIMIT_GB must be a number of GiB in (0, 1e6]: text, nan, inf, 0 and negatives are refused."""
+    for bad in ("abc", "nan", "inf", "-1", "0"):
+        monkeypatch.setenv("GRIDJEPA_MEMORY_LIMIT_GB", bad)
+        with pytest.raises(ValueError, match=r"GRIDJEPA_MEMORY_LIMIT_GB must be a number of GiB > 0 and <= 1000000"):
+            gj.memory_limit_bytes()
+    monkeypatch.setenv("GRIDJEPA_MEMORY_LIMIT_GB", "0.5")
+    assert gj.memory_limit_bytes() == 2**29
+
+
+def test_world_arguments_name_their_range():
+    """An image size outside [32, 1024], a cell outside [0, num_cells), a state with the agent or the target on a
+    wall, and a negative random_layout seed are refused, naming the argument and its range."""
+    for bad in (0, 8, 2000):
+        with pytest.raises(ValueError, match=r"image_size must be in \[32, 1024\]"):
+            gj.World(5, image_size=bad)
+    assert gj.World(5, image_size=64).render(torch.tensor([0])).shape == (1, 1, 64, 64)
+    trap = gj.World(5, walls="u_trap")
+    for bad in (-1, 25):
+        with pytest.raises(ValueError, match=r"cells must be integers in \[0, 25\)"):
+            trap.cell_pos(bad)
+    wall = trap.cell_index(1, 1)
+    with pytest.raises(ValueError, match=rf"state {wall} puts the agent or the target on a wall"):
+        trap.render(torch.tensor([0, wall]))
+    with pytest.raises(ValueError, match=r"on a wall"):
+        gj.World(5, walls="u_trap", show_target=True).render(torch.tensor([25 * wall]))
+    with pytest.raises(ValueError, match=r"seed must be >= 0, got -1"):
+        gj.random_layout(5, 0.25, -1)

@@ -69,20 +69,34 @@ def test_transition_explorer_shows_a_wall_bump(explorer):
     _, c = explorer
     choose(c, 2, 2, "up")
     text = c["label"].value
-    assert "after (2, 2)" in text and "blocked" in text
-    choose(c, 0, 0, "left")  # the board's edge counts as a wall too
-    assert "after (0, 0)" in c["label"].value and "blocked" in c["label"].value
+    assert "after (2, 2)" in text and "blocked by a wall" in text
+    choose(c, 0, 0, "left")  # the board's edge stops the agent too, and is named as the edge
+    assert "after (0, 0)" in c["label"].value and "blocked by the board's edge" in c["label"].value
     choose(c, 0, 0, "right")
     assert "after (1, 0)" in c["label"].value and "blocked" not in c["label"].value
 
 
 def test_transition_explorer_on_a_wall_cell(explorer):
-    """Choosing a wall cell (1, 1) as the start says it is a wall, and still shows a PNG."""
+    """Choosing a wall cell (1, 1) as the start says it is a wall and hides the frame (no agent stands there);
+    picking a free cell shows it again."""
     _, c = explorer
     c["col"].value, c["row"].value = 1, 1
     assert "(1, 1) is a wall" in c["label"].value
-    assert c["image"].value[:8] == PNG
-    assert png_size(c["image"].value) == (256, 256)  # one frame
+    assert c["image"].layout.display == "none"
+    c["col"].value = 0
+    assert "before (0, 1)" in c["label"].value and c["image"].layout.display != "none"
+
+
+def test_widget_images_keep_their_natural_size(explorer):
+    """The front end draws an Image at the size its width/height say: they must be the PNG's own, or it stretches."""
+    _, c = explorer
+    choose(c, 2, 2, "down")
+    assert (int(c["image"].width), int(c["image"].height)) == png_size(c["image"].value)
+    assert c["image"].layout.width == f"{png_size(c['image'].value)[0]}px"
+    world = gj.World(5, walls="u_trap")
+    box = gj.planning_player(world, {"bfs": gj.bfs_policy(world)}, start=world.cell_index(2, 2))
+    for image in [w for w in walk(box) if isinstance(w, ipywidgets.Image)]:
+        assert (int(image.width), int(image.height)) == png_size(image.value)
 
 
 def test_transition_explorer_image_follows_the_state(explorer):
@@ -117,7 +131,7 @@ def test_planning_player_steps_to_the_goal(player):
         ctl["step"].value = t
         if t < ctl["step"].max:
             assert f"step {t}/8" in info.value and "reached the goal" not in info.value
-            assert "predicted cost per action" in info.value
+            assert "this planner has no scores" in info.value  # bfs reads the true map: it has no costs to show
     assert "reached the goal" in info.value
     images = [w for w in walk(box) if isinstance(w, ipywidgets.Image)]
     assert len(images) == 2 and all(im.value[:8] == PNG for im in images)
