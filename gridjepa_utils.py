@@ -1,17 +1,14 @@
 """GridJEPA: a JEPA world model that learns a small isometric grid world from pixels and actions, then plans in it.
 
-One module shared by the five notebooks, its parts in their order (none calls a later one): settings (Config, its
-profiles, its validation); 1. world & data (notebook 01: the sprite sheet, World, WorldFamily, named, random,
-generated and held-out layouts, datasets); 2. model (02: ViT encoder with a BatchNorm projector, AdaLN-zero
-predictor, SIGReg, JEPA); 3. training (03: loss, step, loop, checkpoints); 4. analysis (04: probes, PCA); 5. planning
-(05: batched MPC planners); plots & widgets; the main job (evaluate, run records, main).
+One module shared by the five notebooks, its parts in their order (none calls a later one): settings (Config,
+profiles, validation); 1. world & data (notebook 01); 2. model (02); 3. training (03); 4. analysis (04); 5. planning
+(05); plots & widgets; the main job (evaluate, run records, main).
 
 Shapes in comments: B batch, T frames, D latent dim, G grid side, N = G*G cells, A = 4 actions, P start -> goal
 pairs, S sampled action sequences, H horizon. A position is (col, row), (0, 0) at the board's top corner; a cell's
 index is row * G + col.
 
-The main job: python gridjepa_utils.py --profile cpu  (layouts never seen: --layouts procedural; several GPUs:
-torchrun --nproc_per_node=8 gridjepa_utils.py --profile full)
+The main job: python gridjepa_utils.py --profile cpu  (layouts never seen: --layouts procedural)
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ from pathlib import Path
 import filelock
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -76,7 +72,6 @@ def default_device() -> torch.device:
 class Config:
     """Everything that defines a run; saved with every checkpoint. Change it with dataclasses.replace."""
 
-    # world & data
     grid_size: int = 5  # G: the board has G x G cells
     layout: str = "open"  # a name from LAYOUTS; a random layout is passed to train() as a World
     num_layouts: int = 0  # K > 0: train on K generated layouts (never a held-out one) instead of ``layout``
@@ -106,7 +101,6 @@ class Config:
     smooth_weight: float = 0.0  # MSE(z_t, z_t+1): under SIGReg's whitening its optimum is a map of the world
     smooth_ramp: float = 0.5  # that weight rises linearly from 0 over this fraction of training
     idm_weight: float = 0.0  # inverse dynamics (as PLDM): the action read back from (z_t, z_t+1) keeps the agent
-    # optimisation
     batch_size: int = 128  # trajectories per step
     num_steps: int = 78_125  # 200 epochs of 50,000 transitions at batch 128
     lr: float = 5e-4  # AdamW's peak learning rate
@@ -114,7 +108,6 @@ class Config:
     warmup_steps: int = 1000  # linear warm-up before the cosine decay
     grad_clip: float = 1.0  # the gradient norm's ceiling
     seed: int = 0  # seeds the weights and the batches
-    # bookkeeping
     log_every: int = 50  # steps between logged losses
     eval_every: int = 1000  # steps between evaluations
     ckpt_every: int = 5000  # steps between checkpoints
@@ -126,19 +119,14 @@ class Config:
         return {k: getattr(self, k) for k in (names + " pred_width pred_depth pred_heads seq_len").split()}
 
 
-# the latent-map term on a model small enough for a 2-core CPU; the layouts profile starts from it
-CPU_PROFILE = (
-    dict(input_size=32, patch_size=8, width=128, depth=1, heads=4, pred_width=128, pred_depth=2, lam=0.1)
-    | dict(smooth_weight=5.0, batch_size=64, num_steps=450, lr=1e-3, warmup_steps=50)
-    | dict(log_every=10, eval_every=25, ckpt_every=100)
-)
+# the latent-map term on a model small enough for a 2-core CPU; the other profiles but "full" start from it
+CPU_PROFILE = dict(input_size=32, patch_size=8, width=128, depth=1, heads=4, pred_width=128, pred_depth=2, lam=0.1)
+CPU_PROFILE |= dict(smooth_weight=5.0, batch_size=64, num_steps=450, lr=1e-3, warmup_steps=50, log_every=10)
+CPU_PROFILE |= dict(eval_every=25, ckpt_every=100)
 # layouts never seen (notebook 05): the cpu model on 50,000 generated layouts, inverse dynamics in place of the
 # smoothness term, a larger batch (cheaper per example on a CPU) and more steps: learning the rules takes many
-LAYOUTS_PROFILE = (
-    CPU_PROFILE
-    | dict(num_layouts=50_000, smooth_weight=0.0, idm_weight=1.0, batch_size=256, num_steps=7500, warmup_steps=100)
-    | dict(log_every=50, eval_every=500, ckpt_every=500)
-)
+LAYOUTS_PROFILE = CPU_PROFILE | dict(num_layouts=50_000, smooth_weight=0.0, idm_weight=1.0, batch_size=256)
+LAYOUTS_PROFILE |= dict(num_steps=7500, warmup_steps=100, log_every=50, eval_every=500, ckpt_every=500)
 PROFILES = {
     # the original write-up's encoder and schedule (128x128 input, a ViT-Tiny-like encoder, 200 epochs) for a GPU,
     # with the latent-map term; the write-up's own loss is lam=10, smooth_weight=0
@@ -146,16 +134,12 @@ PROFILES = {
     "cpu": CPU_PROFILE,  # sized to reach the original write-up's headline results on a 2-core CPU (notebook 03)
     "layouts": LAYOUTS_PROFILE,
     "layouts_gpu": dict(LAYOUTS_PROFILE, num_steps=8000),  # the same on a GPU (what --layouts procedural picks there)
-    "gpu": (  # sized for a free Colab T4, the default on a GPU
-        dict(input_size=64, patch_size=8, width=192, depth=2, heads=3, pred_width=192, pred_depth=2, lam=0.1)
-        | dict(smooth_weight=5.0, batch_size=128, num_steps=3000, lr=1e-3, warmup_steps=200)
-        | dict(log_every=25, eval_every=250, ckpt_every=500)
-    ),
-    "smoke": (  # seconds: CI re-executes the notebooks with it
-        dict(input_size=32, patch_size=8, width=64, depth=1, heads=2, pred_width=64, pred_depth=1, pred_heads=2)
-        | dict(proj_hidden=256, lam=0.1, smooth_weight=5.0, num_transitions=4000, batch_size=32, num_steps=30)
-        | dict(lr=1e-3, warmup_steps=5, log_every=5, eval_every=15, ckpt_every=15)
-    ),
+    "gpu": CPU_PROFILE  # sized for a free Colab T4, the default on a GPU
+    | dict(input_size=64, width=192, depth=2, heads=3, pred_width=192, batch_size=128, num_steps=3000, warmup_steps=200)
+    | dict(log_every=25, eval_every=250, ckpt_every=500),
+    "smoke": CPU_PROFILE  # seconds: CI re-executes the notebooks with it
+    | dict(width=64, heads=2, pred_width=64, pred_depth=1, pred_heads=2, proj_hidden=256, num_transitions=4000)
+    | dict(batch_size=32, num_steps=30, warmup_steps=5, log_every=5, eval_every=15, ckpt_every=15),
 }
 
 
@@ -172,32 +156,25 @@ def study_profile() -> str:
     return "smoke" if active_profile() == "smoke" else "cpu"
 
 
-# ── validation at the boundary: every setting named, with its allowed range ──
-
 # (low, high) inclusive bounds of the numeric Config fields; any other float field only has to be finite
 CONFIG_RANGES = {
-    **dict.fromkeys(("lam", "rollout_weight", "idm_weight", "smooth_weight", "weight_decay"), (0.0, math.inf)),
-    **dict.fromkeys(("num_steps", "log_every", "eval_every", "ckpt_every"), (1, 10**9)),
-    **dict.fromkeys(("data_seed", "seed"), (0, 2**63 - 1)),
-    **dict.fromkeys(("input_size", "patch_size"), (1, 128)),
-    **dict.fromkeys(("width", "pred_width"), (1, 4096)),
-    **dict.fromkeys(("depth", "pred_depth"), (1, 64)),
-    **dict.fromkeys(("heads", "pred_heads"), (1, 256)),
-    **dict.fromkeys(("proj_hidden", "sigreg_dirs"), (1, 65536)),
+    **dict.fromkeys("lam rollout_weight idm_weight smooth_weight weight_decay grad_clip".split(), (0.0, math.inf)),
+    **dict.fromkeys("num_steps log_every eval_every ckpt_every".split(), (1, 10**9)),
+    **dict.fromkeys("input_size patch_size".split(), (1, 128)) | dict.fromkeys("width pred_width".split(), (1, 4096)),
+    **dict.fromkeys("depth pred_depth".split(), (1, 64)) | dict.fromkeys("heads pred_heads".split(), (1, 256)),
+    **dict(proj_hidden=(1, 65536), sigreg_dirs=(1, 65536), data_seed=(0, 2**63 - 1), seed=(0, 2**63 - 1)),
     **dict(grid_size=(2, 16), num_transitions=(1, 10_000_000), num_layouts=(0, 1_000_000), latent_dim=(1, 8192)),
-    **dict(batch_size=(1, 1_000_000), warmup_steps=(0, 10**9), lr=(0.0, 10.0), grad_clip=(0.0, math.inf)),
-    **dict(smooth_ramp=(0.0, 1.0), seq_len=(2, 17)),  # the predictor sees at most 16 frames of history
+    **dict(batch_size=(1, 1_000_000), warmup_steps=(0, 10**9), lr=(0.0, 10.0), smooth_ramp=(0.0, 1.0)),
+    "seq_len": (2, 17),  # the predictor sees at most 16 frames of history
 }
 CONFIG_CHOICES = dict(projector_norm=("batchnorm", "layernorm"), pool=("cls", "flat"), profile=tuple(PROFILES))
 CONFIG_CHOICES["layout"] = tuple(LAYOUTS)
 CONFIG_POSITIVE = ("lr", "grad_clip")  # must be > 0, not only >= 0
 MAX_PARAMETERS = 200_000_000  # ~0.8 GB of float32 weights
-_KINDS = {  # a field's type (its default's): the values it takes and its name in an error; a bool is no number
-    bool: ((bool, np.bool_), "True or False"),
-    int: ((int, np.integer), "an integer"),
-    float: ((int, float, np.integer, np.floating), "a number"),
-    str: ((str,), "a string"),
-}
+_SHEETS: dict[tuple[int, int], SpriteSheet] = {}  # the sprite sheet of each (grid size, image size), drawn once
+# a field's type (its default's): the values it takes and its name in an error; a bool is no number
+_KINDS = {bool: ((bool, np.bool_), "True or False"), int: ((int, np.integer), "an integer"), str: ((str,), "a string")}
+_KINDS[float] = ((int, float, np.integer, np.floating), "a number")
 
 
 def memory_limit_bytes() -> int:
@@ -258,28 +235,16 @@ def validate_config(cfg: Config) -> Config:
         if value not in CONFIG_CHOICES.get(f.name, (value,)):
             raise ValueError(f"{name} must be one of {list(CONFIG_CHOICES[f.name])}, got {value!r}")
     size, patch, n = cfg.input_size, cfg.patch_size, len(LAYOUTS[cfg.layout])
-    got = f"got input_size={size}, patch_size={patch}"
-    for bad, message in (
-        (
-            cfg.layout != "open" and cfg.grid_size != n,
-            f"layout {cfg.layout!r} is {n}x{n}, but Config.grid_size={cfg.grid_size}",
-        ),
-        (
-            128 % size or size % patch,
-            f"input_size must divide the 128-pixel image and Config.patch_size must divide it, {got}",
-        ),
-        (
-            cfg.crop and size % (2 * patch),
-            f"crop keeps half the rows, so 2 x Config.patch_size must divide input_size, {got}",
-        ),
-        (cfg.width % cfg.heads, f"width ({cfg.width}) must be divisible by Config.heads ({cfg.heads})"),
-        (
-            cfg.pred_width % cfg.pred_heads,
-            f"pred_width ({cfg.pred_width}) must be divisible by Config.pred_heads ({cfg.pred_heads})",
-        ),
-    ):
-        if bad:
-            raise ValueError(f"Config.{message}")
+    got, divide = f"got input_size={size}, patch_size={patch}", "Config.input_size must divide the 128-pixel image"
+    if cfg.layout != "open" and cfg.grid_size != n:
+        raise ValueError(f"Config.layout {cfg.layout!r} is {n}x{n}, but Config.grid_size={cfg.grid_size}")
+    if 128 % size or size % patch:
+        raise ValueError(f"{divide} and Config.patch_size must divide it, {got}")
+    if cfg.crop and size % (2 * patch):
+        raise ValueError(f"Config.crop keeps half the rows, so 2 x Config.patch_size must divide input_size, {got}")
+    for w, h in (("width", "heads"), ("pred_width", "pred_heads")):
+        if getattr(cfg, w) % getattr(cfg, h):
+            raise ValueError(f"Config.{w} ({getattr(cfg, w)}) must be divisible by Config.{h} ({getattr(cfg, h)})")
     if (params := estimate_parameters(cfg)) > MAX_PARAMETERS:
         raise ValueError(f"this Config describes a model of ~{params:,} parameters, above the limit {MAX_PARAMETERS:,}")
     tokens, flat = num_patches(cfg) + 1, num_patches(cfg) * flat_channels(cfg) if cfg.pool == "flat" else 0
@@ -344,9 +309,8 @@ def check_int_tensor(x, name: str) -> torch.Tensor:
 
 def check_flags(**flags) -> None:
     """Raise a clear TypeError naming the first of ``flags`` (name=value) that is not True or False."""
-    for name, flag in flags.items():
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if bad := next((name for name, flag in flags.items() if not isinstance(flag, bool)), None):
+        raise TypeError(f"{bad} must be True or False, got {flags[bad]!r}")
 
 
 def check_actions(action) -> torch.Tensor:
@@ -358,38 +322,34 @@ def check_actions(action) -> torch.Tensor:
     return action
 
 
-# ── the sprite sheet: the board and every cell's sprites, drawn once with numpy at 2x and painted with torch ──
-
-
-def _downsample(img: torch.Tensor, s: int) -> torch.Tensor:
-    """Average s x s blocks of a supersampled image (..., s*H, s*W) -> (..., H, W) uint8, summed in one fixed order
-    so that every device gives the same pixels."""
-    blocks = img.unflatten(-1, (img.shape[-1] // s, s)).unflatten(-3, (img.shape[-2] // s, s))  # (..., H, s, W, s)
-    acc = sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)
-    return torch.round(acc.clamp(0, 1) * 255).to(torch.uint8)
-
-
 class SpriteSheet:
-    """The board and every cell's target, wall and agent sprites for one grid size, drawn once, to paint any layout
-    on demand: a batch of (walls, agent cell, target cell) is painted back to front with tensor ops on any device.
-    Sprites are opaque, so pasting them in the painter's order gives the pixels of drawing each scene whole."""
+    """The board and every cell's target, wall and agent sprites for one grid size, drawn once with numpy at 2x, then
+    pasted back to front with tensor ops on any device: opaque sprites in the painter's order draw each scene whole."""
 
     def __init__(self, grid_size: int, image_size: int = 128, supersample: int = 2):
         G, size = grid_size, image_size * supersample
         self.grid_size, self.image_size, self.supersample = G, image_size, supersample
-        self.tw = 0.86 * size / G  # an iso tile's width and height, the board's centre x and top y
-        self.th = self.tw / 2
-        self.x0, self.y0 = size / 2, (size - G * self.th) / 2 + 0.35 * self.th
+        self.tw = tw = 0.86 * size / G  # an iso tile's width and height, the board's centre x and top y
+        self.th = th = tw / 2
+        self.x0, self.y0 = size / 2, (size - G * th) / 2 + 0.35 * th
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
         self.img = np.repeat(np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None], size, 1)  # a soft gradient
-        self._draw_board()
+        slab, left, right = th * 0.45, self._center(0, G - 1), self._center(G - 1, 0)  # the slab's two front faces
+        bottom = self._center(G - 1, G - 1)
+        self._side_face(left[0] - tw / 2, bottom[0], left[1] + slab, bottom[1] + th / 2 + slab, slab, 0.30)
+        self._side_face(bottom[0], right[0] + tw / 2, bottom[1] + th / 2 + slab, right[1] + slab, slab, 0.20)
+        for row in range(G):  # a checkered board, grout lines between its tiles
+            for col in range(G):
+                cx, cy = self._center(col, row)
+                self._blob(cx, cy, tw / 2, th / 2, 0.36, 1)
+                self._blob(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64, 1)
         self.board = torch.from_numpy(self.img.copy())
         order = [(-1, 2, c, r) for r in range(G) for c in range(G)]  # targets lie on the board, under everything
         order += sorted((c + r, kind, c, r) for r in range(G) for c in range(G) for kind in (0, 1))  # far ones first
         self.sprites = []  # (kind: 0 wall, 1 agent, 2 target; cell; box; values; mask)
         for _, kind, c, r in order:
             self.img = np.full((size, size), np.nan, dtype=np.float32)
-            (self._draw_wall, self._draw_agent, self._draw_target)[kind](*self._center(c, r))
+            self._draw(kind, *self._center(c, r))
             if not (drawn := ~np.isnan(self.img)).any():  # a target too small for a single pixel
                 continue
             rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
@@ -397,15 +357,13 @@ class SpriteSheet:
             self.sprites.append((kind, r * G + c, box, torch.from_numpy(np.nan_to_num(self.img[box])), drawn[box]))
         self._on: dict[str, tuple] = {}
 
-    # ── numpy fills of a float image, each within its bounding box ──
     def _center(self, col: float, row: float) -> tuple[float, float]:
         return self.x0 + (col - row) * self.tw / 2, self.y0 + (col + row + 1) * self.th / 2
 
     def _fill(self, x0, x1, y0, y1, value, inside: Callable) -> None:
         h, w = self.img.shape
         sl = (slice(max(int(y0) - 1, 0), min(int(y1) + 2, h)), slice(max(int(x0) - 1, 0), min(int(x1) + 2, w)))
-        x, y = self.xx[sl], self.yy[sl]
-        mask = inside(x, y)
+        mask = inside(x := self.xx[sl], y := self.yy[sl])
         self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
 
     def _blob(self, cx, cy, rx, ry, value, p: int) -> None:
@@ -413,65 +371,40 @@ class SpriteSheet:
         inside = lambda x, y: (abs(x - cx) / rx) ** p + (abs(y - cy) / ry) ** p <= 1
         self._fill(cx - rx, cx + rx, cy - ry, cy + ry, value, inside)
 
-    def _column(self, cx, r, top, bottom, value) -> None:
-        self._fill(cx - r, cx + r, top, bottom, value, lambda x, y: (abs(x - cx) <= r) & (y >= top) & (y <= bottom))
-
     def _side_face(self, x_from, x_to, y_from, y_to, height, value) -> None:
         """The vertical face under the edge (x_from, y_from)-(x_to, y_to), extruded ``height`` upwards."""
         lo, hi = min(x_from, x_to), max(x_from, x_to)
-
-        def inside(x, y):
-            y_edge = y_from + (x - x_from) * (y_to - y_from) / (x_to - x_from)
-            return (x >= lo) & (x <= hi) & (y <= y_edge) & (y >= y_edge - height)
-
+        edge = lambda x: y_from + (x - x_from) * (y_to - y_from) / (x_to - x_from)
+        inside = lambda x, y: (x >= lo) & (x <= hi) & (y <= edge(x)) & (y >= edge(x) - height)
         self._fill(lo, hi, min(y_from, y_to) - height, max(y_from, y_to), value, inside)
 
-    # ── the scene: a board, and on it targets, walls and the agent ──
-    def _draw_board(self) -> None:
-        """A checkered slab, its two front faces giving it depth."""
-        G, tw, th = self.grid_size, self.tw, self.th
-        slab = th * 0.45
-        left, bottom, right = self._center(0, G - 1), self._center(G - 1, G - 1), self._center(G - 1, 0)
-        self._side_face(left[0] - tw / 2, bottom[0], left[1] + slab, bottom[1] + th / 2 + slab, slab, 0.30)
-        self._side_face(bottom[0], right[0] + tw / 2, bottom[1] + th / 2 + slab, right[1] + slab, slab, 0.20)
-        for row in range(G):
-            for col in range(G):
-                cx, cy = self._center(col, row)
-                self._blob(cx, cy, tw / 2, th / 2, 0.36, 1)  # grout line
-                self._blob(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64, 1)
-
-    def _draw_wall(self, cx: float, cy: float) -> None:
+    def _draw(self, kind: int, cx: float, cy: float) -> None:
+        """One sprite at a cell's centre: 0 a wall, 1 the agent, 2 the target."""
         tw, th = self.tw, self.th
-        height = th * 1.1
-        self._side_face(cx - tw / 2, cx, cy, cy + th / 2, height, 0.34)  # left face
-        self._side_face(cx, cx + tw / 2, cy + th / 2, cy, height, 0.22)  # right face, in shadow
-        self._blob(cx, cy - height, tw / 2, th / 2, 0.86, 1)  # lit top
-        self._blob(cx, cy - height, tw / 2 * 0.7, th / 2 * 0.7, 0.80, 1)
-
-    def _draw_agent(self, cx: float, cy: float) -> None:
-        tw, th = self.tw, self.th
-        r, outline = tw * 0.16, tw * 0.16 * 0.35
-        bottom, top = cy, cy - th * 1.05
-
-        def shaded(bright):  # light from the upper left gives the sprite roundness
-            return lambda x, y: np.clip(bright - 0.30 * (x - cx + 0.5 * r) / (2 * r), 0, 1)
-
-        self._blob(cx, cy + th * 0.05, tw * 0.27, th * 0.27, 0.18, 2)  # shadow on the tile
-        for grow, body, head in ((outline, 0.04, 0.04), (0, shaded(0.90), shaded(1.0))):  # a dark outline, the body
-            self._blob(cx, bottom, r + grow, (r + grow) * 0.5, body, 2)
-            self._column(cx, r + grow, top, bottom, body)
-            self._blob(cx, top - r * 0.9, r * 1.05 + grow, r * 1.05 + grow, head, 2)
-        self._blob(cx - r * 0.35, top - r * 1.2, r * 0.3, r * 0.3, 1.0, 2)  # highlight
-
-    def _draw_target(self, cx: float, cy: float) -> None:
-        for scale, value in ((0.32, 0.08), (0.22, 0.95), (0.11, 0.08)):
-            self._blob(cx, cy, self.tw * scale, self.th * scale, value, 1)
+        if kind == 0:  # a block: a left face, a right face in shadow, a lit top
+            height = th * 1.1
+            self._side_face(cx - tw / 2, cx, cy, cy + th / 2, height, 0.34)
+            self._side_face(cx, cx + tw / 2, cy + th / 2, cy, height, 0.22)
+            self._blob(cx, cy - height, tw / 2, th / 2, 0.86, 1)
+            self._blob(cx, cy - height, tw / 2 * 0.7, th / 2 * 0.7, 0.80, 1)
+        elif kind == 1:  # a figure with a shadow, a dark outline, a body, a head and a highlight
+            r, outline, bottom, top = tw * 0.16, tw * 0.16 * 0.35, cy, cy - th * 1.05
+            shaded = lambda bright: lambda x, y: np.clip(bright - 0.30 * (x - cx + 0.5 * r) / (2 * r), 0, 1)  # lit from
+            self._blob(cx, cy + th * 0.05, tw * 0.27, th * 0.27, 0.18, 2)  # the upper left, the figure looks round
+            for grow, body, head in ((outline, 0.04, 0.04), (0, shaded(0.90), shaded(1.0))):
+                side = lambda x, y: (abs(x - cx) <= r + grow) & (y >= top) & (y <= bottom)
+                self._blob(cx, bottom, r + grow, (r + grow) * 0.5, body, 2)
+                self._fill(cx - (r + grow), cx + (r + grow), top, bottom, body, side)
+                self._blob(cx, top - r * 0.9, r * 1.05 + grow, r * 1.05 + grow, head, 2)
+            self._blob(cx - r * 0.35, top - r * 1.2, r * 0.3, r * 0.3, 1.0, 2)
+        else:  # a bullseye
+            for scale, value in ((0.32, 0.08), (0.22, 0.95), (0.11, 0.08)):
+                self._blob(cx, cy, tw * scale, th * scale, value, 1)
 
     @torch.no_grad()
     def paint(self, walls: torch.Tensor, cells: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """walls (B, N) bool, agent cells (B,), target cells (B,) or None -> images (B, H, W) uint8 on walls' device.
-        An agent on a wall cell is not drawn."""
-        dev = walls.device
+        """walls (B, N) bool, agent cells (B,) (not drawn on a wall), targets (B,) or None -> images (B, H, W) uint8."""
+        dev, s = walls.device, self.supersample
         if str(dev) not in self._on:
             sprites = [(k, c, box, v.to(dev), torch.from_numpy(m).to(dev)) for k, c, box, v, m in self.sprites]
             self._on[str(dev)] = self.board.to(dev), sprites
@@ -483,34 +416,20 @@ class SpriteSheet:
             if kind < 2 or targets is not None:
                 idx = (walls[:, cell] if kind == 0 else (cells if kind == 1 else targets) == cell).nonzero()[:, 0]
                 img[idx, ys, xs] = torch.where(mask, value, img[idx, ys, xs])
-        return _downsample(img, self.supersample)
-
-
-_SHEETS: dict[tuple[int, int], SpriteSheet] = {}
-
-
-def sprite_sheet(grid_size: int, image_size: int = 128) -> SpriteSheet:
-    """The SpriteSheet of a grid size, drawn once per process."""
-    key = (int(grid_size), int(image_size))
-    if key not in _SHEETS:
-        _SHEETS[key] = SpriteSheet(*key)
-    return _SHEETS[key]
-
-
-# ── the world: rules, walls, shortest paths, images ──
+        blocks = img.unflatten(-1, (img.shape[-1] // s, s)).unflatten(-3, (img.shape[-2] // s, s))  # (B, H, s, W, s)
+        acc = sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)  # one order: same on any device
+        return torch.round(acc.clamp(0, 1) * 255).to(torch.uint8)
 
 
 def transition_tables(walls: np.ndarray) -> np.ndarray:
-    """The rules of K layouts at once: walls (K, G, G) bool -> (K, N, A) the cell after each action. A move off the
-    board or into a wall leaves the agent where it is."""
+    """The rules of K layouts at once: walls (K, G, G) bool -> (K, N, A) the cell after each action (a bump stays)."""
     K, G = walls.shape[0], walls.shape[1]
     row, col = np.divmod(np.arange(G * G), G)
     table = np.empty((K, G * G, len(ACTIONS)), dtype=np.int64)
     for a, (dc, dr) in enumerate(ACTION_DELTAS):
         c, r = col + dc, row + dr
-        inside = (c >= 0) & (c < G) & (r >= 0) & (r < G)
         target = np.clip(r, 0, G - 1) * G + np.clip(c, 0, G - 1)
-        blocked = ~inside[None] | walls.reshape(K, G * G)[:, target]
+        blocked = ~((c >= 0) & (c < G) & (r >= 0) & (r < G))[None] | walls.reshape(K, G * G)[:, target]
         table[:, :, a] = np.where(blocked, np.arange(G * G)[None], target[None])
     return table
 
@@ -518,46 +437,31 @@ def transition_tables(walls: np.ndarray) -> np.ndarray:
 def layouts_connected(walls: np.ndarray) -> np.ndarray:
     """(K, G, G) bool -> (K,) bool: whether every free cell of each layout reaches every other (one flood fill)."""
     K, G = walls.shape[0], walls.shape[1]
-    free = ~walls.reshape(K, G * G)
-    table = transition_tables(walls)
-    reach = np.zeros_like(free)
-    first = free.argmax(1)
+    free, table = ~walls.reshape(K, G * G), transition_tables(walls).reshape(K, -1)
+    reach, first = np.zeros_like(free), free.argmax(1)
     reach[np.arange(K), first] = free[np.arange(K), first]
     while True:  # moves are symmetric: a free cell is reached when one of its 4 neighbours is
-        near = np.take_along_axis(reach, table.reshape(K, -1), 1).reshape(K, G * G, len(ACTIONS)).any(2)
-        grown = reach | (near & free)
+        grown = reach | (np.take_along_axis(reach, table, 1).reshape(K, G * G, len(ACTIONS)).any(2) & free)
         if (grown == reach).all():
             return (reach == free).all(1) & free.any(1)
         reach = grown
 
 
 class World:
-    """The grid world: G x G cells, one agent, 4 actions, walls at the border and on blocked cells.
+    """The grid world: G x G cells, one agent, 4 actions; a move into a wall or off the board stays put. A state is a
+    cell (row * G + col); with ``show_target``, agent + N * target: a drawn target that never moves (lesson 01)."""
 
-    Deterministic: a move into a wall or off the board leaves the agent where it is; no target, no reward. A state
-    is a cell index (row * G + col); with ``show_target`` it also carries a target cell that is drawn but never
-    moves (state = agent + N * target): the original write-up's lesson 01."""
-
-    def __init__(
-        self,
-        grid_size: int = 5,
-        walls: str | np.ndarray | None = None,
-        show_target: bool = False,
-        image_size: int = 128,
-        check_connected: bool = True,
-    ):
+    def __init__(self, grid_size: int = 5, walls=None, show_target: bool = False, image_size=128, check_connected=True):
         if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
             raise ValueError(f"grid_size must be an integer >= 2, got {grid_size!r}")
         if grid_size > 16:
             raise ValueError(f"grid_size must be <= 16 to fit a readable 128x128 image, got {grid_size}")
         check_flags(show_target=show_target, check_connected=check_connected)
-        self.grid_size, self.show_target = int(grid_size), show_target
-        self._setup(layout_walls(walls, self.grid_size)[None], image_size, check_connected)
-
-    def _setup(self, layouts: np.ndarray, image_size: int, check_connected: bool) -> None:
-        """The rules and cells of K layouts (K, G, G) side by side: cell k * N + c is cell c of layout k."""
-        K, G = len(layouts), self.grid_size
-        free = (~layouts).reshape(K, -1).sum(1)
+        self.show_target = show_target
+        self.grid_size = G = int(grid_size)
+        # K layouts (K, G, G) side by side (a family sets its own first): cell k * N + c is cell c of layout k
+        layouts = self.layouts if hasattr(self, "layouts") else layout_walls(walls, G)[None]
+        K, free = len(layouts), (~layouts).reshape(len(layouts), -1).sum(1)
         bad = np.flatnonzero((free < 2) | (~layouts_connected(layouts) if check_connected else False))
         if len(bad):
             why = "needs at least two free cells" if free[bad[0]] < 2 else "has free cells that cannot be reached"
@@ -565,12 +469,10 @@ class World:
         self.image_size = check_int(image_size, "image_size", 32, 1024)  # smaller ones lose a 16x16 board's sprites
         self.num_cells, self.walls = K * G * G, layouts.reshape(K * G, G)  # flat index k * N + cell
         self.free_cells = np.flatnonzero(~layouts.reshape(-1))
-        tables = transition_tables(layouts) + G * G * np.arange(K)[:, None, None]
-        self.next_cell = torch.from_numpy(tables.reshape(K * G * G, -1))  # (N, A) the cell after each action
-        self._atlas: dict[str, torch.Tensor] = {}
-        self._masks: dict[str, torch.Tensor] = {}
+        tables = transition_tables(layouts) + G * G * np.arange(K)[:, None, None]  # (K, N, A) -> (K * N, A)
+        self.next_cell = torch.from_numpy(tables.reshape(K * G * G, -1))  # the cell after each action
+        self._atlas, self._masks = {}, {}  # per device: every state's image; (K, N) walls
 
-    # ── cells, states and their checks ──
     def cell_index(self, col: int, row: int) -> int:
         """Index of cell (col, row); raises ValueError off the grid."""
         G = self.grid_size
@@ -581,13 +483,9 @@ class World:
         return row * G + col
 
     def _cells(self, cell) -> np.ndarray:
-        cell = np.asarray(cell)
-        if not np.issubdtype(cell.dtype, np.integer) or (
-            cell.size and not 0 <= cell.min() <= cell.max() < self.num_cells
-        ):
-            raise ValueError(
-                f"cells must be integers in [0, {self.num_cells}), got {np.array2string(cell, threshold=8)}"
-            )
+        cell, n = np.asarray(cell), self.num_cells
+        if not np.issubdtype(cell.dtype, np.integer) or (cell.size and not 0 <= cell.min() <= cell.max() < n):
+            raise ValueError(f"cells must be integers in [0, {n}), got {np.array2string(cell, threshold=8)}")
         return cell
 
     def cell_pos(self, cell: int | np.ndarray | torch.Tensor) -> np.ndarray:
@@ -606,13 +504,11 @@ class World:
         return state % self.num_cells
 
     def check_states(self, state, free: bool = False) -> torch.Tensor:
-        """State indices as a long tensor of integers in [0, num_states), with ``free`` none that puts the agent or
-        the target on a wall; a clear error otherwise."""
+        """State indices as a long tensor in [0, num_states), with ``free`` none with the agent or target on a wall."""
         state = check_int_tensor(state, "state")
         if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
-            raise ValueError(
-                f"states must lie in [0, {self.num_states}), got values in [{int(state.min())}, {int(state.max())}]"
-            )
+            got = f"[{int(state.min())}, {int(state.max())}]"
+            raise ValueError(f"states must lie in [0, {self.num_states}), got values in {got}")
         if free:
             flat, walls = state.reshape(-1).cpu().numpy(), self.walls.reshape(-1)
             on_wall = walls[flat % self.num_cells] | (self.show_target & walls[flat // self.num_cells])
@@ -620,14 +516,12 @@ class World:
                 raise ValueError(f"state {flat[on_wall][0]} puts the agent or the target on a wall; see free_cells")
         return state
 
-    # ── dynamics ──
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
         state, action = self.check_states(state, free=True), check_actions(action)
         if state.shape != action.shape:
-            raise ValueError(
-                f"state and action must have the same shape, got {tuple(state.shape)} and {tuple(action.shape)}"
-            )
+            got = f"got {tuple(state.shape)} and {tuple(action.shape)}"
+            raise ValueError(f"state and action must have the same shape, {got}")
         cell = state % self.num_cells
         return state - cell + self.next_cell.to(state.device)[cell, action]
 
@@ -646,41 +540,40 @@ class World:
         """Every ordered (start, goal) pair of distinct free cells: two (P,) tensors; 600 on the open 5x5."""
         free = torch.from_numpy(self.free_cells)
         starts, goals = torch.meshgrid(free, free, indexing="ij")
-        keep = starts != goals
-        return starts[keep], goals[keep]
+        return starts[starts != goals], goals[starts != goals]
 
-    # ── images ──
     def _paint(self, states: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """(B,) states -> (B, H, W) uint8 painted on ``device`` from the sprite sheet, 512 at a time."""
         N, key = self.grid_size**2, str(device)
         if key not in self._masks:  # (K, N) walls, one row per layout
             self._masks[key] = torch.from_numpy(self.walls.reshape(-1, N)).to(device)
-        walls, sheet = self._masks[key], sprite_sheet(self.grid_size, self.image_size)
+        sheet = _SHEETS.get(k := (self.grid_size, self.image_size)) or _SHEETS.setdefault(k, SpriteSheet(*k))
+        walls = self._masks[key]
         if self.show_target:  # state = cell + N * target
             return torch.cat([sheet.paint(walls[0 * s], s % N, s // N) for s in states.to(device).split(512)])
         return torch.cat([sheet.paint(walls[s // N], s % N) for s in states.to(device).split(512)])  # k * N + cell
 
     def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Every state's image, painted once: (num_states, H, W) uint8 on ``device`` (no agent on a wall cell)."""
+        if self.num_cells > 100_000:  # a large family: its images are painted on demand
+            raise ValueError(f"an atlas of {self.num_cells:,} images is too large; use render(states)")
         if str(device) not in self._atlas:
             if "cpu" not in self._atlas:
                 self._atlas["cpu"] = self._paint(torch.arange(self.num_states), "cpu")
             self._atlas[str(device)] = self._atlas["cpu"].to(device)
         return self._atlas[str(device)]
 
-    def _images(self, states: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self.atlas(device).index_select(0, states.to(device))  # one gather
-
     def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """Observations of states: (...,) -> (..., 1, H, W) float in [0, 1], on ``device`` (default: the states')."""
         state = self.check_states(torch.as_tensor(state), free=True)
-        images = self._images(state.reshape(-1), torch.device(device) if device is not None else state.device)
+        flat, device = state.reshape(-1), torch.device(device) if device is not None else state.device
+        family = hasattr(self, "layouts")  # a family paints on demand, a World gathers from its atlas
+        images = self._paint(flat, device) if family else self.atlas(device).index_select(0, flat.to(device))
         return images.view(*state.shape, 1, *images.shape[1:]).float().div_(255.0)  # (..., 1, H, W)
 
     def render_pos(self, col: int, row: int, target: tuple[int, int] | None = None) -> torch.Tensor:
         """The observation of the agent at (col, row): (1, 1, H, W). The public way to get one image."""
-        cell = self.cell_index(col, row)
-        if self.is_wall(cell):
+        if self.is_wall(cell := self.cell_index(col, row)):
             raise ValueError(f"(col={col}, row={row}) is a wall cell; the agent cannot stand there")
         if self.show_target and target is None:
             raise ValueError("this world draws a target: pass target=(col, row)")
@@ -693,23 +586,18 @@ class World:
 
 
 class WorldFamily(World):
-    """Several layouts of one grid size as one world whose states are (layout k, cell) pairs: k * N + cell.
-
-    Training on a family and planning in a layout outside it asks whether the model learned the rules (walls block,
-    the agent moves one cell) rather than one map. Whatever takes a World takes a family. Its images are painted on
-    demand (no atlas), so a family can hold tens of thousands of layouts."""
+    """Several layouts of one grid size as one world whose states are (layout k, cell) pairs: k * N + cell. Whatever
+    takes a World takes a family; its images are painted on demand, so it can hold tens of thousands of layouts."""
 
     def __init__(self, layouts, image_size: int = 128):
-        if isinstance(layouts, np.ndarray) and layouts.ndim == 3:
-            layouts = list(layouts)
+        layouts = list(layouts) if isinstance(layouts, np.ndarray) and layouts.ndim == 3 else layouts
         if not isinstance(layouts, (list, tuple)) or not layouts:
             raise ValueError("a WorldFamily needs a non-empty list of (G, G) bool layouts (or a (K, G, G) array)")
         G = len(layouts[0])
         if any(np.shape(w) != (G, G) for w in layouts) or not 2 <= G <= 16:
             raise ValueError(f"all layouts of a family must have the same grid size, in [2, 16]; the first is {G}")
-        self.grid_size, self.show_target = G, False
         self.layouts = np.stack([layout_walls(w, G) for w in layouts])  # (K, G, G), validated
-        self._setup(self.layouts, image_size, check_connected=True)
+        super().__init__(G, image_size=image_size)
 
     def __len__(self) -> int:
         return len(self.layouts)
@@ -722,14 +610,6 @@ class WorldFamily(World):
     def members(self) -> list[World]:
         return [self.member(k) for k in range(len(self))]
 
-    def _images(self, states: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return self._paint(states, device)
-
-    def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        if self.num_cells > 100_000:
-            raise ValueError(f"an atlas of {self.num_cells:,} images is too large; use render(states)")
-        return super().atlas(device)
-
     def __repr__(self) -> str:
         return f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
@@ -741,78 +621,57 @@ def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max
         raise ValueError(f"wall_fraction must be in [0, 1) and leave two free cells, got {wall_fraction}")
     rng, num_walls = np.random.default_rng(seed), int(round(wall_fraction * grid_size**2))
     for _ in range(max_tries):
-        walls = np.zeros(grid_size * grid_size, dtype=bool)
-        walls[rng.choice(grid_size**2, size=num_walls, replace=False)] = True
-        if layouts_connected(walls.reshape(1, grid_size, grid_size))[0]:
-            return walls.reshape(grid_size, grid_size)
+        walls = np.isin(np.arange(grid_size**2), rng.choice(grid_size**2, size=num_walls, replace=False))
+        if layouts_connected(walls := walls.reshape(1, grid_size, grid_size))[0]:
+            return walls[0]
     raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
 
-
-# ── generated layouts: thousands of worlds to learn the rules from, and a held-out set ──
 
 LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training also skips every reserved test layout
 HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on
 VALIDATION_START = 500  # held-out layouts 500 on: for choosing a planner's settings, never for reporting
+_HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each grid size, drawn once
 
 
 def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
-    """One layout of the generator's mix: scattered blocks, a wall with doors (rooms), a U-shaped cup or two walls
-    with doors (corridors), each with scattered blocks on top. (G, G) bool; may be disconnected."""
-    G = grid_size
-    walls = np.zeros((G, G), dtype=bool)
-    kind = rng.choice(4, p=(0.4, 0.2, 0.2, 0.2))
+    """(G, G) bool, maybe disconnected: scattered blocks, rooms, a cup or corridors, with blocks scattered on top."""
+    G, walls, kind = grid_size, np.zeros((grid_size, grid_size), dtype=bool), rng.choice(4, p=(0.4, 0.2, 0.2, 0.2))
     if kind in (1, 3):  # one or two full walls across the board, each with one or two doors
-        lines = rng.choice(np.arange(1, G - 1), size=min(1 if kind == 1 else 2, G - 2), replace=False)
-        for line in lines:
-            cut = np.ones(G, dtype=bool)
-            cut[rng.choice(G, size=rng.integers(1, 3), replace=False)] = False
-            walls[line] |= cut
-        if rng.random() < 0.5:
-            walls = walls.T.copy()
+        for line in rng.choice(np.arange(1, G - 1), size=min(1 if kind == 1 else 2, G - 2), replace=False):
+            walls[line] |= ~np.isin(np.arange(G), rng.choice(G, size=rng.integers(1, 3), replace=False))
+        walls = walls.T.copy() if rng.random() < 0.5 else walls
     elif kind == 2:  # a cup: three sides of a box, open on a random side
         h, w = rng.integers(3, G + 1), rng.integers(3, G + 1)
         r0, c0 = rng.integers(0, G - h + 1), rng.integers(0, G - w + 1)
         cup = np.zeros((h, w), dtype=bool)
         cup[0], cup[:, 0], cup[:, -1] = True, True, True
-        walls[r0 : r0 + h, c0 : c0 + w] = (
-            np.rot90(cup, rng.integers(4))[:h, :w] if h == w else cup[:: rng.choice([1, -1])]
-        )
+        walls[r0 : r0 + h, c0 : c0 + w] = np.rot90(cup, rng.integers(4)) if h == w else cup[:: rng.choice([1, -1])]
     density = rng.uniform(0.0, 0.3 if kind == 0 else 0.12)  # drawn first: the seeded streams depend on the order
-    walls |= rng.random((G, G)) < density
-    return walls
+    return walls | (rng.random((G, G)) < density)
 
 
-def _layout_keys(walls: np.ndarray) -> list[bytes]:
-    return [np.packbits(w.reshape(-1)).tobytes() + bytes([len(w)]) for w in walls]
-
-
-def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: set[bytes]) -> np.ndarray:
-    """``num`` distinct layouts of one random stream: connected, 1 to N/2 walls, none whose key is in ``skip``."""
-    N, seen, kept = grid_size * grid_size, set(skip), []
+def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: np.ndarray | None = None) -> np.ndarray:
+    """``num`` distinct layouts of one random stream: connected, 1 to N/2 walls, none named and none in ``skip``."""
+    keys = lambda walls: [np.packbits(w.reshape(-1)).tobytes() + bytes([len(w)]) for w in walls]
+    named = [layout_walls(name) for name in LAYOUTS] if grid_size == 5 else []
+    N, seen, kept = grid_size * grid_size, set(keys(named)) | set(keys([] if skip is None else skip)), []
     rng = np.random.default_rng([grid_size, LAYOUT_SPLITS[split], seed])
     while len(kept) < num:
         batch = np.stack([generate_layout(grid_size, rng) for _ in range(2 * (num - len(kept)) + 16)])
         count = batch.reshape(len(batch), N).sum(1)
         ok = layouts_connected(batch) & (count >= 1) & (count <= N // 2)
-        for walls, key in zip(batch[ok], _layout_keys(batch[ok])):
+        for walls, key in zip(batch[ok], keys(batch[ok])):
             if key not in seen and len(kept) < num:
                 seen.add(key)
                 kept.append(walls)
     return np.stack(kept)
 
 
-def _named_keys(grid_size: int) -> set[bytes]:
-    return set(_layout_keys(np.stack([layout_walls(n) for n in LAYOUTS]))) if grid_size == 5 else set()
-
-
-_HELDOUT: dict[int, np.ndarray] = {}
-
-
 def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
     """The first ``num`` layouts of the held-out stream: (num, G, G) bool, never a named layout, never trained on."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1, HELDOUT_RESERVED)
     if grid_size not in _HELDOUT:
-        _HELDOUT[grid_size] = _draw_layouts(grid_size, HELDOUT_RESERVED, "test", 0, _named_keys(grid_size))
+        _HELDOUT[grid_size] = _draw_layouts(grid_size, HELDOUT_RESERVED, "test", 0)
     return _HELDOUT[grid_size][:num].copy()
 
 
@@ -828,13 +687,12 @@ def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
     if split not in LAYOUT_SPLITS:
         raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
+    if split == "test" and seed != 0:
+        raise ValueError("the held-out stream has one seed (0): its layouts are reserved")
     if split == "test":
-        if seed != 0:
-            raise ValueError("the held-out stream has one seed (0): its layouts are reserved")
         return heldout_layouts(grid_size, num)
     check_memory(float(num) * grid_size**2 * 48, f"procedural_layouts(num={num:,})")
-    skip = _named_keys(grid_size) | set(_layout_keys(heldout_layouts(grid_size, HELDOUT_RESERVED)))
-    return _draw_layouts(grid_size, num, "train", seed, skip)
+    return _draw_layouts(grid_size, num, "train", seed, skip=heldout_layouts(grid_size, HELDOUT_RESERVED))
 
 
 def build_world(cfg: Config) -> World:
@@ -842,9 +700,6 @@ def build_world(cfg: Config) -> World:
     if cfg.num_layouts > 0:
         return WorldFamily(procedural_layouts(cfg.grid_size, cfg.num_layouts, seed=cfg.data_seed))
     return World(cfg.grid_size, walls=cfg.layout, show_target=cfg.show_target)
-
-
-# ── datasets: integers in memory, pixels on demand ──
 
 
 @dataclass
@@ -869,7 +724,7 @@ def make_transitions(
     ``exclude_cells``: cells the agent never visits (to ask where the model places a cell it never saw)."""
     check_int(num, "num", 1), check_int(seq_len, "seq_len", 2), check_int(seed, "seed")
     check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
-    gen = torch.Generator().manual_seed(seed)
+    gen, free = torch.Generator().manual_seed(seed), torch.from_numpy(world.free_cells)
     allowed = torch.from_numpy(np.setdiff1d(world.free_cells, np.asarray(exclude_cells, dtype=np.int64)))
     if not len(allowed):
         raise ValueError(f"exclude_cells {exclude_cells} leaves no free cell to start from; exclude fewer cells")
@@ -882,15 +737,11 @@ def make_transitions(
         actions = torch.randint(len(ACTIONS), (batch, seq_len - 1), generator=gen)
         for t in range(seq_len - 1):
             cells.append(world.next_cell[cells[-1], actions[:, t]])
-        states = torch.stack(cells, 1)  # (batch, T)
-        ok = torch.isin(states, allowed).all(1)
+        states, ok = torch.stack(cells, 1), torch.isin(torch.stack(cells, 1), allowed).all(1)  # (batch, T), (batch,)
         if world.show_target:  # the target sits on a random free cell and never moves
-            free = torch.from_numpy(world.free_cells)
             states = states + world.num_cells * free[torch.randint(len(free), (batch, 1), generator=gen)]
-        kept_states.append(states[ok])
-        kept_actions.append(actions[ok])
-        have += int(ok.sum())
-        barren = barren + 1 if not ok.any() else 0
+        kept_states.append(states[ok]), kept_actions.append(actions[ok])
+        have, barren = have + int(ok.sum()), 0 if ok.any() else barren + 1
     dtype = torch.int16 if world.num_states < 2**15 else torch.int32
     return Transitions(torch.cat(kept_states)[:num].to(dtype), torch.cat(kept_actions)[:num].to(torch.uint8))
 
@@ -910,8 +761,7 @@ def dataset_stats(world: World, data: Transitions) -> dict:
 
 @dataclass
 class PaintedFrames:
-    """Every distinct state of a dataset painted once, and per trajectory its frames' ``index``: a batch is then one
-    gather, the same values as painting it again, only faster."""
+    """Every distinct state of a dataset painted once, and each trajectory's frame ``index``: a batch is one gather."""
 
     index: torch.Tensor  # (B, T) long, on the frames' device
     frames: torch.Tensor  # (U, H, W) uint8, or (U, size, size) float32 pooled; half the rows when cropped
@@ -920,42 +770,38 @@ class PaintedFrames:
 def paint_frames(
     world: World, data: Transitions, device, progress: bool = False, size: int | None = None, crop: bool = False
 ) -> PaintedFrames | None:
-    """Paint every distinct state of ``data`` once on ``device``, for sample_batch to gather from. ``size`` (the
-    encoder's input_size) below the image's: frames stored average-pooled to it, as the encoder pools them first.
-    ``crop``: only the middle half of the rows, those a cropping encoder reads. None for a single layout (its atlas
-    is one gather already) or frames above the memory limit (batches are then painted on demand)."""
+    """Paint every distinct state of ``data`` once on ``device``, for sample_batch to gather from: with ``size`` (the
+    encoder's input_size) average-pooled to it, with ``crop`` only the middle half of the rows, as the encoder reads
+    them. None for a single layout (its atlas is one gather already) or above the memory limit (painted on demand)."""
     if not isinstance(world, WorldFamily):
         return None
-    if size is not None and (
-        isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or world.image_size % size
-    ):
+    bad_size = isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or world.image_size % size
+    if size is not None and bad_size:
         raise ValueError(
             f"size must be a positive integer that divides the image size {world.image_size}, got {size!r}"
         )
     states, index = torch.unique(data.states.long(), return_inverse=True)
     k = world.image_size // size if size else 1  # pooled k x k, as the encoder pools its input
-    side = world.image_size // k
-    shape = (len(states), side // 2 if crop else side, side)
+    side, device = world.image_size // k, torch.device(device)
+    shape, rows = (
+        (len(states), side // 2 if crop else side, side),
+        slice(side // 4, 3 * side // 4) if crop else slice(None),
+    )
     if (need := math.prod(shape) * (4 if k > 1 else 1)) > memory_limit_bytes():
         print(
             f"painting on demand: the {len(states):,} frames of this dataset would take {need / 2**30:.1f} GiB, "
             f"above the limit of {memory_limit_bytes() / 2**30:.1f} GiB ($GRIDJEPA_MEMORY_LIMIT_GB)"
         )
         return None
-    device, chunks, rows = (
-        torch.device(device),
-        states.split(4096),
-        slice(side // 4, 3 * side // 4) if crop else slice(None),
-    )
+    frames = torch.empty(shape, dtype=torch.float32 if k > 1 else torch.uint8, device=device)  # filled, not joined
+    chunks = list(enumerate(states.split(4096)))
     if progress and len(chunks) > 4:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="painting frames", mininterval=0.5)
-    frames = torch.empty(shape, dtype=torch.float32 if k > 1 else torch.uint8, device=device)  # filled, not joined
-    for at, c in zip(range(0, len(states), 4096), chunks):
-        frames[at : at + len(c)] = (
-            F.avg_pool2d(world.render(c, device), k)[:, 0] if k > 1 else world._paint(c, device)
-        )[:, rows]
+    for i, c in chunks:
+        painted = F.avg_pool2d(world.render(c, device), k)[:, 0] if k > 1 else world._paint(c, device)
+        frames[4096 * i : 4096 * i + len(c)] = painted[:, rows]
     return PaintedFrames(index.to(device), frames)
 
 
@@ -988,59 +834,15 @@ class TransitionDataset(torch.utils.data.Dataset):
 # ════════════════════════════════════════════════════════════════════════════════════════
 # 2. Model (notebook 02)
 # ════════════════════════════════════════════════════════════════════════════════════════
-# ── distributed: statistics over all ranks ──
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; its gradient is the same sum of the ranks' gradients (every rank computes the same loss)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        dist.all_reduce(x := x.clone())
-        return x
-
-    backward = forward
-
-
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Differentiable all-reduce (sum) across ranks; the identity without torch.distributed."""
-    return _AllReduceSum.apply(x) if _distributed() else x
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d with the global batch's statistics under torch.distributed. Unlike SyncBatchNorm it runs on any
-    backend, so the 2-process CPU test takes the path a multi-GPU run takes; one process: plain BatchNorm."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _distributed()):
-            return super().forward(x)
-        n = all_reduce_sum(torch.tensor(float(x.shape[0]), device=x.device))
-        mean = all_reduce_sum(x.sum(0)) / n  # (C,)
-        var = all_reduce_sum(((x - mean) ** 2).sum(0)) / n
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.lerp_(mean.detach(), m)
-            self.running_var.lerp_(var.detach() * n / (n - 1), m)
-            self.num_batches_tracked += 1
-        return (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
-
-
 # ── the networks: encoder, predictor, SIGReg, the JEPA ──
 class Projector(nn.Module):
-    """Features -> latent: Linear -> BatchNorm (or LayerNorm) -> GELU -> Linear. LeWM: the ViT's own final LayerNorm
-    hinders SIGReg and a BatchNorm projector fixes it (notebook 03 shows the LayerNorm variant collapsing)."""
+    """Features -> latent: Linear -> BatchNorm (or LayerNorm) -> GELU -> Linear; BatchNorm here helps SIGReg (LeWM)."""
 
     def __init__(self, width: int, hidden: int, latent_dim: int, norm: str = "batchnorm"):
         super().__init__()
         if norm not in ("batchnorm", "layernorm"):
             raise ValueError(f"projector_norm must be 'batchnorm' or 'layernorm', got {norm!r}")
-        bn = GlobalBatchNorm1d(hidden) if norm == "batchnorm" else nn.LayerNorm(hidden)
+        bn = nn.BatchNorm1d(hidden) if norm == "batchnorm" else nn.LayerNorm(hidden)
         self.net = nn.Sequential(nn.Linear(width, hidden), bn, nn.GELU(), nn.Linear(hidden, latent_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1145,8 +947,7 @@ class Predictor(nn.Module):
 
 
 class _CharacteristicSums(torch.autograd.Function):
-    """sum_n cos(t_k x_nm) and sum_n sin(t_k x_nm), x (N, M), t (K,) -> two (M, K); the backward reuses the forward's
-    (N, M, K) cosines and sines (d/dx cos(tx) = -t sin(tx), d/dx sin(tx) = t cos(tx)) rather than recompute them."""
+    """sum_n cos(t_k x_nm), sum_n sin(t_k x_nm): x (N, M), t (K,) -> two (M, K); backward reuses the cos and sin."""
 
     @staticmethod
     def forward(ctx, x, t):
@@ -1161,16 +962,13 @@ class _CharacteristicSums(torch.autograd.Function):
         return (cos * (grad_sin * t) - sin * (grad_cos * t)).sum(-1), None
 
 
-def characteristic_sums(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """N x the empirical characteristic function (cos, sin parts) of each column of x (N, M) at t (K,): two (M, K)."""
-    return _CharacteristicSums.apply(x.float(), t.float())
+characteristic_sums = _CharacteristicSums.apply  # N x the empirical characteristic function: cos and sin parts
 
 
 class SIGReg(nn.Module):
     """Sketched Isotropic Gaussian Regulariser (LeJEPA, LeWM): how far latents are from N(0, I). On M random unit
     directions, the Epps-Pulley statistic N * integral exp(-t^2/2) |phi_hat(t) - exp(-t^2/2)|^2 dt (trapezoid rule on
-    [0, 3], doubled: the integrand is even), averaged; Cramer-Wold: every projection Gaussian <=> N(0, I). Under
-    torch.distributed phi_hat is the global batch's, and ``step`` seeds directions every rank shares."""
+    [0, 3], doubled: the integrand is even), averaged; Cramer-Wold: every projection Gaussian <=> N(0, I)."""
 
     def __init__(self, num_dirs: int = 256, num_knots: int = 17, t_max: float = 3.0, seed: int = 0):
         super().__init__()
@@ -1183,35 +981,16 @@ class SIGReg(nn.Module):
         self.register_buffer("weights", 2 * trapezoid * torch.exp(-0.5 * t**2))
 
     def directions(self, dim: int, step: int | None, device) -> torch.Tensor:
-        """(D, M) random unit vectors: fresh each call, or a function of ``step`` (shared across ranks)."""
+        """(D, M) random unit vectors: fresh each call, or a function of ``step`` (a resumed run draws the same)."""
         gen = None if step is None else torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
         dirs = torch.randn(dim, self.num_dirs, generator=gen)
         return (dirs / dirs.norm(dim=0, keepdim=True)).to(device)
 
     def forward(self, emb: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        emb = emb.float()
-        proj = emb @ self.directions(emb.shape[1], step, emb.device)  # (B, M)
-        cos_sum, sin_sum = characteristic_sums(proj, self.t)  # sum over the batch of cos(t x), sin(t x): (M, K)
-        n = all_reduce_sum(torch.tensor(float(emb.shape[0]), device=emb.device))
-        err = (all_reduce_sum(cos_sum) / n - self.phi_target) ** 2 + (all_reduce_sum(sin_sum) / n) ** 2  # (M, K)
+        n, proj = emb.shape[0], (emb.float() @ self.directions(emb.shape[1], step, emb.device)).float()  # (B, M)
+        cos_sum, sin_sum = characteristic_sums(proj, self.t)  # sums over the batch of cos(t x), sin(t x): (M, K)
+        err = (cos_sum / n - self.phi_target) ** 2 + (sin_sum / n) ** 2  # (M, K)
         return n * (err * self.weights).sum(-1).mean()
-
-
-def check_images(obs, size: int = 128) -> torch.Tensor:
-    """``obs`` if it is a non-empty (B, 1, size, size) float tensor of finite values in [0, 1]; clear errors else."""
-    if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
-        raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
-    if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
-        raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
-    if obs.shape[0] == 0:
-        raise ValueError("obs is an empty batch (B = 0); pass at least one image")
-    if not torch.isfinite(obs).all():
-        raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
-    lo, hi = float(obs.min()), float(obs.max())
-    if lo < 0 or hi > 1:
-        hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
-        raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
-    return obs
 
 
 class JEPA(nn.Module):
@@ -1230,8 +1009,20 @@ class JEPA(nn.Module):
         return next(self.parameters()).device
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
-        """Images (B, 1, H, W), floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
-        obs = check_images(obs, self.encoder.image_size)
+        """Images (B, 1, H, W), finite floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
+        size = self.encoder.image_size
+        if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
+            raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
+        if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
+            raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
+        if obs.shape[0] == 0:
+            raise ValueError("obs is an empty batch (B = 0); pass at least one image")
+        if not torch.isfinite(obs).all():
+            raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
+        lo, hi = float(obs.min()), float(obs.max())
+        if lo < 0 or hi > 1:
+            hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
+            raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
         with torch.no_grad():
             return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
 
@@ -1285,9 +1076,8 @@ def count_parameters(module: nn.Module) -> int:
 
 def parameter_table(model: JEPA) -> dict[str, int]:
     """Parameter count per part of the model."""
-    enc, proj = count_parameters(model.encoder), count_parameters(model.encoder.projector)
-    total, pred = count_parameters(model), count_parameters(model.predictor)
-    return {"encoder (ViT)": enc - proj, "projector": proj, "predictor": pred, "total": total}
+    enc, proj, pred = (count_parameters(m) for m in (model.encoder, model.encoder.projector, model.predictor))
+    return {"encoder (ViT)": enc - proj, "projector": proj, "predictor": pred, "total": count_parameters(model)}
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════
@@ -1301,10 +1091,8 @@ def smoothness_loss(emb: torch.Tensor) -> torch.Tensor:
 
 def smooth_weight_at(step: int | None, cfg: Config) -> float:
     """The smoothness weight, ramped in over cfg.smooth_ramp of training, so SIGReg spreads the latents first."""
-    ramp_steps = cfg.smooth_ramp * cfg.num_steps
-    if step is None or ramp_steps <= 0:
-        return cfg.smooth_weight
-    return cfg.smooth_weight * min(1.0, (step + 1) / ramp_steps)
+    ramp = cfg.smooth_ramp * cfg.num_steps
+    return cfg.smooth_weight if step is None or ramp <= 0 else cfg.smooth_weight * min(1.0, (step + 1) / ramp)
 
 
 def effective_rank(emb: torch.Tensor) -> torch.Tensor:
@@ -1320,7 +1108,7 @@ def jepa_loss(
     """Named loss terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss [+ rollout_weight * rollout_loss]
     [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss] + lam * sigreg (the original write-up's
     lam = 10); with ``measure``, the latents' health too (latent_std, eff_rank)."""
-    out = model(obs, actions, self_feed=cfg.rollout_weight > 0 and obs.shape[1] > 2)  # model may be DDP-wrapped
+    out = model(obs, actions, self_feed=cfg.rollout_weight > 0 and obs.shape[1] > 2)
     emb = out["emb"]  # (B, T, D)
     terms = {"pred_loss": F.mse_loss(out["pred"], emb[:, 1:]), "sigreg": sigreg(emb.flatten(0, 1), step)}
     loss = terms["pred_loss"] + cfg.lam * terms["sigreg"]
@@ -1352,16 +1140,14 @@ def lr_at(step: int, cfg: Config) -> float:
 
 @torch.no_grad()
 def calibrate_batchnorm(model: JEPA, world: World) -> None:
-    """Set BatchNorm's running statistics to the exact ones of one image per free cell: running averages lag
-    while the learning rate is high and can make a good model look broken (notebook 03). No collective ops."""
+    """Set BatchNorm's running statistics to those of one image per free cell: running averages lag a high lr."""
     was_training = model.training
-    model.eval()
     states = torch.from_numpy(world.free_cells)
     if world.show_target:
         states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
     if len(states) > 2048:  # a large family: a fixed uniform sample of its free cells
         states = states[torch.randperm(len(states), generator=torch.Generator().manual_seed(0))[:2048]]
-    obs = world.render(states, model.device)
+    obs = world.render(states, model.eval().device)
     for bn in [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]:  # in order: later ones see new stats
         captured = []
         hook = bn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
@@ -1392,18 +1178,14 @@ def encode_states(model: JEPA, world: World, states=None) -> torch.Tensor:
 
 @torch.no_grad()
 def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
-    """Every (free cell, action) pair of a layout, (P,): cell, action, true next cell, the cell nearest the prediction,
-    bump; and the latents behind them, (P, D) on the CPU: the cell's, the predicted one, the true next cell's."""
+    """Per (free cell, action) pair (P,): cell, action, next, predicted (nearest cell), bump; latents (P, D), CPU."""
     emb = encode_states(model, world)  # (N, D)
     free = torch.from_numpy(world.free_cells)
     cells, actions = repeat(free, "n -> (n a)", a=len(ACTIONS)), torch.arange(len(ACTIONS)).repeat(len(free))
     latent = repeat(emb, "n d -> (n a) d", a=len(ACTIONS))
-    pred = model.predict(latent, actions.to(model.device))
-    nxt = world.next_cell[cells, actions]
-    nearest, next_latent = (
-        free[torch.cdist(pred, emb).argmin(1).cpu()],
-        emb[torch.searchsorted(free, nxt).to(emb.device)],
-    )
+    pred, nxt = model.predict(latent, actions.to(model.device)), world.next_cell[cells, actions]
+    nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
+    next_latent = emb[torch.searchsorted(free, nxt).to(emb.device)]
     table = {"cell": cells, "action": actions, "next": nxt, "predicted": nearest, "bump": nxt == cells}
     return table | {"latent": latent.cpu(), "predicted_latent": pred.cpu(), "next_latent": next_latent.cpu()}
 
@@ -1435,8 +1217,7 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
 
 @torch.no_grad()
 def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, seed: int = 12345) -> dict:
-    """Open-loop quality at h = 1..H on fresh trajectories imagined from frame 0's latent: the MSE to the real latents
-    over their variance (1 = no better than the mean), and the share whose nearest cell latent is the true cell."""
+    """Open-loop imagination from frame 0 at h = 1..H: MSE over the latents' variance, and nearest-cell accuracy."""
     if horizon < 1:
         raise ValueError(f"horizon must be >= 1, got {horizon}")
     data = make_transitions(world, num, horizon + 1, seed)
@@ -1450,44 +1231,40 @@ def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, s
 
 
 # ── checkpoints and run records: checked before they are trusted, written atomically ──
-CHECKPOINT_FORMAT = 2  # 2: a "format" key and a required checksum; 1: a checksum; 0: neither (the oldest files)
-CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "step": object, "config": dict, "history": dict, "metrics": dict}
-# format 0 predates the train time and these config fields: a file without a checksum that has them was edited
-NEWER_THAN_FORMAT_0 = {"num_layouts", "crop", "pool", "smooth_weight", "smooth_ramp", "idm_weight", "stem", "spatial"}
+CHECKPOINT_FORMAT = 2  # 2: a "format" key and a checksum; 1 (the shipped files): a checksum and no "format" key
+CHECKPOINT_KEYS = ("model", "optimizer", "config", "history", "metrics")  # the dicts beside the step
 RETIRED_FIELDS = {"stem": "patch", "spatial": False, "rollout_frames": 0}  # old configs hold them at these values
 BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "profile")
 RECORD_KIND = "gridjepa run record"
 RECORD_FIELDS = {"command": str, "train_seconds": (int, float), "device": str, "metrics": dict, "evaluations": list}
 
 
-def _digest(obj, h) -> None:
-    """Feed a nested structure of dicts, lists, tensors and scalars into ``h`` in a fixed order."""
+def checkpoint_checksum(state: dict, h=None) -> str:
+    """sha256 over all a checkpoint holds but its checksum: dicts in key order, lists, tensors' bytes, scalars."""
+    obj, h = ({k: v for k, v in state.items() if k != "checksum"}, hashlib.sha256()) if h is None else (state, h)
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
-        return h.update(f"T{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    if not isinstance(obj, (dict, list, tuple)):
-        return h.update(f"S{obj!r}".encode())
-    h.update(f"{'D' if isinstance(obj, dict) else 'L'}{len(obj)}".encode())
-    for k in sorted(obj, key=repr) if isinstance(obj, dict) else range(len(obj)):
-        h.update(repr(k).encode() if isinstance(obj, dict) else b"")
-        _digest(obj[k], h)
-
-
-def checkpoint_checksum(state: dict) -> str:
-    """sha256 over everything a checkpoint holds except the checksum itself (tensors' bytes in key order)."""
-    h = hashlib.sha256()
-    _digest({k: v for k, v in state.items() if k != "checksum"}, h)
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif not isinstance(obj, (dict, list, tuple)):
+        h.update(f"S{obj!r}".encode())
+    else:
+        h.update(f"{'D' if isinstance(obj, dict) else 'L'}{len(obj)}".encode())
+        for k in sorted(obj, key=repr) if isinstance(obj, dict) else range(len(obj)):
+            h.update(repr(k).encode() if isinstance(obj, dict) else b"")
+            checkpoint_checksum(obj[k], h)
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fresh temporary file (fsync, rename); an OSError names the path and cause."""
+def _atomic_write(path: Path, data: bytes | None) -> None:
+    """Write ``data`` to ``path`` via a fresh temporary file (fsync, rename), or with None only make and remove that
+    file (check_writable); an OSError names the path and cause."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # never follows a link
-        umask = os.umask(0)
-        os.umask(umask)
+        if data is None:
+            return os.close(fd)
+        os.umask(umask := os.umask(0))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -1508,9 +1285,7 @@ def save_checkpoint(
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": step, "config": dataclasses.asdict(cfg)}
     state |= {"optimizer": opt.state_dict() if opt is not None else {}, "history": history or {}}
     state |= {"metrics": metrics or {}, "train_seconds": float(train_seconds)}
-    state["checksum"] = checkpoint_checksum(state)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(state | {"checksum": checkpoint_checksum(state)}, buffer := io.BytesIO())
     _atomic_write(Path(path), buffer.getvalue())
 
 
@@ -1520,62 +1295,52 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
         raise ValueError(f"{source}: the config must be a dict, got {type(values).__name__}")
     retired = [f"{k}={v!r}" for k, v in values.items() if k in RETIRED_FIELDS and v != RETIRED_FIELDS[k]]
     names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names - set(RETIRED_FIELDS))
-    if retired or unknown:
-        raise ValueError(f"{source} describes a model this module does not build ({', '.join(retired + unknown)})")
+    if bad := retired + sorted(set(values) - names - set(RETIRED_FIELDS)):
+        raise ValueError(f"{source} describes a model this module does not build ({', '.join(bad)})")
     try:
         return validate_config(Config(**{k: v for k, v in values.items() if k in names}))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source} holds an invalid config: {e}") from e
 
 
-def _check_weights(path, weights: dict, expected: dict) -> None:
-    """Refuse weights whose names or shapes differ from those the config makes (``expected``: name -> tensor)."""
-    got, want = ({k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} for sd in (weights, expected))
-    diff = [f"{k}: {got.get(k)} in the file, {want.get(k)} by config" for k in got | want if got.get(k) != want.get(k)]
-    if diff:
-        raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(diff[:4])})")
-
-
 def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, device="cpu", same_run=False) -> dict:
-    """Load a checkpoint (weights_only) checked before any model is built: checksum (required from format 2 on),
-    config (types, ranges, model size), step, weights' shapes. With ``cfg``, refuse other model fields (``same_run``:
-    any training field - resuming with another lam mixes two runs). Adds "cfg" and "model_obj" (a JEPA, eval mode)."""
+    """A checkpoint checked before any model is built, plus "cfg" and "model_obj"; ``cfg``: refuse other model fields
+    (``same_run``: other training fields too)."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read (corrupt, truncated or not a checkpoint): {e}") from e
-    if not isinstance(ckpt, dict) or any(
-        k not in ckpt or not isinstance(ckpt[k], t) for k, t in CHECKPOINT_KEYS.items()
-    ):
+    if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), dict) for k in CHECKPOINT_KEYS):
         raise ValueError(f"{path} is not a GridJEPA checkpoint (it needs dicts {list(CHECKPOINT_KEYS)} and a step)")
-    if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} has format {ckpt['format']!r}; this module reads formats 0 to 2")
-    if ("checksum" in ckpt or "format" in ckpt) and checkpoint_checksum(ckpt) != ckpt.get("checksum"):
+    if ckpt.get("format", 1) not in (1, CHECKPOINT_FORMAT):
+        raise ValueError(f"checkpoint {path} has format {ckpt['format']!r}; this module reads formats 1 and 2")
+    if "checksum" not in ckpt and "format" not in ckpt:
+        raise ValueError(f"checkpoint {path} was written by an older version without a checksum: retrain or re-save it")
+    if checkpoint_checksum(ckpt) != ckpt.get("checksum"):
         raise ValueError(f"checkpoint {path} fails its integrity check (sha256): corrupted or edited; do not use it")
-    if "checksum" not in ckpt and ("train_seconds" in ckpt or NEWER_THAN_FORMAT_0 & set(ckpt["config"])):
-        raise ValueError(f"checkpoint {path} has no checksum but is newer than format 0: edited; do not use it")
-    saved = config_from_dict(ckpt["config"], f"checkpoint {path}")
-    step, models = ckpt["step"], set(saved.model_fields())
+    saved, step = config_from_dict(ckpt["config"], f"checkpoint {path}"), ckpt.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= saved.num_steps:
         raise ValueError(f"checkpoint {path} has step {step!r}; expected an integer in [0, {saved.num_steps}]")
-    diff = [
+    models = set(saved.model_fields())
+    if diff := [
         f"{'model' if k in models else 'training'} field {k}: checkpoint={v!r} vs config={getattr(cfg, k)!r}"
         for k, v in dataclasses.asdict(saved).items()
         if cfg is not None and k not in BOOKKEEPING and (same_run or k in models) and getattr(cfg, k) != v
-    ]
-    if diff:
+    ]:
         raise ValueError(
             f"checkpoint {path} was made with another config ({', '.join(diff)}); build the model from the "
-            f"checkpoint's config (load_model) or start a new run under another name"
+            "checkpoint's config (load_model) or start a new run under another name"
         )
-    if model is None:
-        with torch.device("meta"):  # the shapes alone, no memory
-            _check_weights(path, ckpt["model"], JEPA(saved).state_dict())
-        model = JEPA(saved).to(device)
-    _check_weights(path, ckpt["model"], model.state_dict())
+    with torch.device("meta"):  # the shapes alone, no memory
+        expected = (model if model is not None else JEPA(saved)).state_dict()
+    got, want = ({k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} for sd in (ckpt["model"], expected))
+    if diff := [
+        f"{k}: {got.get(k)} in the file, {want.get(k)} by config" for k in got | want if got.get(k) != want.get(k)
+    ]:
+        raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(diff[:4])})")
+    model = model if model is not None else JEPA(saved).to(device)
     model.load_state_dict(ckpt["model"])
     ckpt["cfg"], ckpt["model_obj"] = saved, model.eval()
     ckpt.setdefault("train_seconds", float(ckpt["metrics"].get("train_seconds", 0.0) or 0.0))
@@ -1587,14 +1352,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JE
     return (ckpt := load_checkpoint(path, device=device))["model_obj"], ckpt["cfg"]
 
 
-def training_fields(cfg: Config) -> dict:
-    """Every field that changes what training produces (all but the bookkeeping ones)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING}
-
-
 def config_hash(cfg: Config) -> str:
-    """A short hash of the training fields: runs that differ in any of them get different default names."""
-    return hashlib.sha256(json.dumps(training_fields(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    """A short hash of the training fields (all but BOOKKEEPING): runs differing in any get different default names."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def default_out_path(cfg: Config) -> Path:
@@ -1608,37 +1369,36 @@ def record_path(out: str | Path) -> Path:
     return Path(out).with_suffix(".json")
 
 
-def _check_record(out: str | Path, cfg: Config) -> dict | None:
-    """The run record of ``out`` (None if none), or a ValueError saying why it is not this run's record."""
+def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None:
+    """This run's record beside ``out`` (None if none); another file there: FileExistsError, or None and a warning."""
     path = record_path(out)
-    if not os.path.lexists(path):
-        return None
-    if path.is_symlink() or not path.is_file():
-        raise ValueError("it is a link or not a regular file")
     try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"it is not a run record ({e})") from None
-    if not isinstance(record, dict) or record.get("kind") != RECORD_KIND or "command" not in record:
-        raise ValueError("it is not a run record written by gridjepa_utils.py")
-    if record.get("checkpoint") != Path(out).name:
-        raise ValueError(f"it records checkpoint {record.get('checkpoint')!r}, not {Path(out).name!r}")
-    wrong = [k for k, kind in RECORD_FIELDS.items() if k in record and not isinstance(record[k], kind)]
-    if wrong:
-        raise ValueError(f"its fields {wrong} have the wrong type")
-    saved = training_fields(config_from_dict(record.get("config"), "its config"))
-    diff = [f"{k}: record={v!r} vs config={getattr(cfg, k)!r}" for k, v in saved.items() if getattr(cfg, k) != v]
-    if diff:
-        raise ValueError(f"it records a run with other training fields ({', '.join(diff)})")
-    return record
-
-
-def read_record(out: str | Path, cfg: Config) -> dict | None:
-    """The record of ``out`` (None if none); FileExistsError for a file there that is not this run's record."""
-    try:
-        return _check_record(out, cfg)
+        if not os.path.lexists(path):
+            return None
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("it is a link or not a regular file")
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            raise ValueError(f"it is not a run record ({e})") from None
+        if not isinstance(record, dict) or record.get("kind") != RECORD_KIND or "command" not in record:
+            raise ValueError("it is not a run record written by gridjepa_utils.py")
+        if record.get("checkpoint") != Path(out).name:
+            raise ValueError(f"it records checkpoint {record.get('checkpoint')!r}, not {Path(out).name!r}")
+        if wrong := [k for k, kind in RECORD_FIELDS.items() if k in record and not isinstance(record[k], kind)]:
+            raise ValueError(f"its fields {wrong} have the wrong type")
+        saved = dataclasses.asdict(config_from_dict(record.get("config"), "its config"))
+        if diff := [
+            f"{k}: record={v!r} vs config={getattr(cfg, k)!r}"
+            for k, v in saved.items()
+            if k not in BOOKKEEPING and getattr(cfg, k) != v
+        ]:
+            raise ValueError(f"it records a run with other training fields ({', '.join(diff)})")
+        return record
     except ValueError as e:
-        raise FileExistsError(f"refusing to overwrite {record_path(out)}: {e}") from None
+        if not warn:
+            raise FileExistsError(f"refusing to overwrite {path}: {e}") from None
+        warnings.warn(f"ignoring the run record {path}: {e}", stacklevel=3)
 
 
 def write_record(out: str | Path, record: dict) -> None:
@@ -1647,28 +1407,22 @@ def write_record(out: str | Path, record: dict) -> None:
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
-    """``load_model`` plus info: "path", "step", "metrics", "history"; and "command" (else None), "train_seconds",
-    "device", "evaluations" and metrics from the run record beside it, if it passes read_record's checks."""
+    """``load_model`` plus info: path, step, metrics, history, and command etc. from this run's record beside it."""
     ckpt = load_checkpoint(path, device=device)
-    info = {"path": str(path), "step": ckpt["step"], "metrics": dict(ckpt["metrics"]), "history": ckpt["history"]}
-    try:
-        record = _check_record(path, ckpt["cfg"]) or {}
-    except ValueError as e:
-        warnings.warn(f"ignoring the run record {record_path(path)}: {e}", stacklevel=2)
-        record = {}
-    info |= {"command": None, "metrics": info["metrics"] | record.get("metrics", {})}
+    record = read_record(path, ckpt["cfg"], warn=True) or {}
+    info = {"path": str(path), "step": ckpt["step"], "metrics": dict(ckpt["metrics"]) | record.get("metrics", {})}
+    info |= {"history": ckpt["history"], "command": None}
     info |= {k: record[k] for k in ("command", "train_seconds", "device", "evaluations") if k in record}
     return ckpt["model_obj"], ckpt["cfg"], info
 
 
-# ── output files: one lock per output, a writable folder checked before training ──
+# ── output files: one OS lock per output, a writable folder checked before training ──
 _LOCKS: dict[str, filelock.FileLock] = {}  # one per output: this process may take it again (train inside main)
 
 
 @contextlib.contextmanager
 def output_lock(path: str | Path):
-    """Hold an OS lock on ``<path>.lock`` while a run writes ``path``: another process is refused, naming the pid
-    kept in ``<path>.lock.pid``. The OS releases the lock when its process dies, so it is never stale."""
+    """An OS lock on ``<path>.lock`` (never stale) while a run writes ``path``; another process is refused by pid."""
     lock_path, pid_path = Path(f"{path}.lock"), Path(f"{path}.lock.pid")
     lock = _LOCKS.setdefault(str(lock_path.resolve()), filelock.FileLock(str(lock_path.resolve())))
     first, holder = not lock.is_locked, "another process"
@@ -1694,10 +1448,7 @@ def check_writable(path: str | Path) -> None:
     """Fail now, naming ``path``, if a file cannot be created next to it (rather than after training)."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
+        _atomic_write(path, None)
     except OSError as e:
         raise OSError(f"cannot write {path}: its folder {path.parent} is not writable ({e.strerror or e})") from e
     if path.exists() and (path.is_dir() or not os.access(path, os.R_OK)):
@@ -1744,74 +1495,13 @@ def collapse_warning(latent_std: float, cfg: Config) -> str | None:
     """A message with what to try when the latents have (almost) stopped varying."""
     if latent_std >= 0.05:
         return None
-    smooth = f", or a smaller smooth_weight (now {cfg.smooth_weight:g})" if cfg.smooth_weight > 0 else ""
+    tries = [f"a larger lam (now {cfg.lam:g})"]
+    tries += ["projector_norm='batchnorm' (LeWM's; now 'layernorm')"] if cfg.projector_norm != "batchnorm" else []
+    tries += [f"a smaller smooth_weight (now {cfg.smooth_weight:g})"] if cfg.smooth_weight > 0 else []
     return (
         f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to nearly the "
-        f"same vector. Try a larger lam (now {cfg.lam}) or projector_norm='batchnorm' (now {cfg.projector_norm!r})"
-        f"{smooth}."
+        f"same vector. Try {' or '.join(tries)}."
     )
-
-
-def _train(cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_after) -> TrainResult:
-    device, rank, size = torch.device(device or default_device()), 0, 1
-    if dist.is_available() and dist.is_initialized():
-        rank, size = dist.get_rank(), dist.get_world_size()
-    if cfg.batch_size % size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {size}")
-    lead, world = rank == 0, world or build_world(cfg)
-    data = data or make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)
-    # a large family is watched on its first 32 layouts: the curve's next-state accuracy is on training layouts
-    monitor = WorldFamily(world.layouts[:32]) if isinstance(world, WorldFamily) and len(world) > 32 else world
-    torch.manual_seed(cfg.seed)
-    model = JEPA(cfg, world.image_size).to(device)
-    if device.type == "cuda":
-        model, torch.backends.cuda.matmul.allow_tf32 = model.to(memory_format=torch.channels_last), True
-    sigreg, opt = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device), make_optimizer(model, cfg)
-    history, start, earlier_seconds, notes = {}, 0, 0.0, []
-    if ckpt_path is not None and resume and Path(ckpt_path).exists():
-        ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
-        if ckpt["optimizer"]:  # a finished run's final checkpoint keeps no optimiser state
-            opt.load_state_dict(ckpt["optimizer"])
-        start, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
-        if lead and progress:
-            print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
-    ddp = nn.parallel.DistributedDataParallel(model) if size > 1 else model
-    steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
-    t0 = time.perf_counter()  # painting the frames counts as training time
-    painted = paint_frames(world, data, device, progress and lead, cfg.input_size, cfg.crop) if len(steps) else None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(steps, desc="training", mininterval=0.5) if progress and lead else None
-    for step in bar or steps:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen).chunk(size)[rank]  # this rank's slice
-        obs, actions = sample_batch(world, data, idx, device, painted)
-        done = step + 1
-        logged = done % cfg.log_every == 0 or done == cfg.num_steps
-        terms = train_step(ddp, sigreg, opt, obs, actions, cfg, step, measure=logged)
-        if logged:
-            row = {"step": done, "lr": lr_at(step, cfg)} | {name: float(t.detach()) for name, t in terms.items()}
-            for k, v in row.items():
-                history.setdefault(k, []).append(v)
-            if bar is not None:
-                shown = {"pred": "pred_loss", "sig": "sigreg", "std": "latent_std"}
-                bar.set_postfix({k: f"{history[v][-1]:.3g}" for k, v in shown.items()}, refresh=False)
-            if on_log is not None and lead:
-                on_log(history)
-        if lead and (done % cfg.eval_every == 0 or done == cfg.num_steps):
-            calibrate_batchnorm(model, world)
-            history.setdefault("eval_step", []).append(done)
-            history.setdefault("next_state_acc", []).append(next_state_accuracy(model, monitor))
-            note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
-            if note and not notes:  # say it once per run
-                notes.append(note)
-                print(note)
-        if ckpt_path is not None and lead and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
-            seconds = earlier_seconds + time.perf_counter() - t0
-            save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
-    seconds = time.perf_counter() - t0
-    calibrate_batchnorm(model, world)
-    return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
 
 
 def train(
@@ -1819,22 +1509,72 @@ def train(
 ) -> TrainResult:
     """Train a JEPA with cfg: MSE(predicted, next latent) + lam * SIGReg, AdamW, warmup + cosine. Batch k and SIGReg's
     directions depend on (seed, k) alone, so a resumed run (``ckpt_path``, ``resume``) takes the same path.
-    ``stop_after``: leave early; ``on_log(history)``: at each log line. Under torchrun each rank takes a batch slice."""
+    ``stop_after``: leave early; ``on_log(history)``: at each log line."""
     validate_config(cfg)
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an integer >= 0 or None, got {stop_after!r}")
-    args = (cfg, world, data, ckpt_path, resume, on_log, progress, device, stop_after)
-    if ckpt_path is None or not _is_main_process():
-        return _train(*args)
-    check_writable(ckpt_path)
-    with output_lock(ckpt_path):
-        return _train(*args)
+    if ckpt_path is not None:
+        check_writable(ckpt_path)
+    with contextlib.nullcontext() if ckpt_path is None else output_lock(ckpt_path):
+        device, world = torch.device(device or default_device()), world or build_world(cfg)
+        data = data or make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)
+        # a large family is watched on its first 32 layouts: the curve's next-state accuracy is on training layouts
+        monitor = WorldFamily(world.layouts[:32]) if isinstance(world, WorldFamily) and len(world) > 32 else world
+        torch.manual_seed(cfg.seed)
+        model = JEPA(cfg, world.image_size).to(device)
+        if device.type == "cuda":
+            model, torch.backends.cuda.matmul.allow_tf32 = model.to(memory_format=torch.channels_last), True
+        sigreg, opt = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device), make_optimizer(model, cfg)
+        history, start, earlier_seconds, notes = {}, 0, 0.0, []
+        if ckpt_path is not None and resume and Path(ckpt_path).exists():
+            ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
+            if ckpt["optimizer"]:  # a finished run's final checkpoint keeps no optimiser state
+                opt.load_state_dict(ckpt["optimizer"])
+            start, history, earlier_seconds = ckpt["step"], ckpt["history"], ckpt["train_seconds"]
+            if progress:
+                print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
+        steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
+        t0 = time.perf_counter()  # painting the frames counts as training time
+        painted = paint_frames(world, data, device, progress, cfg.input_size, cfg.crop) if len(steps) else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(steps, desc="training", mininterval=0.5) if progress else None
+        for step in bar or steps:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+            obs, actions = sample_batch(world, data, idx, device, painted)
+            done = step + 1
+            logged = done % cfg.log_every == 0 or done == cfg.num_steps
+            terms = train_step(model, sigreg, opt, obs, actions, cfg, step, measure=logged)
+            if logged:
+                row = {"step": done, "lr": lr_at(step, cfg)} | {name: float(t.detach()) for name, t in terms.items()}
+                for k, v in row.items():
+                    history.setdefault(k, []).append(v)
+                if bar is not None:
+                    shown = {"pred": "pred_loss", "sig": "sigreg", "std": "latent_std"}
+                    bar.set_postfix({k: f"{history[v][-1]:.3g}" for k, v in shown.items()}, refresh=False)
+                if on_log is not None:
+                    on_log(history)
+            if done % cfg.eval_every == 0 or done == cfg.num_steps:
+                calibrate_batchnorm(model, world)
+                history.setdefault("eval_step", []).append(done)
+                history.setdefault("next_state_acc", []).append(next_state_accuracy(model, monitor))
+                note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
+                if note and not notes:  # say it once per run
+                    notes.append(note)
+                    print(note)
+            if ckpt_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
+                seconds = earlier_seconds + time.perf_counter() - t0
+                save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
+    seconds = time.perf_counter() - t0
+    calibrate_batchnorm(model, world)
+    return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
 
 
 # ── how long training will take, measured before it starts ──
 def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: World | None = None) -> dict:
     """How long train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps after a warm-up, and the
-    painting of the frames; a dict (flops_per_step, seconds_per_step, steps, paint_seconds, total_seconds, device)."""
+    painting of the frames."""
     device, gen = torch.device(device or default_device()), torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     world = world or build_world(cfg)
@@ -1847,19 +1587,17 @@ def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: W
     sync()
     share = cfg.num_transitions * cfg.seq_len / data.states.numel()  # the full dataset's frames over these
     paint_seconds = (time.perf_counter() - t0) * share if painted is not None else 0.0
-    batch = lambda: sample_batch(
-        world, data, torch.randint(len(data), (cfg.batch_size,), generator=gen), device, painted
-    )
-    obs, actions = batch()
+    draw = lambda: torch.randint(len(data), (cfg.batch_size,), generator=gen)
+    obs, actions = sample_batch(world, data, draw(), device, painted)
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         jepa_loss(model, sigreg, obs, actions, cfg, 0)["loss"].backward()
     train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
     sync()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # drawing the batch is part of a step
     for step in range(timed_steps):
-        train_step(model, sigreg, opt, *batch(), cfg, step, measure=False)  # drawing the batch is part of a step
+        train_step(model, sigreg, opt, *sample_batch(world, data, draw(), device, painted), cfg, step, measure=False)
     sync()
     per_step = (time.perf_counter() - t0) / timed_steps
     est = {"flops_per_step": int(counter.get_total_flops()), "seconds_per_step": per_step, "steps": cfg.num_steps}
@@ -1917,8 +1655,7 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
     """R^2 (mean over columns) of linear probes emb -> pos: on the cells they were fit on (proves little when D >> P),
     on held-out cells (``num_splits`` seeded ShuffleSplits), and the same with ridge (alpha by leave-one-out)."""
     emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
-    P = len(emb)
-    if emb.ndim != 2 or pos.ndim != 2 or len(pos) != P:
+    if emb.ndim != 2 or pos.ndim != 2 or len(pos) != (P := len(emb)):
         raise ValueError(f"expected emb (P, D) and pos (P, k), got {emb.shape} and {pos.shape}")
     if not (np.isfinite(emb).all() and np.isfinite(pos).all()):
         raise ValueError("emb and pos must be finite (no NaN or inf)")
@@ -1977,6 +1714,7 @@ def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -
 # A policy maps (cells (P,), goals (P,)) to a dict: "action" (P,) and, from a planner that scores its options,
 # "scores" (P, A), the predicted cost of each first action (lower is better). run_mpc acts and repeats.
 Policy = Callable[[torch.Tensor, torch.Tensor], dict]
+PLANNERS = ("probe", "latent", "nearest", "cem", "search", "imagine", "graph", "random")  # make_policy's names
 
 
 @torch.no_grad()
@@ -2075,8 +1813,7 @@ def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "
 
 
 def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoothing=0.1, seed=0, cost="steps"):
-    """Cross-entropy method (LeWM's planner, made discrete): sample action sequences, refit per-step categorical
-    distributions to the elites, repeat; execute the first action of the best sequence seen."""
+    """Cross-entropy method (LeWM's, made discrete): refit per-step categoricals to the elite sampled sequences."""
     check_search(model, world, horizon, cost, "cem_policy")
     check_int(samples, "samples", 1), check_int(iterations, "iterations", 1)
     if not 1 <= elites <= samples:
@@ -2095,8 +1832,7 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
             costs = table.gather(1, (seqs * code).sum(-1))  # (P, S)
             scores = scores.scatter_reduce(1, seqs[:, :, 0], costs, "amin")  # (P, A) the best sequence from each action
-            order = costs.argsort(1)[:, :elites]  # (P, E)
-            elite = torch.gather(seqs, 1, repeat(order, "p e -> p e h", h=horizon))  # (P, E, H)
+            elite = torch.gather(seqs, 1, repeat(order := costs.argsort(1)[:, :elites], "p e -> p e h", h=horizon))
             probs = (1 - smoothing) * F.one_hot(elite, A).float().mean(1) + smoothing / A  # (P, H, A)
             better = (top := costs.gather(1, order[:, :1])[:, 0]) < best_cost
             best_cost, best_seq[better] = torch.where(better, top, best_cost), elite[better, 0]
@@ -2107,8 +1843,7 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
 
 
 def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) -> Policy:
-    """Breadth-first search in the imagined graph of every free cell's latent (privileged): each (node, action) leads to
-    the node nearest the predicted latent; the goal image snaps to its nearest node."""
+    """Breadth-first search in the imagined graph of the free cells' latents (privileged): edges to the nearest node."""
     nodes = encode_cells(model, world, torch.from_numpy(world.free_cells) if frames is None else frames)  # (V, D)
     V, A = len(nodes), len(ACTIONS)
     pred = model.predict(repeat(nodes, "v d -> (v a) d", a=A), torch.arange(A, device=nodes.device).repeat(V))
@@ -2140,15 +1875,11 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
         if not len(front_u):
             break  # the last level found no new place
         parents = repeat(nodes[front_u, front_v], "f d -> (f a) d", a=A)  # (C, D): C = F * A candidate moves
-        step = actions.repeat(len(front_u))
-        pred = model.predict(parents, step)  # (C, D)
+        pred = model.predict(parents, step := actions.repeat(len(front_u)))  # (C, D)
         went = (pred - parents).norm(dim=-1)  # (C,) how far each imagined move went
-
         # q is one move c from c's parent when undoing it (the opposite action, imagined from q) lands nearer the
         # parent than the move went: a test with no length scale, so it holds where the learned map is stretched
-        def one_move(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return (model.predict(q, opposite[step[c]]) - parents[c]).norm(dim=-1) < went[c]
-
+        one_move = lambda q, c: (model.predict(q, opposite[step[c]]) - parents[c]).norm(dim=-1) < went[c]
         real = one_move(pred, torch.arange(len(pred), device=dev))  # (C,) False: a wall bump
         real_fa, went_fa = real.view(-1, A), went.view(-1, A)  # (F, A)
         longest = torch.where(real_fa.any(1, keepdim=True), went_fa * real_fa, went_fa).amax(1)  # (F,) of real moves
@@ -2168,22 +1899,18 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
         merging = (real & (nearest < ctol)).nonzero().squeeze(1)
         same = one_move(nodes[cu[merging], place[merging]], merging)
         nearest[merging] = nearest[merging].masked_fill(~same, torch.inf)
-        new = (nearest >= ctol) & real
-        index = torch.arange(len(pred), device=dev)[new]  # each new latent's candidate move
+        index = torch.arange(len(pred), device=dev)[new := (nearest >= ctol) & real]  # each new latent's candidate move
         pred, cu, cfirst, ctol = pred[new], cu[new], cfirst[new], ctol[new]
         # two new latents of one search are one place by the same test, unless one parent's moves (distinct cells)
         close = torch.tril((torch.cdist(pred, pred) < ctol[:, None]) & (cu[:, None] == cu[None]), diagonal=-1)
         later, earlier = close.nonzero(as_tuple=True)
         close[later, earlier] = one_move(pred[earlier], index[later]) & (index[later] // A != index[earlier] // A)
-        keep = ~close.any(1)  # the first of each place
-        order = torch.argsort(cu[keep], stable=True)
+        order = torch.argsort(cu[keep := ~close.any(1)], stable=True)  # keep: the first of each place
         pred, cu, cfirst, ctol = pred[keep][order], cu[keep][order], cfirst[keep][order], ctol[keep][order]
         slot = count[cu] + torch.arange(len(cu), device=dev) - torch.searchsorted(cu, cu)  # after the search's places
-        fits = slot < max_nodes
-        pred, cu, cfirst, ctol, slot = pred[fits], cu[fits], cfirst[fits], ctol[fits], slot[fits]
+        pred, cu, cfirst, ctol, slot = (x[slot < max_nodes] for x in (pred, cu, cfirst, ctol, slot))
         nodes[cu, slot], depth[cu, slot], first[cu, slot], tol[cu, slot] = pred, level, cfirst, ctol
-        count += torch.bincount(cu, minlength=U)
-        front_u, front_v = cu, slot
+        count, front_u, front_v = count + torch.bincount(cu, minlength=U), cu, slot
     return {"nodes": nodes, "count": count, "depth": depth, "first": first, "tol": tol}
 
 
@@ -2195,9 +1922,8 @@ def _search_settings(world: World, max_depth, merge) -> tuple[int, int]:  # chec
 
 
 def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, merge=0.5, meet="either") -> Policy:
-    """Plan from two images and the model alone: imagine the places reachable from the current image and from the goal
-    image (imagine_map; moves are reversible), take the first action of the shortest imagined path through a place
-    where the two searches meet, replan every step. Two half-depth searches drift less than one."""
+    """Plan from two images and the model alone: imagine the places reachable from both (imagine_map; moves are
+    reversible; two half-depth searches drift less than one), act along the shortest path through a meeting place."""
     max_depth, max_nodes = _search_settings(world, max_depth, merge)
     if meet not in ("either", "both"):
         raise ValueError(f"meet must be 'either' or 'both', got {meet!r}")
@@ -2270,8 +1996,7 @@ class PlanResult:
         mean = float(self.steps[self.success].float().mean()) if self.success.any() else float("nan")
         return {"pairs": len(self.starts)} | self._shares() | {"seconds": self.seconds, "mean_steps_solved": mean}
 
-    def by_distance(self) -> dict[int, dict]:
-        """Pairs, success and optimal share per BFS distance."""
+    def by_distance(self) -> dict[int, dict]:  # pairs, success and optimal share per BFS distance
         masks = {d: self.optimal_steps == d for d in sorted(set(self.optimal_steps.tolist()))}
         return {d: {"pairs": int(m.sum())} | self._shares(m) for d, m in masks.items()}
 
@@ -2280,10 +2005,9 @@ def run_mpc(
     world, policy, starts=None, goals=None, max_steps=None, record=False, remember_bumps=False, remember_tried=False
 ) -> PlanResult:
     """Closed-loop control of every pair at once (default: all pairs of distinct free cells): observe, ask the policy,
-    act in the real world, repeat until every episode is at its goal or max_steps (default step_budget) ran out.
-    Back at an image, a planner that decides from (image, goal image) alone loops forever; a memory breaks the loop:
-    ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` takes an action taken least often
-    from it, each the policy's best-scored allowed one. ``record`` keeps each step's dict in the trace."""
+    act in the real world, repeat until every episode is at its goal or max_steps (default step_budget) ran out. Back
+    at an image, a planner that decides from (image, goal image) alone loops forever; a memory breaks the loop:
+    ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` takes its least-taken action."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
     if not callable(policy):
@@ -2344,9 +2068,6 @@ def sample_pairs(world: World, per_layout: int, seed: int = 0) -> tuple[torch.Te
     return torch.from_numpy(pick[:, 0]), torch.from_numpy(pick[:, 1])
 
 
-PLANNERS = ("probe", "latent", "nearest", "cem", "search", "imagine", "graph", "random")
-
-
 def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
     """A planner by name (PLANNERS); the probe planner's probe is fit on every free cell unless given."""
     if name not in PLANNERS:
@@ -2365,8 +2086,7 @@ def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None 
 
 
 def show_source(obj) -> str:
-    """Show the module's code for ``obj`` as a Python block in a notebook (printed elsewhere): the page shows the
-    code that runs. Returns the source."""
+    """Show (and return) the module's code for ``obj``: a Python block in a notebook, printed elsewhere."""
     import textwrap
 
     from IPython import get_ipython
@@ -2378,26 +2098,18 @@ def show_source(obj) -> str:
 
 
 def plot_history(history: dict, axes=None):
-    """Five panels vs step: prediction loss, SIGReg, latent std, effective rank, next-state accuracy. A collapse
-    shows as the std and the rank falling together while the prediction loss goes to 0."""
+    """Loss, SIGReg, latent std, effective rank, next-state accuracy vs step: a collapse shows as std and rank fall."""
     import matplotlib.pyplot as plt
 
-    if axes is None:
-        _, axes = plt.subplots(1, 5, figsize=(17, 3))
-    for ax in axes:
+    axes = plt.subplots(1, 5, figsize=(17, 3))[1] if axes is None else axes
+    keys, colors = "pred_loss sigreg latent_std eff_rank next_state_acc".split(), "C0 C1 C2 C4 C3".split()
+    titles = ["prediction MSE", "SIGReg", "latent std per dim (~1 healthy)", "effective rank of a batch"]
+    for i, (ax, key, title, color) in enumerate(zip(axes, keys, [*titles, "next-state accuracy"], colors)):
         ax.clear()
-        ax.set_xlabel("step")
-    steps = history.get("step", [])
-    panels = [("pred_loss", "prediction MSE", "C0"), ("sigreg", "SIGReg", "C1")]
-    panels += [("latent_std", "latent std per dim (~1 healthy)", "C2")]
-    for ax, (key, title, color) in zip(axes, panels):
-        ax.semilogy(steps, history.get(key, []), color=color)
-        ax.set_title(title)
-    axes[3].plot(steps, history.get("eff_rank", []), color="C4")
-    axes[3].set_title("effective rank of a batch")
-    axes[4].plot(history.get("eval_step", []), history.get("next_state_acc", []), "o-", color="C3", ms=3)
+        ax.set(xlabel="step", title=title)
+        x = history.get("eval_step" if i == 4 else "step", [])  # losses on a log scale; accuracy per evaluation
+        (ax.semilogy if i < 3 else ax.plot)(x, history.get(key, []), "o-" if i == 4 else "-", color=color, ms=3)
     axes[4].set_ylim(-0.05, 1.05)
-    axes[4].set_title("next-state accuracy")
     axes[0].figure.tight_layout()
     return axes
 
@@ -2409,23 +2121,19 @@ class LivePlot:
         import matplotlib.pyplot as plt
         from IPython.display import display
 
-        self.plt = plt
-        self.fig, self.axes = plt.subplots(1, 5, figsize=(17, 3))
-        self.handle = display(self.fig, display_id=True)
-        self.last, self.history = 0.0, None
+        self.plt, (self.fig, self.axes) = plt, plt.subplots(1, 5, figsize=(17, 3))
+        self.handle, self.last, self.history = display(self.fig, display_id=True), 0.0, None
         plt.close(self.fig)
 
     def update(self, history: dict, every_seconds: float = 3.0) -> None:
-        """Redraw at most every few seconds: drawing costs more than a CPU training step."""
-        self.history = history
+        self.history = history  # redrawn at most every few seconds: drawing costs more than a CPU training step
         if time.perf_counter() - self.last >= every_seconds:
             plot_history(history, self.axes)
             self.handle.update(self.fig)
             self.last = time.perf_counter()
 
     def close(self) -> None:
-        if self.history is not None:
-            self.update(self.history, every_seconds=0)  # the final state
+        self.update(self.history, every_seconds=0) if self.history is not None else None  # the final state
         self.plt.close(self.fig)
 
 
@@ -2433,8 +2141,7 @@ def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title:
     """A top-down map of the grid: walls, optional path (cells), goal and imagined positions."""
     import matplotlib.pyplot as plt
 
-    ax = ax or plt.gca()
-    G = world.grid_size
+    ax, G = ax or plt.gca(), world.grid_size
     ax.imshow(np.where(world.walls, 0.25, 0.92), cmap="gray", vmin=0, vmax=1, extent=(-0.5, G - 0.5, G - 0.5, -0.5))
     ax.set(xticks=range(G), yticks=range(G), xlabel="col", ylabel="row", title=title or "")
     if path is not None:
@@ -2448,155 +2155,106 @@ def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title:
     return ax
 
 
-def image_to_png(images: list[np.ndarray], scale: int = 2) -> bytes:
-    """Grayscale images side by side (a small gap between), scaled up by ``scale``, as PNG bytes."""
+def _show_png(widget, images=(), png: bytes | None = None) -> None:
+    """Grayscale images side by side, x2 (or PNG bytes), in an ipywidgets.Image at natural size: else it stretches."""
     from PIL import Image
 
-    gap = np.full((images[0].shape[0], 6), 255, np.uint8)
-    row = np.concatenate(sum(([np.asarray(im), gap] for im in images), [])[:-1], axis=1)
-    img = Image.fromarray(row).resize((row.shape[1] * scale, row.shape[0] * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="png")
-    return buf.getvalue()
-
-
-def _show_png(widget, png: bytes) -> None:
-    """Put PNG bytes in an ipywidgets.Image at their natural size: the front end would otherwise stretch the image
-    to the output's width (blurry) or to its neighbour's height (distorted)."""
-    from PIL import Image
-
+    if png is None:
+        gap = np.full((images[0].shape[0], 6), 255, np.uint8)
+        row = np.concatenate(sum(([np.asarray(im), gap] for im in images), [])[:-1], axis=1)
+        img = Image.fromarray(row).resize((row.shape[1] * 2, row.shape[0] * 2), Image.NEAREST)
+        img.save(buf := io.BytesIO(), format="png")
+        png = buf.getvalue()
     w, h = Image.open(io.BytesIO(png)).size
     widget.value, widget.width, widget.height = png, str(w), str(h)
     widget.layout.width, widget.layout.height, widget.layout.display = f"{w}px", f"{h}px", None
 
 
-def _figure_png(fig, dpi: int = 80) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _bump_reason(world: World, cell: int, action: int) -> str:
-    """Why a move left the agent in place: the board's edge or a wall."""
-    col, row = world.cell_pos(cell)
-    dc, dr = ACTION_DELTAS[action]
-    return "a wall" if 0 <= col + dc < world.grid_size and 0 <= row + dr < world.grid_size else "the board's edge"
-
-
 def transition_explorer(world: World):
-    """Widget: pick a cell and an action, see the image before and after (ipywidgets 7.7 and 8). Its controls can be
-    driven headlessly by setting .value; observers run at once."""
+    """Widget: pick a cell and an action, see the image before and after (ipywidgets 7.7 and 8)."""
     import ipywidgets as W
 
-    G = world.grid_size
-    first = int(world.free_cells[0])
+    G, first, atlas = world.grid_size, int(world.free_cells[0]), world.atlas()
     col = W.Dropdown(options=list(range(G)), value=first % G, description="col")
     row = W.Dropdown(options=list(range(G)), value=first // G, description="row")
     action = W.ToggleButtons(options=[(name, i) for i, name in enumerate(ACTIONS)], value=3, description="action")
     image, label = W.Image(format="png"), W.HTML()
-    atlas = world.atlas()
 
     def update(_=None):
-        cell = row.value * G + col.value
+        cell, here, (dc, dr) = row.value * G + col.value, f"({col.value}, {row.value})", ACTION_DELTAS[action.value]
         if world.is_wall(cell):  # no frame: the agent cannot stand there; the message stays in view
-            label.value = f"<b>({col.value}, {row.value}) is a wall</b>: pick another cell"
-            image.layout.display = "none"
+            label.value, image.layout.display = f"<b>{here} is a wall</b>: pick another cell", "none"
             return
         after = int(world.step(torch.tensor([cell]), torch.tensor([action.value]))[0])
-        _show_png(image, image_to_png([atlas[cell].numpy(), atlas[after].numpy()]))
-        stay = (
-            f": <b>blocked by {_bump_reason(world, cell, action.value)}, the agent stays</b>" if after == cell else ""
-        )
-        after_pos = tuple(int(v) for v in world.cell_pos(after))
-        label.value = f"before ({col.value}, {row.value}) --{ACTIONS[action.value]}--&gt; after {after_pos}{stay}"
+        _show_png(image, [atlas[cell].numpy(), atlas[after].numpy()])
+        why = "a wall" if 0 <= col.value + dc < G and 0 <= row.value + dr < G else "the board's edge"  # of a bump
+        stay = f": <b>blocked by {why}, the agent stays</b>" if after == cell else ""
+        label.value = f"before {here} --{ACTIONS[action.value]}--&gt; after ({after % G}, {after // G}){stay}"
 
     for w in (col, row, action):
         w.observe(update, names="value")
     update()
-    box = W.VBox([W.HBox([col, row]), action, label, image])
-    box.update = update
-    return box
+    return W.VBox([W.HBox([col, row]), action, label, image])
 
 
-def planning_player(
-    world: World,
-    policies: dict[str, Policy],
-    start: int | None = None,
-    goal: int | None = None,
-    max_steps: int | None = None,
-    remember_bumps: bool = False,
-    remember_tried: bool = False,
-):
-    """Widget: choose a planner, a start and a goal, then Play or step through the episode: the frame, the map with
-    the path so far, the actions' predicted costs and the chosen action. The memory boxes plan as run_mpc's
-    remember_bumps / remember_tried. Play and the slider are linked in Python (ipywidgets 7.7 and 8)."""
+def planning_player(world, policies, start=None, goal=None, max_steps=None, remember_bumps=False, remember_tried=False):
+    """Widget: Play or step through a planner's episode: frame, map, predicted costs, choice (ipywidgets 7.7 and 8)."""
     import ipywidgets as W
     import matplotlib.pyplot as plt
 
     check_flags(remember_bumps=remember_bumps, remember_tried=remember_tried)
     if not isinstance(policies, dict) or not policies:
         raise ValueError("policies must be a non-empty dict {name: policy}")
-    free = [int(c) for c in world.free_cells]
+    free, G = [int(c) for c in world.free_cells], world.grid_size
     for name, cell in (("start", start), ("goal", goal)):
         if cell is not None and cell not in free:
             raise ValueError(f"{name}={cell!r} is not a free cell of this world; expected one of {free}")
-    cells = [(f"({c % world.grid_size}, {c // world.grid_size})", c) for c in free]
+    cells, state = [(f"({c % G}, {c // G})", c) for c in free], {}
     planner = W.Dropdown(options=list(policies), description="planner")
     start_w = W.Dropdown(options=cells, value=free[0] if start is None else start, description="start")
     goal_w = W.Dropdown(options=cells, value=free[-1] if goal is None else goal, description="goal")
     memory = W.Checkbox(value=remember_bumps, description="remember bumps", indent=False)
     tried = W.Checkbox(value=remember_tried, description="remember what it tried", indent=False)
     step, play = W.IntSlider(min=0, max=0, description="step"), W.Play(min=0, max=0, interval=600)
-    W.link((play, "value"), (step, "value"))
     frame, board, info = W.Image(format="png"), W.Image(format="png"), W.HTML()
-    state = {}
+    W.link((play, "value"), (step, "value"))
 
     def replan(_=None):
         state["result"] = None
         if start_w.value == goal_w.value:
             info.value = "start and goal are the same cell: pick another goal"
             return
-        memories = {"remember_bumps": memory.value, "remember_tried": tried.value}
-        start_goal = torch.tensor([start_w.value]), torch.tensor([goal_w.value])
-        res = run_mpc(world, policies[planner.value], *start_goal, max_steps=max_steps, record=True, **memories)
-        state["result"] = res
+        args = torch.tensor([start_w.value]), torch.tensor([goal_w.value]), max_steps, True, memory.value, tried.value
+        res = state["result"] = run_mpc(world, policies[planner.value], *args)  # recorded, with the boxes' memories
         step.max = play.max = int(min(res.steps[0], res.paths.shape[1] - 1))
         step.value = play.value = 0
         show()
 
     def show(_=None):
-        res, t = state.get("result"), step.value
-        if res is None:
+        if (res := state.get("result")) is None:
             return
-        cell = int(res.paths[0, t])
-        _show_png(frame, image_to_png([world.atlas()[cell].numpy()]))
-        rec = res.trace[t] if t < len(res.trace) else None
-        imagined = rec["imagined"][0] if rec is not None and "imagined" in rec else None
+        t = step.value
+        cell, rec = int(res.paths[0, t]), res.trace[t] if t < len(res.trace) else {}
+        _show_png(frame, [world.atlas()[cell].numpy()])
         fig, ax = plt.subplots(figsize=(3, 3), layout="constrained")
-        show_grid(world, ax, path=res.paths[0, : t + 1].numpy(), goal=goal_w.value, imagined=imagined)
-        _show_png(board, _figure_png(fig))
+        show_grid(world, ax, res.paths[0, : t + 1].numpy(), goal_w.value, rec.get("imagined", [None])[0])
+        fig.savefig(buf := io.BytesIO(), format="png", dpi=80)
+        plt.close(fig)
+        _show_png(board, png=buf.getvalue())
         solved = f"solved in {int(res.steps[0])}" if bool(res.success[0]) else "not solved"
         status = "reached the goal" if cell == goal_w.value else f"step {t}/{step.max}"
         lines = [f"<b>{planner.value}</b>: {status} (optimal: {int(res.optimal_steps[0])} steps; {solved})"]
-        if rec is not None:
-            chosen = int(rec["action"][0])
-            scores = rec.get("scores")
-            if scores is None:
-                lines.append(f"this planner has no scores -> <b>{ACTIONS[chosen]}</b>")
-            else:
-                costs = [f"{name}: {float(scores[0][a]):.2f}" for a, name in enumerate(ACTIONS)]
-                costs[chosen] = f"<b>{costs[chosen]}</b>"
-                lines.append(f"predicted cost per action: {' '.join(costs)} -> <b>{ACTIONS[chosen]}</b>")
-            wanted = int(rec.get("policy_action", rec["action"])[0])
-            if wanted != chosen:
-                lines.append(
-                    f"(back at this image: {ACTIONS[wanted]} was taken from it more often than {ACTIONS[chosen]})"
-                    if tried.value
-                    else f"({ACTIONS[wanted]} already went nowhere from this image: remembered)"
-                )
+        if rec:
+            chosen, scores = int(rec["action"][0]), rec.get("scores")
+            scores = [] if scores is None else scores[0].tolist()  # inf: an action the planner rules out
+            costs = [f"{n}: {v:.2f}" if v < math.inf else f"{n}: ruled out" for n, v in zip(ACTIONS, scores)]
+            costs = " ".join(f"<b>{c}</b>" if a == chosen else c for a, c in enumerate(costs))  # the chosen in bold
+            head = f"predicted cost per action: {costs}" if costs else "this planner has no scores"
+            lines.append(f"{head} -> <b>{ACTIONS[chosen]}</b>")
+            if (wanted := ACTIONS[int(rec.get("policy_action", rec["action"])[0])]) != ACTIONS[chosen]:
+                note = f"back at this image: {wanted} was taken from it more often than {ACTIONS[chosen]}"
+                note = note if tried.value else f"{wanted} already went nowhere from this image: remembered"
+                lines.append(f"({note})")
         info.value = "<br>".join(lines)
 
     for w in (planner, start_w, goal_w, memory, tried):
@@ -2616,10 +2274,8 @@ def planning_player(
 
 
 def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
-    """A layouts model measured in worlds it never saw: the first ``num_layouts`` held-out layouts (``per_layout``
-    seeded pairs each) and, on 5x5, the named layouts (100 pairs each). Next-state accuracy over every (free cell,
-    action), and planning with imagination search (alone, remembering its bumps, remembering what it tried), the
-    privileged graph, the greedy probe (fitted on training layouts) and random. Optimal means as short as BFS."""
+    """A layouts model in layouts it never saw (``num_layouts`` held-out, and on 5x5 the named ones): next-state
+    accuracy; success and optimal share of imagination (alone, with each memory), graph, probe and random."""
     calibrate_batchnorm(model, world)
     seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
     probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
@@ -2638,94 +2294,48 @@ def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per
         runs = {k: [run_mpc(family, imagine, starts, goals, **m)] for k, m in agents.items()}
         runs["probe"] = [run_mpc(family, probe_policy(model, family, probe), starts, goals)]
         runs["random"] = [run_mpc(family, make_policy("random", model, family), starts, goals)]
-        runs["graph"] = []  # privileged: it encodes every free cell of a layout first, so layout by layout
-        for k in range(len(family)):
-            member, mine = family.member(k), (starts // N) == k
-            runs["graph"].append(
-                run_mpc(member, graph_policy(model, member), starts[mine] - k * N, goals[mine] - k * N)
-            )
+        runs["graph"] = [  # privileged: it encodes every free cell of a layout first, so layout by layout
+            run_mpc(m, graph_policy(model, m), starts[starts // N == k] - k * N, goals[starts // N == k] - k * N)
+            for k, m in enumerate(map(family.member, range(len(family))))
+        ]
         for planner, parts in runs.items():
             for key in ("success", "optimal"):
                 metrics[f"{name}_{planner}_{key}"] = float(torch.cat([getattr(r, key) for r in parts]).float().mean())
     return metrics
 
 
-def evaluate(
-    model: JEPA,
-    world: World,
-    cfg: Config,
-    planner: str = "probe",
-    remember_bumps: bool = False,
-    remember_tried: bool = False,
-) -> dict:
-    """Headline metrics of a trained model on its world: next-state accuracy, the latent's geometry, planning with
-    ``planner`` (with run_mpc's memories) and with the latent cost alone. A layouts model is measured in layouts it
-    never saw instead (evaluate_unseen; 20 held-out layouts in the smoke profile, 200 otherwise)."""
+def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_bumps=False, remember_tried=False):
+    """Headline metrics of a trained model on its world: next-state accuracy, latent geometry, planning with
+    ``planner`` (and run_mpc's memories) and with the latent cost alone; a layouts model is run on unseen layouts."""
     if isinstance(world, WorldFamily):
         return evaluate_unseen(model, world, num_layouts=20 if cfg.profile == "smoke" else 200)
     calibrate_batchnorm(model, world)
-    geo = geometry_report(model, world)
-    memory = {"remember_bumps": remember_bumps, "remember_tried": remember_tried}
+    geo, memory = geometry_report(model, world), {"remember_bumps": remember_bumps, "remember_tried": remember_tried}
     plan = run_mpc(world, make_policy(planner, model, world), **memory).summary()
     latent = run_mpc(world, latent_greedy_policy(model, world)).summary()
     metrics = {"next_state_accuracy": next_state_accuracy(model, world), "pc1_plus_pc2": geo["pc1"] + geo["pc2"]}
-    keys = ("latent_std", "effective_rank", "spearman_l2_grid", "probe_r2_fit", "probe_r2_heldout")
-    metrics |= {k: geo[k] for k in (*keys, "probe_r2_heldout_std", "probe_r2_ridge_heldout")}
-    metrics |= {"planner": planner, **memory, "plan_seconds": plan["seconds"]}
-    metrics |= {"plan_success": plan["success"], "plan_optimal": plan["optimal"]}
-    return metrics | {"latent_greedy_success": latent["success"], "latent_greedy_optimal": latent["optimal"]}
+    keys = "latent_std effective_rank spearman_l2_grid probe_r2_fit probe_r2_heldout probe_r2_heldout_std"
+    metrics |= {k: geo[k] for k in [*keys.split(), "probe_r2_ridge_heldout"]} | {"planner": planner, **memory}
+    metrics |= {f"plan_{k}": plan[k] for k in ("seconds", "success", "optimal")}
+    return metrics | {f"latent_greedy_{k}": latent[k] for k in ("success", "optimal")}
 
 
 def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
-
-
-def _main_run(args, command: str, cfg: Config, out: Path, device: torch.device) -> dict:
-    record = read_record(out, cfg) if _is_main_process() else None  # refuses before any training
-    result = train(cfg, ckpt_path=out, resume=True, device=device)
-    if not _is_main_process():
-        return {}
-    metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner, args.remember_bumps, args.remember_tried)
-    evaluation = {"command": command, "planner": args.planner, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    evaluation |= {"device": describe_device(device), "metrics": metrics}
-    if result.steps_trained:  # training metrics are written once, by the run that trained; evaluations append
-        metrics["train_seconds"] = result.total_train_seconds
-        save_checkpoint(
-            out, result.model, cfg, None, cfg.num_steps, result.history, metrics, result.total_train_seconds
-        )
-        record = {"command": command, "metrics": metrics, "evaluations": (record or {}).get("evaluations", [])}
-    elif record is None:  # a finished checkpoint whose record is gone: rebuilt from the checkpoint's own metrics
-        saved = load_checkpoint(out, cfg)
-        record = {"command": None, "metrics": saved.get("metrics") or {}, "evaluations": []}
-    fresh = {"kind": RECORD_KIND, "checkpoint": out.name, "config": dataclasses.asdict(cfg)}
-    fresh |= {"train_seconds": result.total_train_seconds, "device": describe_device(device)}
-    record = fresh | record  # a rerun keeps what the record says of the training
-    record["evaluations"].append(evaluation)
-    write_record(out, record)
-    where = f"{cfg.num_layouts:,} generated layouts" if cfg.num_layouts else f"layout {cfg.layout}"
-    print(f"\n{cfg.profile} profile, {where}, seed {cfg.seed}: {result.steps_trained} steps trained now, ", end="")
-    print(f"{result.total_train_seconds:.1f} s of training in all")
-    for k, v in metrics.items():
-        print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
-    print(f"checkpoint: {out}\nrecord:     {record_path(out)}")
-    return metrics
-
-
-FLAGS = {  # flag -> (Config field, type, help); the default is the profile's
-    "--lam": ("lam", float, "SIGReg weight >= 0"),
-    "--smooth": ("smooth_weight", float, "temporal-smoothness weight >= 0 (0: the original write-up's objective)"),
-    "--smooth-ramp": ("smooth_ramp", float, "fraction of training over which smoothness ramps in, in [0, 1]"),
-    "--seq-len": ("seq_len", int, "frames per training sequence (2: one transition, as the original write-up)"),
-    "--steps": ("num_steps", int, "training steps >= 1"),
-    "--batch-size": ("batch_size", int, "batch size >= 1"),
-}
+    cpu = f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Train with a profile (or resume), evaluate, print the headline metrics, save checkpoint + run record. A rerun
     of a finished run only evaluates: its evaluation is appended to the record, whose training metrics stay."""
+    flags = {  # flag -> (Config field, type, help); the default is the profile's
+        "--lam": ("lam", float, "SIGReg weight >= 0"),
+        "--smooth": ("smooth_weight", float, "temporal-smoothness weight >= 0 (0: the original write-up's objective)"),
+        "--smooth-ramp": ("smooth_ramp", float, "fraction of training over which smoothness ramps in, in [0, 1]"),
+        "--seq-len": ("seq_len", int, "frames per training sequence (2: one transition, as the original write-up)"),
+        "--steps": ("num_steps", int, "training steps >= 1"),
+        "--batch-size": ("batch_size", int, "batch size >= 1"),
+    }
     p = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
     p.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
     p.add_argument("--layout", default="open", choices=sorted(LAYOUTS))
@@ -2734,52 +2344,60 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--remember-bumps", action="store_true", help="never repeat an action that left the image as it was")
     p.add_argument("--remember-tried", action="store_true", help="back at an image, take its least-tried action")
     p.add_argument("--seed", type=int, default=0)
-    for flag, (_, kind, text) in FLAGS.items():
+    for flag, (_, kind, text) in flags.items():
         p.add_argument(flag, type=kind, default=None, help=f"{text} (default: the profile's)")
     p.add_argument("--out", help="checkpoint path ending in .pt; its run record is <stem>.json beside it (default: "
                    "runs/<profile>_<layout>_seed<seed>_<hash of the training settings>.pt)")  # fmt: skip
     args = p.parse_args(argv)
     overrides = {"layout": args.layout, "seed": args.seed}
-    if args.layouts is not None:
-        if args.layouts != "procedural" and not args.layouts.isdigit():
-            p.error(f"--layouts must be 'procedural' or a whole number of layouts, got {args.layouts!r}")
-        overrides["num_layouts"] = (
-            PROFILES["layouts"]["num_layouts"] if args.layouts == "procedural" else int(args.layouts)
-        )
+    if (layouts := args.layouts) is not None:
+        if layouts != "procedural" and not layouts.isdigit():
+            p.error(f"--layouts must be 'procedural' or a whole number of layouts, got {layouts!r}")
+        overrides["num_layouts"] = PROFILES["layouts"]["num_layouts"] if layouts == "procedural" else int(layouts)
         args.profile = args.profile or ("layouts_gpu" if torch.cuda.is_available() else "layouts")
-    for flag, (field_name, _, _) in FLAGS.items():
-        if getattr(args, flag[2:].replace("-", "_")) is not None:
-            overrides[field_name] = getattr(args, flag[2:].replace("-", "_"))
+    given = {f: getattr(args, flag[2:].replace("-", "_")) for flag, (f, _, _) in flags.items()}
     try:
-        cfg = make_config(args.profile, **overrides)
+        cfg = make_config(args.profile, **overrides, **{f: v for f, v in given.items() if v is not None})
     except (TypeError, ValueError) as e:
         message = str(e)
-        for flag, (field_name, _, _) in FLAGS.items():  # name the flag beside the field
-            message = message.replace(f"Config.{field_name} ", f"{flag} (Config.{field_name}) ")
+        for flag, (f, _, _) in flags.items():  # name the flag beside the field
+            message = message.replace(f"Config.{f} ", f"{flag} (Config.{f}) ")
         p.error(message)
-    out = Path(args.out).expanduser() if args.out else default_out_path(cfg)
-    if out.suffix != ".pt":
+    if (out := Path(args.out).expanduser() if args.out else default_out_path(cfg)).suffix != ".pt":
         p.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}")
-    if "LOCAL_RANK" in os.environ and not dist.is_initialized():  # started by torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}") if cuda else torch.device("cpu")
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     command = shlex.join(["python", "gridjepa_utils.py", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        if _is_main_process():
-            check_writable(out)
-        with output_lock(out) if _is_main_process() else contextlib.nullcontext():
-            metrics = _main_run(args, command, cfg, out, device)
-    except (OSError, RuntimeError, ValueError) as e:  # refusals: a message, exit status 1, nothing overwritten
+    try:  # refusals: a message, exit status 1, nothing overwritten
+        check_writable(out)
+        with output_lock(out):
+            record = read_record(out, cfg)  # refuses before any training
+            result = train(cfg, ckpt_path=out, resume=True, device=device)
+            memories = args.remember_bumps, args.remember_tried
+            metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner, *memories)
+            evaluation = {"command": command, "planner": args.planner, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            evaluation |= {"device": describe_device(device), "metrics": metrics}
+            if result.steps_trained:  # training metrics are written once, by the run that trained; evaluations append
+                metrics["train_seconds"] = seconds = result.total_train_seconds
+                save_checkpoint(out, result.model, cfg, None, cfg.num_steps, result.history, metrics, seconds)
+                record = {"command": command, "metrics": metrics, "evaluations": (record or {}).get("evaluations", [])}
+            elif record is None:  # a finished checkpoint whose record is gone: rebuilt from the checkpoint's metrics
+                record = {"command": None, "metrics": load_checkpoint(out, cfg).get("metrics") or {}, "evaluations": []}
+            fresh = {"kind": RECORD_KIND, "checkpoint": out.name, "config": dataclasses.asdict(cfg)}
+            fresh |= {"train_seconds": result.total_train_seconds, "device": describe_device(device)}
+            record = fresh | record  # a rerun keeps what the record says of the training
+            record["evaluations"].append(evaluation)
+            write_record(out, record)
+        where = f"{cfg.num_layouts:,} generated layouts" if cfg.num_layouts else f"layout {cfg.layout}"
+        print(f"\n{cfg.profile} profile, {where}, seed {cfg.seed}: {result.steps_trained} steps trained now, ", end="")
+        print(f"{result.total_train_seconds:.1f} s of training in all")
+        for k, v in metrics.items():
+            print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
+        print(f"checkpoint: {out}\nrecord:     {record_path(out)}")
+    except (OSError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if args.out and ("another config" in str(e) or "other training fields" in str(e)):
             print("hint: pick another --out, or leave --out out to get a name of this config's own", file=sys.stderr)
         raise SystemExit(1) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return metrics
 
 

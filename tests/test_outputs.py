@@ -295,24 +295,29 @@ def test_out_of_range_step_is_refused(tmp_path, model, smoke_cfg):
         gj.lr_at(-100, smoke_cfg)
 
 
-def as_format_0(path, **config):
-    """Rewrite a checkpoint as one written before checksums existed: no format, checksum or train time, and a config
-    without the fields added since."""
+def without_keys(path, *keys):
+    """Rewrite a checkpoint as an older version wrote it: without some of its keys, the checksum recomputed if kept."""
     ckpt = torch.load(path, weights_only=True)
-    del ckpt["format"], ckpt["checksum"], ckpt["train_seconds"]
-    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in gj.NEWER_THAN_FORMAT_0} | config
+    for key in keys:
+        del ckpt[key]
+    if "checksum" in ckpt:
+        ckpt["checksum"] = gj.checkpoint_checksum(ckpt)
     torch.save(ckpt, path)
 
 
-def test_checkpoints_without_a_checksum_still_load(tmp_path, model, smoke_cfg):
-    """Checkpoints written before checksums existed load, with their training time kept; the shipped ones (which
-    carry a checksum but no format key) load too."""
+def test_checkpoints_with_a_checksum_but_no_format_still_load(tmp_path, model, smoke_cfg):
+    """Format 1 (a checksum, no format key, maybe no train time: every shipped checkpoint) loads, its training time
+    kept from its metrics; the oldest format (no checksum) is refused with a message saying what to do."""
     path = tmp_path / "old.pt"
     gj.save_checkpoint(path, model, smoke_cfg, metrics={"train_seconds": 12.5})
-    as_format_0(path)
+    without_keys(path, "format", "train_seconds")
     assert gj.load_checkpoint(path)["train_seconds"] == 12.5
     for shipped in sorted(gj.ASSETS.glob("*.pt")):
+        assert "format" not in torch.load(shipped, weights_only=True), shipped
         assert gj.load_checkpoint(shipped)["step"] > 0, shipped
+    without_keys(path, "checksum")
+    with pytest.raises(ValueError, match=r"older version without a checksum: retrain or re-save it"):
+        gj.load_checkpoint(path)
 
 
 def test_a_removed_checksum_is_not_taken_for_an_old_checkpoint(tmp_path, model, smoke_cfg):
@@ -326,7 +331,7 @@ def test_a_removed_checksum_is_not_taken_for_an_old_checkpoint(tmp_path, model, 
         for key in drop:
             del ckpt[key]
         torch.save(ckpt, path)
-        with pytest.raises(ValueError, match=r"integrity check|no checksum"):
+        with pytest.raises(ValueError, match=r"integrity check|without a checksum"):
             gj.load_checkpoint(path)
     resave(path, format=3)
     with pytest.raises(ValueError, match=r"has format 3"):

@@ -205,7 +205,7 @@ def test_cem_best_cost_improves_over_iterations(smoke_run):
 def test_show_source_returns_the_module_code(capsys):
     """show_source gives the module's own code (printed outside IPython), dedented for methods."""
     src = gj.show_source(gj.SIGReg.forward)
-    assert src.startswith("def forward(self, emb") and "all_reduce_sum" in src
+    assert src.startswith("def forward(self, emb") and "characteristic_sums" in src
     assert "def forward" in capsys.readouterr().out
     assert gj.show_source(gj.modulate).strip().endswith("return x * (1 + scale) + shift")
 

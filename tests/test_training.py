@@ -5,7 +5,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from gloo import init_gloo, spawn_two
 
 import gridjepa_utils as gj
 
@@ -152,64 +151,3 @@ def test_rollout_error_report(smoke_run):
     assert len(report["accuracy"]) == 3 and all(0.0 <= a <= 1.0 for a in report["accuracy"])
     with pytest.raises(ValueError, match=r"horizon must be >= 1"):
         gj.rollout_error(smoke_run.model, smoke_run.world, horizon=0)
-
-
-def _calibrate_on_rank(rank, world_size, port, out_dir):
-    """One rank of the calibration check below: calibrate the same untrained model, save the statistics."""
-    dist = init_gloo(rank, world_size, port)
-    try:
-        torch.manual_seed(0)
-        world, model = gj.World(5), gj.JEPA(gj.make_config("smoke"))
-        gj.calibrate_batchnorm(model, world)  # every rank calls it, as at the end of train()
-        bn = model.encoder.projector.net[1]
-        with torch.no_grad():
-            obs = world.render(torch.from_numpy(world.free_cells))
-            feats = model.encoder.projector.net[0](model.encoder.features(obs))
-        torch.save(
-            {
-                "running_mean": bn.running_mean,
-                "running_var": bn.running_var,
-                "mean": feats.mean(0),
-                "var": feats.var(0),
-            },
-            f"{out_dir}/rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
-
-
-# The two checks below spawn 2 gloo processes (~5 s each). They document module bugs (see the reasons).
-
-
-@pytest.mark.slow
-def test_calibrate_batchnorm_under_torch_distributed(tmp_path):
-    """With 2 gloo processes, calibration still sets the BatchNorm statistics to the free cells' exact ones
-    (every rank renders the same cells, so the global statistics equal the local ones)."""
-    spawn_two(_calibrate_on_rank, tmp_path)
-    for rank in range(2):
-        stats = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert torch.allclose(stats["running_mean"], stats["mean"], atol=1e-5)
-        assert torch.allclose(stats["running_var"], stats["var"], rtol=1e-4, atol=1e-6)
-
-
-def _train_on_rank(rank, world_size, port, out_dir):
-    """One rank of the 2-process training check below: 4 smoke steps, then save the weights."""
-    dist = init_gloo(rank, world_size, port)
-    try:
-        cfg = gj.make_config("smoke", num_steps=4, num_transitions=500, log_every=2, eval_every=100, ckpt_every=100)
-        result = gj.train(cfg, progress=False, device="cpu")
-        torch.save(result.model.state_dict(), f"{out_dir}/model{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_two_process_training_keeps_ranks_identical(tmp_path):
-    """train() under a 2-process gloo group finishes on both ranks with identical weights (data parallel:
-    each rank sees half of every batch, gradients are averaged)."""
-    spawn_two(_train_on_rank, tmp_path)
-    m0 = torch.load(tmp_path / "model0.pt", weights_only=True)
-    m1 = torch.load(tmp_path / "model1.pt", weights_only=True)
-    assert set(m0) == set(m1)
-    for name in m0:
-        assert torch.allclose(m0[name].float(), m1[name].float(), atol=1e-5), name

@@ -229,3 +229,16 @@ def test_planning_player_remember_tried_box():
     assert "-> <b>down</b>" in info.value and "back at this image: up was taken from it more often" in info.value
     with pytest.raises(TypeError, match=r"remember_tried must be True or False"):
         gj.planning_player(world, {"up first": up_first}, remember_tried="no")
+
+
+def test_planning_player_names_ruled_out_actions():
+    """A planner's infinite cost (an action it rules out) reads as 'ruled out', not as 'inf'."""
+    world = gj.World(5)
+
+    def no_up(cells, goals):
+        scores = torch.tensor([[float("inf"), 1.0, 2.0, 3.0]]).repeat(len(cells), 1)
+        return {"action": scores.argmin(1), "scores": scores}
+
+    box = gj.planning_player(world, {"no up": no_up}, start=0, goal=5)
+    info = find(box, ipywidgets.HTML).value
+    assert "up: ruled out" in info and "down: 1.00" in info and "inf" not in info
