@@ -261,6 +261,11 @@ def benchmark_section(fig: Figures) -> str:
         for k, v in gpu["profiles"].items()
     ]
     text += f"\n\nOn {gpu['device']} (torch {gpu['torch']}):\n\n"
+    if "config" not in gpu.get("train", {}):  # written before results carried their config: flagged, not trusted
+        text += (
+            "*Stale:* this file predates the profiles' current recipes and records no config or commit; "
+            "`bench/gpu_check.sh` on a GPU rewrites it.\n\n"
+        )
     text += table(["profile", "steps/s", "images/s", "parameters", "full run, s (estimated)"], rows)
     t = gpu["train"]
     text += (
