@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -162,11 +163,11 @@ CONFIG_RANGES = {
     **dict.fromkeys("num_steps log_every eval_every ckpt_every".split(), (1, 10**9)),
     **dict.fromkeys("input_size patch_size".split(), (1, 128)) | dict.fromkeys("width pred_width".split(), (1, 4096)),
     **dict.fromkeys("depth pred_depth".split(), (1, 64)) | dict.fromkeys("heads pred_heads".split(), (1, 256)),
-    **dict(proj_hidden=(1, 65536), sigreg_dirs=(1, 65536), data_seed=(0, 2**63 - 1), seed=(0, 2**63 - 1)),
+    **dict(proj_hidden=(1, 65536), sigreg_dirs=(1, 65536), data_seed=(0, 2**63 - 1), seed=(0, 2**32 - 1)),
     **dict(grid_size=(2, 16), num_transitions=(1, 10_000_000), num_layouts=(0, 1_000_000), latent_dim=(1, 8192)),
     **dict(batch_size=(1, 1_000_000), warmup_steps=(0, 10**9), lr=(0.0, 10.0), smooth_ramp=(0.0, 1.0)),
     "seq_len": (2, 17),  # the predictor sees at most 16 frames of history
-}
+}  # seed * 1,000,003 + step seeds each step's batch and SIGReg's directions: a seed fits 32 bits
 CONFIG_CHOICES = dict(projector_norm=("batchnorm", "layernorm"), pool=("cls", "flat"), profile=tuple(PROFILES))
 CONFIG_CHOICES["layout"] = tuple(LAYOUTS)
 CONFIG_POSITIVE = ("lr", "grad_clip")  # must be > 0, not only >= 0
@@ -226,6 +227,8 @@ def validate_config(cfg: Config) -> Config:
         value, name, (types, kind) = getattr(cfg, f.name), f"Config.{f.name}", _KINDS[type(f.default)]
         if not isinstance(value, types) or (isinstance(value, (bool, np.bool_)) and bool not in types):
             raise TypeError(f"{name} must be {kind}, got {value!r}")
+        if isinstance(value, np.generic):  # a numpy scalar is stored as the Python value (JSON and torch.save take it)
+            setattr(cfg, f.name, value := type(f.default)(value.item()))
         if isinstance(f.default, float) and not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         lo, hi = CONFIG_RANGES.get(f.name, (value, value))
@@ -593,6 +596,8 @@ class WorldFamily(World):
         layouts = list(layouts) if isinstance(layouts, np.ndarray) and layouts.ndim == 3 else layouts
         if not isinstance(layouts, (list, tuple)) or not layouts:
             raise ValueError("a WorldFamily needs a non-empty list of (G, G) bool layouts (or a (K, G, G) array)")
+        if any(isinstance(w, str) for w in layouts):
+            raise TypeError("a WorldFamily takes (G, G) bool arrays, not layout names: pass [layout_walls(name), ...]")
         G = len(layouts[0])
         if any(np.shape(w) != (G, G) for w in layouts) or not 2 <= G <= 16:
             raise ValueError(f"all layouts of a family must have the same grid size, in [2, 16]; the first is {G}")
@@ -617,7 +622,8 @@ class WorldFamily(World):
 def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
     """A seeded random layout of round(wall_fraction * G^2) walls whose free cells all reach each other."""
     check_int(grid_size, "grid_size", 2, 16), check_int(seed, "seed"), check_int(max_tries, "max_tries", 1)
-    if not 0 <= wall_fraction < 1 or grid_size**2 - round(wall_fraction * grid_size**2) < 2:
+    number = isinstance(wall_fraction, (int, float, np.number)) and not isinstance(wall_fraction, bool)
+    if not number or not 0 <= wall_fraction < 1 or grid_size**2 - round(wall_fraction * grid_size**2) < 2:
         raise ValueError(f"wall_fraction must be in [0, 1) and leave two free cells, got {wall_fraction}")
     rng, num_walls = np.random.default_rng(seed), int(round(wall_fraction * grid_size**2))
     for _ in range(max_tries):
@@ -725,7 +731,12 @@ def make_transitions(
     check_int(num, "num", 1), check_int(seq_len, "seq_len", 2), check_int(seed, "seed")
     check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
     gen, free = torch.Generator().manual_seed(seed), torch.from_numpy(world.free_cells)
-    allowed = torch.from_numpy(np.setdiff1d(world.free_cells, np.asarray(exclude_cells, dtype=np.int64)))
+    try:
+        excluded = world._cells(np.asarray(exclude_cells, dtype=np.int64).reshape(-1))
+    except (TypeError, ValueError):
+        what = f"cell indices in [0, {world.num_cells})"
+        raise ValueError(f"exclude_cells must be {what}, got {exclude_cells!r}") from None
+    allowed = torch.from_numpy(np.setdiff1d(world.free_cells, excluded))
     if not len(allowed):
         raise ValueError(f"exclude_cells {exclude_cells} leaves no free cell to start from; exclude fewer cells")
     kept_states, kept_actions, have, barren = [], [], 0, 0
@@ -1011,8 +1022,10 @@ class JEPA(nn.Module):
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W), finite floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
         size = self.encoder.image_size
-        if not isinstance(obs, torch.Tensor) or not obs.dtype.is_floating_point:
-            raise TypeError(f"obs must be a float tensor in [0, 1], got {getattr(obs, 'dtype', type(obs).__name__)}")
+        if not isinstance(obs, torch.Tensor):
+            raise TypeError(f"obs must be a float tensor (torch.Tensor) in [0, 1], got {type(obs).__name__}")
+        if not obs.dtype.is_floating_point:
+            raise TypeError(f"obs must be a float tensor in [0, 1], got {obs.dtype}")
         if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
             raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
         if obs.shape[0] == 0:
@@ -1040,10 +1053,14 @@ class JEPA(nn.Module):
             raise ValueError("emb holds NaN or inf values; latents must be finite")
         return actions
 
+    def _latents(self, emb: torch.Tensor) -> torch.Tensor:
+        """Latents in the predictor's dtype (float16 or float64 ones are cast)."""
+        return emb.to(next(self.predictor.parameters()).dtype)
+
     def predict(self, emb: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The latent after one action from a single frame: (B, D), (B,) -> (B, D)."""
         action = self._check(emb, action, 1)
-        return self.predictor(emb[:, None], action[:, None])[:, 0]
+        return self.predictor(self._latents(emb)[:, None], action[:, None])[:, 0]
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor, self_feed: bool = False) -> dict[str, torch.Tensor]:
         """Training: obs (B, T, 1, H, W), actions (B, T-1) -> emb (B, T, D), pred (B, T-1, D) teacher-forced and with
@@ -1062,7 +1079,7 @@ class JEPA(nn.Module):
     def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop imagination (B, D), (B, H) -> (B, H, D), seeing the last seq_len - 1 frames, as in training."""
         actions = self._check(emb, actions, 2)
-        history, context = emb[:, None], max(1, self.cfg.seq_len - 1)  # (B, 1, D)
+        history, context = self._latents(emb)[:, None], max(1, self.cfg.seq_len - 1)  # (B, 1, D)
         for h in range(actions.shape[1]):
             seen = history[:, -context:]
             nxt = self.predictor(seen, actions[:, h + 1 - seen.shape[1] : h + 1])[:, -1]
@@ -1218,8 +1235,7 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
 @torch.no_grad()
 def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, seed: int = 12345) -> dict:
     """Open-loop imagination from frame 0 at h = 1..H: MSE over the latents' variance, and nearest-cell accuracy."""
-    if horizon < 1:
-        raise ValueError(f"horizon must be >= 1, got {horizon}")
+    check_int(horizon, "horizon", 1), check_int(num, "num", 1)
     data = make_transitions(world, num, horizon + 1, seed)
     states = data.states.long()  # (B, H+1)
     emb = encode_states(model, world, states.reshape(-1)).view(num, horizon + 1, -1)  # (B, H+1, D)
@@ -1306,6 +1322,8 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
 def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, device="cpu", same_run=False) -> dict:
     """A checkpoint checked before any model is built, plus "cfg" and "model_obj"; ``cfg``: refuse other model fields
     (``same_run``: other training fields too)."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available here (no CUDA GPU); load {path} with device='cpu'")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -1426,6 +1444,10 @@ def output_lock(path: str | Path):
     lock_path, pid_path = Path(f"{path}.lock"), Path(f"{path}.lock.pid")
     lock = _LOCKS.setdefault(str(lock_path.resolve()), filelock.FileLock(str(lock_path.resolve())))
     first, holder = not lock.is_locked, "another process"
+    try:  # a lock file that cannot be opened (a folder, a read-only place) is an error, not a busy lock
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot create the lock file {lock_path}: {e.strerror or e}") from e
     try:
         lock.acquire(timeout=0)
     except filelock.Timeout:
@@ -1513,6 +1535,21 @@ def train(
     validate_config(cfg)
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an integer >= 0 or None, got {stop_after!r}")
+    if on_log is not None and not callable(on_log):
+        raise TypeError(f"on_log must be a function on_log(history) or None, got {type(on_log).__name__}")
+    if world is not None and not isinstance(world, World):
+        raise TypeError(f"world must be a World (or a WorldFamily), got {type(world).__name__}")
+    if world is not None and (world.grid_size, world.show_target) != (cfg.grid_size, cfg.show_target):
+        raise ValueError(
+            f"world is {world.grid_size}x{world.grid_size} with show_target={world.show_target}, but Config.grid_size="
+            f"{cfg.grid_size} and Config.show_target={cfg.show_target}: pass a world of this config (build_world(cfg))"
+        )
+    if data is not None and (not isinstance(data, Transitions) or data.states.shape[1] != cfg.seq_len):
+        got = f"{data.states.shape[1]} frames" if isinstance(data, Transitions) else type(data).__name__
+        raise ValueError(
+            f"data must be Transitions of Config.seq_len={cfg.seq_len} frames per trajectory, got {got}: "
+            f"make_transitions(world, num, seq_len={cfg.seq_len})"
+        )
     if ckpt_path is not None:
         check_writable(ckpt_path)
     with contextlib.nullcontext() if ckpt_path is None else output_lock(ckpt_path):
@@ -1575,6 +1612,7 @@ def train(
 def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: World | None = None) -> dict:
     """How long train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps after a warm-up, and the
     painting of the frames."""
+    validate_config(cfg), check_int(timed_steps, "timed_steps", 1)
     device, gen = torch.device(device or default_device()), torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     world = world or build_world(cfg)
@@ -1634,6 +1672,8 @@ class LinearProbe:
 
 def fit_probe(x: np.ndarray, y: np.ndarray, alpha: float = 0.0) -> LinearProbe:
     """A linear probe latents x (P, D) -> targets y (P, k): sklearn's LinearRegression, or Ridge(alpha) if alpha > 0."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) or not 0 <= alpha < math.inf:
+        raise ValueError(f"alpha must be a finite number >= 0 (0: no ridge penalty), got {alpha!r}")
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     reg = (Ridge(alpha=alpha) if alpha > 0 else LinearRegression()).fit(x, y)
     return LinearProbe(np.asarray(reg.coef_, np.float64).reshape(-1, x.shape[1]).T, np.atleast_1d(reg.intercept_))
@@ -1661,7 +1701,10 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
         raise ValueError("emb and pos must be finite (no NaN or inf)")
     if P < 4:
         raise ValueError(f"probe_report needs at least 4 points (2 to fit, 2 to score), got {P}")
-    if not 2 <= (holdout := holdout or max(2, round(P * 0.3))) <= P - 2:
+    holdout = max(2, round(P * 0.3)) if holdout is None else holdout
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)):
+        raise TypeError(f"holdout must be a whole number of cells (or None), got {holdout!r}")
+    if not 2 <= holdout <= P - 2:
         raise ValueError(f"holdout must be in [2, P - 2] = [2, {P - 2}] (R^2 needs 2 points to score), got {holdout}")
     splits = list(ShuffleSplit(check_int(num_splits, "num_splits", 1), test_size=holdout, random_state=seed).split(emb))
     heldout = lambda fit, test, alpha=0.0: r2_score(pos[test], fit_probe(emb[fit], pos[fit], alpha)(emb[test])).mean()
@@ -1701,6 +1744,7 @@ def geometry_report(model: JEPA, world: World, num_splits: int = 20) -> dict:
 
 def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -> JEPA:
     """Same architecture, seeded random weights, BatchNorm calibrated on ``world``: the baseline any claim must beat."""
+    validate_config(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = JEPA(cfg)
@@ -1738,6 +1782,13 @@ def greedy_decoder_policy(model: JEPA, world: World, decode: Callable[[torch.Ten
 
 def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
     """Greedy planner decoding imagined latents with a linear probe (the original write-up's)."""
+    if not isinstance(probe, LinearProbe):
+        raise TypeError(f"probe must be a LinearProbe (fit_probe's), got {type(probe).__name__}")
+    if np.shape(probe.weight) != (model.cfg.latent_dim, 2):
+        raise ValueError(
+            f"probe maps latents to (col, row): its weight must be (latent_dim, 2) = ({model.cfg.latent_dim}, 2), "
+            f"got {np.shape(probe.weight)}; fit it on this model's latents"
+        )
     return greedy_decoder_policy(model, world, lambda z: probe(z.float().cpu()))
 
 
@@ -1759,7 +1810,7 @@ def latent_greedy_policy(model: JEPA, world: World) -> Policy:
 
 def random_policy(seed: int = 0) -> Policy:
     """Uniformly random actions, the floor any planner must clear. It scores nothing, so it returns no scores."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_int(seed, "seed"))
     return lambda cells, goals: {"action": torch.randint(len(ACTIONS), (len(cells),), generator=gen)}
 
 
@@ -1815,7 +1866,7 @@ def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "
 def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoothing=0.1, seed=0, cost="steps"):
     """Cross-entropy method (LeWM's, made discrete): refit per-step categoricals to the elite sampled sequences."""
     check_search(model, world, horizon, cost, "cem_policy")
-    check_int(samples, "samples", 1), check_int(iterations, "iterations", 1)
+    check_int(samples, "samples", 1), check_int(iterations, "iterations", 1), check_int(seed, "seed")
     if not 1 <= elites <= samples:
         raise ValueError(f"need 1 <= elites <= samples, got elites={elites}, samples={samples}")
     if not (isinstance(smoothing, (int, float)) and 0 <= smoothing <= 1):
@@ -2010,6 +2061,8 @@ def run_mpc(
     ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` takes its least-taken action."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
+    if not isinstance(world, World):
+        raise TypeError(f"world must be a World (or a WorldFamily), got {type(world).__name__}")
     if not callable(policy):
         raise TypeError(f"policy must be callable as policy(cells, goals) -> dict, got {type(policy).__name__}")
     starts, goals = world.all_pairs() if starts is None else (starts, goals)
@@ -2041,16 +2094,22 @@ def run_mpc(
             raise TypeError("a policy must return a dict with an 'action' tensor")
         if (action := check_actions(out["action"]).cpu()).shape != here.shape:
             raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {len(here)} pairs")
+        if (scores := out.get("scores")) is not None:  # one score per action: (n, A) numbers
+            if not isinstance(scores, (torch.Tensor, np.ndarray)) or tuple(scores.shape) != (len(here), A):
+                got = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
+                raise ValueError(f"the policy returned 'scores' of shape {got}; expected ({len(here)}, {A}) numbers")
+            scores = torch.as_tensor(scores).detach().float().cpu()
         if remember:
             past = taken[episodes, here % N]  # (n, A)
             allowed = past == past.amin(1, keepdim=True) if remember_tried else past == 0
-            scores = torch.zeros(len(here), A) if out.get("scores") is None else out["scores"].detach().float().cpu()
+            scores = torch.zeros(len(here), A) if scores is None else scores
             # an action the policy rules out (a score of inf) still comes before one memory rules out
             best = scores.nan_to_num(posinf=torch.finfo().max).masked_fill(~allowed, torch.inf).argmin(1)
             chosen = torch.where(allowed[range(len(here)), action], action, best)
             out = out | {"action": chosen, "policy_action": action}
         if record:
-            trace.append({k: v.clone() for k, v in out.items() if v is not None} | {"active": active.clone()})
+            kept = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items() if v is not None}
+            trace.append(kept | {"active": active.clone()})
         moved = world.next_cell[here, out["action"]]
         if remember:  # remember_tried counts every action taken, remember_bumps the wall bumps
             taken[episodes, here % N, out["action"]] += ((moved == here) | remember_tried).int()
@@ -2174,6 +2233,8 @@ def transition_explorer(world: World):
     """Widget: pick a cell and an action, see the image before and after (ipywidgets 7.7 and 8)."""
     import ipywidgets as W
 
+    if not isinstance(world, World):
+        raise TypeError(f"transition_explorer takes a World, got {type(world).__name__}")
     G, first, atlas = world.grid_size, int(world.free_cells[0]), world.atlas()
     col = W.Dropdown(options=list(range(G)), value=first % G, description="col")
     row = W.Dropdown(options=list(range(G)), value=first // G, description="row")
@@ -2203,6 +2264,8 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
     import matplotlib.pyplot as plt
 
     check_flags(remember_bumps=remember_bumps, remember_tried=remember_tried)
+    if not isinstance(world, World):
+        raise TypeError(f"planning_player takes a World first, got {type(world).__name__}")
     if not isinstance(policies, dict) or not policies:
         raise ValueError("policies must be a non-empty dict {name: policy}")
     free, G = [int(c) for c in world.free_cells], world.grid_size
@@ -2338,9 +2401,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     p = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
     p.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
-    p.add_argument("--layout", default="open", choices=sorted(LAYOUTS))
+    p.add_argument("--layout", default=None, choices=sorted(LAYOUTS), help="default: open")
     p.add_argument("--layouts", help="'procedural' (the 'layouts' profile's generated layouts) or a number of them")
-    p.add_argument("--planner", default="probe", choices=PLANNERS)
+    p.add_argument("--planner", default=None, choices=PLANNERS, help="default: probe")
     p.add_argument("--remember-bumps", action="store_true", help="never repeat an action that left the image as it was")
     p.add_argument("--remember-tried", action="store_true", help="back at an image, take its least-tried action")
     p.add_argument("--seed", type=int, default=0)
@@ -2349,10 +2412,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", help="checkpoint path ending in .pt; its run record is <stem>.json beside it (default: "
                    "runs/<profile>_<layout>_seed<seed>_<hash of the training settings>.pt)")  # fmt: skip
     args = p.parse_args(argv)
-    overrides = {"layout": args.layout, "seed": args.seed}
+    overrides = {"layout": args.layout or "open", "seed": args.seed}
     if (layouts := args.layouts) is not None:
-        if layouts != "procedural" and not layouts.isdigit():
-            p.error(f"--layouts must be 'procedural' or a whole number of layouts, got {layouts!r}")
+        if layouts != "procedural" and not (re.fullmatch(r"[0-9]+", layouts) and int(layouts) >= 1):
+            p.error(f"--layouts must be 'procedural' or a whole number of layouts >= 1, got {layouts!r}")
         overrides["num_layouts"] = PROFILES["layouts"]["num_layouts"] if layouts == "procedural" else int(layouts)
         args.profile = args.profile or ("layouts_gpu" if torch.cuda.is_available() else "layouts")
     given = {f: getattr(args, flag[2:].replace("-", "_")) for flag, (f, _, _) in flags.items()}
@@ -2361,10 +2424,21 @@ def main(argv: list[str] | None = None) -> dict:
     except (TypeError, ValueError) as e:
         message = str(e)
         for flag, (f, _, _) in flags.items():  # name the flag beside the field
-            message = message.replace(f"Config.{f} ", f"{flag} (Config.{f}) ")
+            message = re.sub(rf"\bConfig\.{f}\b", f"{flag} (Config.{f})", message)
+        for f, flag in {"seed": "--seed", "num_layouts": "--layouts", "layout": "--layout"}.items():
+            message = f"{flag}: {message}" if re.match(rf"Config\.{f}\b", message) else message
         p.error(message)
+    if cfg.num_layouts and (args.layout or args.planner or args.remember_bumps or args.remember_tried):
+        p.error(
+            "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs: a model of "
+            "generated layouts is measured in held-out layouts with a fixed set of planners"
+        )
+    args.planner = args.planner or "probe"
+    if args.out is not None and not args.out.strip():
+        p.error("--out is empty: give a checkpoint path ending in .pt, or leave --out out for the default name")
     if (out := Path(args.out).expanduser() if args.out else default_out_path(cfg)).suffix != ".pt":
-        p.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}")
+        stem = "; the name needs a stem before .pt" if out.name == ".pt" else ""
+        p.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}{stem}")
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     command = shlex.join(["python", "gridjepa_utils.py", *(sys.argv[1:] if argv is None else argv)])
     try:  # refusals: a message, exit status 1, nothing overwritten
@@ -2398,6 +2472,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.out and ("another config" in str(e) or "other training fields" in str(e)):
             print("hint: pick another --out, or leave --out out to get a name of this config's own", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is whole (atomic writes); the same command resumes
+        kept = f"{out} keeps the last checkpoint" if out.exists() else "no checkpoint was written yet"
+        print(f"\ninterrupted: {kept}; run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
     return metrics
 
 
