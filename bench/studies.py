@@ -22,9 +22,12 @@ commit and command; a row measured again (the same id) replaces it. --out-dir wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -955,11 +958,31 @@ def main() -> None:
         parser.error(f"--overrides must be a JSON object of Config fields, got {args.overrides!r}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.budget <= 0:
-        parser.error(f"--budget must be above 0 seconds, got {args.budget:g}")
+    if not (math.isfinite(args.budget) and args.budget > 0):
+        parser.error(f"--budget must be a finite number of seconds above 0, got {args.budget:g}")
+    if min(args.seeds) < 0:
+        parser.error(f"--seeds must be integers >= 0, got {args.seeds}")
+    if not all(2 <= s <= 16 for s in args.sizes):
+        parser.error(f"--sizes must be grid sizes in [2, 16], got {args.sizes}")
+    if args.smooth is not None and not (math.isfinite(args.smooth) and args.smooth >= 0):
+        parser.error(f"--smooth must be a finite number >= 0, got {args.smooth:g}")
+    if args.ramp is not None and not 0 <= args.ramp <= 1:
+        parser.error(f"--ramp must be in [0, 1], got {args.ramp:g}")
+    if unknown := set(args.overrides or ()) - {f.name for f in dataclasses.fields(g.Config)}:
+        parser.error(f"--overrides: unknown Config fields {sorted(unknown)}")
+    rows_of = {"probes": PROBE_ROWS, "geometry": GEOMETRY_ROWS, "layouts-geometry": GEOMETRY_ROWS}
+    if args.study in (rows_of | {"recipe-tuning": RECIPE_ROWS}):
+        check_only(args.only, (rows_of | {"recipe-tuning": RECIPE_ROWS})[args.study], "row")
     args.seeds, args.sizes = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.sizes))  # --seeds 7 7: once
     out = args.out_dir / STUDIES[args.study]
-    results.load(out)  # an unreadable file stops the study before it trains anything
+    try:  # a folder that cannot be written, or an unreadable file, stops the study before it trains anything
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+        study = results.load(out).get("study")
+    except (OSError, ValueError) as e:
+        parser.exit(1, f"error: --out-dir {args.out_dir}: {e}\n")
+    if study not in (None, out.stem, args.study):
+        parser.exit(1, f"error: {out} holds the rows of study {study!r}, not {args.study!r}: use another --out-dir\n")
     layout_sizes = args.sizes if args.sizes != [5, 8, 12] else [5, 8]  # generated layouts: 12x12 only when asked
     written = set()
 
