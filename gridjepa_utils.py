@@ -1575,7 +1575,14 @@ def train(
         painted = paint_frames(world, data, device, progress, cfg.input_size, cfg.crop) if len(steps) else None
         from tqdm.auto import tqdm
 
-        bar = tqdm(steps, desc="training", mininterval=0.5) if progress else None
+        bar = handle = None
+        if progress and len(steps):  # a notebook's bar is displayed with a handle, to save its final text at the end
+            in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
+            bar = tqdm(steps, desc="training", mininterval=0.5, **({"display": False} if in_notebook else {}))
+            if in_notebook:
+                from IPython.display import display
+
+                handle = display(bar.container, display_id=True)
         for step in bar or steps:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
@@ -1604,6 +1611,9 @@ def train(
                 seconds = earlier_seconds + time.perf_counter() - t0
                 save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
     seconds = time.perf_counter() - t0
+    if handle is not None:  # a saved notebook then reads "450/450", not the "0/450" the bar was first shown with
+        bar.close()
+        handle.update(bar.container)
     calibrate_batchnorm(model, world)
     return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
 
