@@ -5,18 +5,7 @@ import json
 import shlex
 
 import torch
-
-import gridjepa_utils as gj
-
-SMOKE = ["--profile", "smoke", "--steps", "2"]
-
-
-def run_cli(*args) -> int:
-    try:
-        gj.main([*SMOKE, *map(str, args)])
-    except SystemExit as e:
-        return e.code
-    return 0
+from test_outputs import run_cli  # main() in this process, smoke profile, 2 steps: its exit status
 
 
 def test_out_under_home_is_expanded(tmp_path, monkeypatch):
