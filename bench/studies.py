@@ -519,13 +519,13 @@ def budget_study(
             run, _ = layouts_run(cfg, shipped)
             g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
-            starts, goals = g.sample_pairs(family, 10, 0)  # unseen_layout_report's pairs
+            starts, goals = g.sample_pairs(family, 10, 0)  # g.evaluate_unseen's pairs
             budget = g.step_budget(family, g.shortest_distances(family, starts, goals))  # run_mpc's default
             row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps, "overrides": fields}
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
             t0 = time.perf_counter()
             for name in BUDGET_PLANNERS:
-                policy = g.make_policy(name.removesuffix("_tried"), run.model, family)  # as unseen_layout_report
+                policy = g.make_policy(name.removesuffix("_tried"), run.model, family)  # as g.evaluate_unseen
                 with torch.no_grad():
                     result = g.run_mpc(
                         family, policy, starts, goals, max_steps=times * budget, remember_tried=name.endswith("_tried")
