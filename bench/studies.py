@@ -12,6 +12,7 @@
     python bench/studies.py long-runs  # 8x8: the readers' training curves run long, from runs/ -> long_runs.json
     python bench/studies.py transition-errors --sizes 8 --steps 20000  # what a layouts model gets wrong (05)
     python bench/studies.py budget --sizes 8 --steps 20000 --seeds 0 1  # steps the agent needs, 3x the budget (05)
+    python bench/studies.py writeup-size   # the original write-up's architecture (full) on this CPU, both objectives
     python bench/studies.py transition-errors --only "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)" ...
                                       # the same for the readers study's models
 
@@ -120,6 +121,8 @@ def row_id(study: str, row: dict) -> str:
         layout = row.get("layout", "open").replace("_", "-")
         where = f"-{layout}" if study == "layouts-geometry" else ""
         return f"{study}{where}-{over}-s{seed}"
+    if study == "writeup-size":
+        return f"writeup-size-{row['profile']}-{over}-s{seed}"
     if study == "scaling":
         layout = "open" if row["layout"] == "open" else "walls10"
         return (
@@ -182,6 +185,43 @@ def geometry_row(cfg, with_untrained: bool, planners=("probe", "latent", "cem"))
         row["plans"]["cem (final-step L2)"] = plan_summary(world, g.cem_policy(model, world, cost="final"))
         row["untrained"] = g.geometry_report(g.untrained_model(cfg, world), world)
     return row
+
+
+WRITEUP_SIZE_SCHEDULE = dict(num_steps=2000, batch_size=64, warmup_steps=100, log_every=10, eval_every=250)
+WRITEUP_SIZE_ROWS = {  # name -> (profile, overrides): the full model on a schedule that fits a CPU, the cpu beside it
+    "cpu, series recipe (lam 0.1, w 5)": ("cpu", {}),
+    "cpu, write-up objective (lam 10, w 0)": ("cpu", dict(lam=10.0, smooth_weight=0.0)),
+    "full, series recipe (lam 0.1, w 5)": ("full", WRITEUP_SIZE_SCHEDULE | dict(ckpt_every=250)),
+    "full, write-up objective (lam 10, w 0)": (
+        "full",
+        WRITEUP_SIZE_SCHEDULE | dict(ckpt_every=250, lam=10.0, smooth_weight=0.0),
+    ),
+}
+
+
+def writeup_size_study(seeds: list[int], only: list[str] | None = None, save=None) -> list[dict]:
+    """Does the map hold at the original write-up's size? Its architecture (128x128 input, 4 blocks of width 192)
+    trained on a shortened schedule with both objectives, the cpu model with each beside it; same evaluation."""
+    rows = []
+    for name in [n for n in WRITEUP_SIZE_ROWS if not only or n in only]:
+        profile, over = WRITEUP_SIZE_ROWS[name]
+        for seed in seeds:
+            cfg = g.make_config(profile, seed=seed, **over)
+            row = {"row": name, "profile": profile, "seed": seed, "overrides": over}
+            row = stamp("writeup-size", row | geometry_row(cfg, True), cfg)
+            rows.append(row)
+            if save is not None:
+                save([row])
+            p = row["plans"]
+            print(
+                f"{name:40s} seed {seed}: next {row['next_state_accuracy']:.3f} probe {p['probe']['success']:.3f}"
+                f"/{p['probe']['optimal']:.3f} latent {p['latent']['success']:.3f}/{p['latent']['optimal']:.3f}"
+                f" | PC1+2 {row['pc1'] + row['pc2']:.0%} held-out R2 {row['probe_r2_heldout']:.3f}"
+                f" (untrained {row['untrained']['probe_r2_heldout']:.3f}) std {row['latent_std']:.2f}"
+                f" | {row['train_seconds']:.0f} s",
+                flush=True,
+            )
+    return rows
 
 
 def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("open",), save=None) -> list[dict]:
@@ -914,6 +954,7 @@ STUDIES = {  # name -> its file in assets/ (bench/results.py writes it; a row re
     "long-runs": "long_runs.json",
     "transition-errors": "transition_errors.json",
     "budget": "budget_study.json",
+    "writeup-size": "writeup_size.json",
 }
 
 
@@ -971,6 +1012,7 @@ def main() -> None:
     if unknown := set(args.overrides or ()) - {f.name for f in dataclasses.fields(g.Config)}:
         parser.error(f"--overrides: unknown Config fields {sorted(unknown)}")
     rows_of = {"probes": PROBE_ROWS, "geometry": GEOMETRY_ROWS, "layouts-geometry": GEOMETRY_ROWS}
+    rows_of["writeup-size"] = WRITEUP_SIZE_ROWS
     if args.study in (rows_of | {"recipe-tuning": RECIPE_ROWS}):
         check_only(args.only, (rows_of | {"recipe-tuning": RECIPE_ROWS})[args.study], "row")
     args.seeds, args.sizes = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.sizes))  # --seeds 7 7: once
@@ -1023,6 +1065,8 @@ def main() -> None:
         rows = readers_study(args.budget, args.seeds, args.only, save=save)
     elif args.study == "long-runs":
         rows = long_runs_study(args.only)
+    elif args.study == "writeup-size":
+        rows = writeup_size_study(args.seeds, args.only, save=save)
     elif args.study == "budget":
         rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:
