@@ -1697,8 +1697,7 @@ def ridge_alpha_loo(x: np.ndarray, y: np.ndarray, alphas=None) -> float:
 
 def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
     """Coefficient of determination per output column (sklearn's): (P, k) -> (k,). Negative = worse than the mean."""
-    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
-    return np.atleast_1d(sklearn_r2_score(y, pred, multioutput="raw_values"))
+    return np.atleast_1d(sklearn_r2_score(np.asarray(y, float), np.asarray(pred, float), multioutput="raw_values"))
 
 
 def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, seed: int = 0) -> dict:
@@ -1771,27 +1770,28 @@ Policy = Callable[[torch.Tensor, torch.Tensor], dict]
 PLANNERS = ("probe", "latent", "nearest", "cem", "search", "imagine", "graph", "random")  # make_policy's names
 
 
-@torch.no_grad()
-def imagine_next(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
-    """The 4 imagined next latents of each cell: (P,) -> (P, A, D)."""
-    emb, A = encode_cells(model, world, cells), len(ACTIONS)  # (P, D)
-    actions = torch.arange(A, device=emb.device).repeat(len(cells))  # (P * A,)
-    return model.predict(repeat(emb, "p d -> (p a) d", a=A), actions).view(len(cells), A, -1)
+def latent_greedy_policy(model: JEPA, world: World, decode: Callable | None = None) -> Policy:
+    """One step ahead: imagine each cell's 4 next latents and take the action whose latent is nearest (L2) the goal
+    image's latent, or, with ``decode`` (latents -> (col, row)), whose decoded cell is nearest the goal (Manhattan)."""
+    A = len(ACTIONS)
 
-
-def greedy_decoder_policy(model: JEPA, world: World, decode: Callable[[torch.Tensor], torch.Tensor]) -> Policy:
-    """The original write-up's planner: decode the 4 imagined next latents to (col, row), take the nearest the goal."""
-
+    @torch.no_grad()
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        imagined = decode(imagine_next(model, world, cells).flatten(0, 1)).view(len(cells), len(ACTIONS), 2).cpu()
-        scores = (imagined - torch.from_numpy(world.cell_pos(goals.numpy())).float()[:, None]).abs().sum(-1)  # (P, A)
+        emb, actions = encode_cells(model, world, cells), torch.arange(A).repeat(len(cells))  # (P, D), (P * A,)
+        imagined = model.predict(repeat(emb, "p d -> (p a) d", a=A), actions.to(emb.device))  # (P * A, D)
+        if decode is None:
+            goal_emb = encode_cells(model, world, goals)[:, None]  # (P, 1, D)
+            scores = ((imagined.view(len(cells), A, -1) - goal_emb) ** 2).sum(-1).cpu()  # (P, A)
+            return {"action": scores.argmin(1), "scores": scores}
+        imagined = decode(imagined).view(len(cells), A, 2).cpu()  # (P, A, 2) decoded (col, row)
+        scores = (imagined - torch.from_numpy(world.cell_pos(goals.numpy())).float()[:, None]).abs().sum(-1)
         return {"action": scores.argmin(1), "scores": scores, "imagined": imagined}
 
     return policy
 
 
 def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
-    """Greedy planner decoding imagined latents with a linear probe (the original write-up's)."""
+    """The original write-up's planner: greedy, decoding the imagined latents with a linear probe."""
     if not isinstance(probe, LinearProbe):
         raise TypeError(f"probe must be a LinearProbe (fit_probe's), got {type(probe).__name__}")
     if np.shape(probe.weight) != (model.cfg.latent_dim, 2):
@@ -1799,23 +1799,13 @@ def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
             f"probe maps latents to (col, row): its weight must be (latent_dim, 2) = ({model.cfg.latent_dim}, 2), "
             f"got {np.shape(probe.weight)}; fit it on this model's latents"
         )
-    return greedy_decoder_policy(model, world, lambda z: probe(z.float().cpu()))
+    return latent_greedy_policy(model, world, lambda z: probe(z.float().cpu()))
 
 
 def nearest_cell_policy(model: JEPA, world: World) -> Policy:
     """Probe-free greedy planner: decode each imagined latent as the cell whose real latent is nearest (L2)."""
     emb, pos = encode_states(model, world).float(), torch.from_numpy(world.cell_pos(world.free_cells)).float()
-    return greedy_decoder_policy(model, world, lambda z: pos[torch.cdist(z.float(), emb).argmin(1).cpu()])
-
-
-def latent_greedy_policy(model: JEPA, world: World) -> Policy:
-    """Greedy planner with the latent cost: the action whose imagined latent is nearest (L2) the goal image's."""
-
-    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        scores = ((imagine_next(model, world, cells) - encode_cells(model, world, goals)[:, None]) ** 2).sum(-1).cpu()
-        return {"action": scores.argmin(1), "scores": scores}  # scores: (P, A)
-
-    return policy
+    return latent_greedy_policy(model, world, lambda z: pos[torch.cdist(z.float(), emb).argmin(1).cpu()])
 
 
 def random_policy(seed: int = 0) -> Policy:
@@ -1862,12 +1852,10 @@ def imagined_costs(model: JEPA, world: World, cells, goals, horizon: int, cost: 
 def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "steps") -> Policy:
     """Search all 4^H action sequences for every pair at once; execute the first action of the best."""
     check_search(model, world, horizon, cost, "exhaustive_policy")
-    first = torch.arange(len(ACTIONS) ** horizon) // len(ACTIONS) ** (horizon - 1)  # (S,) each sequence's first action
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        costs = imagined_costs(model, world, cells, goals, horizon, cost)  # (P, S)
-        scores = torch.full((len(cells), len(ACTIONS)), torch.inf)
-        scores = scores.scatter_reduce(1, first.expand_as(costs), costs, "amin")  # (P, A) the best from each action
+        costs = imagined_costs(model, world, cells, goals, horizon, cost)  # (P, S): 4^(H-1) sequences per first action
+        scores = costs.reshape(len(cells), len(ACTIONS), -1).amin(2)  # (P, A) the best sequence from each action
         return {"action": scores.argmin(1), "scores": scores}
 
     return policy
@@ -1975,17 +1963,13 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
     return {"nodes": nodes, "count": count, "depth": depth, "first": first, "tol": tol}
 
 
-def _search_settings(world: World, max_depth, merge) -> tuple[int, int]:  # checked; max_depth 2G, 2G^2 + 1 places
-    if isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 < merge < 1:
-        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
-    G = world.grid_size
-    return check_int(2 * G if max_depth is None else max_depth, "max_depth", 1), 2 * G**2 + 1
-
-
 def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, merge=0.5, meet="either") -> Policy:
     """Plan from two images and the model alone: imagine the places reachable from both (imagine_map; moves are
     reversible; two half-depth searches drift less than one), act along the shortest path through a meeting place."""
-    max_depth, max_nodes = _search_settings(world, max_depth, merge)
+    if isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 < merge < 1:
+        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    G = world.grid_size  # default depth 2G; room for 2G^2 + 1 places, more than the free cells
+    max_depth, max_nodes = check_int(2 * G if max_depth is None else max_depth, "max_depth", 1), 2 * G**2 + 1
     if meet not in ("either", "both"):
         raise ValueError(f"meet must be 'either' or 'both', got {meet!r}")
     within = torch.maximum if meet == "either" else torch.minimum  # either's radius (both latents drift), or both's
@@ -2025,17 +2009,6 @@ def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, 
     return policy
 
 
-def shortest_distances(world: World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
-    """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start. For evaluation."""
-    unique, inverse = torch.unique(starts, return_inverse=True)
-    return torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]
-
-
-def step_budget(world: World, optimal: torch.Tensor) -> int:
-    """run_mpc's default steps for pairs with these BFS distances: 2 x the longest + G, room for detours."""
-    return 2 * int(optimal.max()) + world.grid_size
-
-
 @dataclass
 class PlanResult:
     """Outcome of planning every pair: where each episode went and how long it took."""
@@ -2066,9 +2039,10 @@ def run_mpc(
     world, policy, starts=None, goals=None, max_steps=None, record=False, remember_bumps=False, remember_tried=False
 ) -> PlanResult:
     """Closed-loop control of every pair at once (default: all pairs of distinct free cells): observe, ask the policy,
-    act in the real world, repeat until every episode is at its goal or max_steps (default step_budget) ran out. Back
-    at an image, a planner that decides from (image, goal image) alone loops forever; a memory breaks the loop:
-    ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` takes its least-taken action."""
+    act in the real world, repeat until every episode is at its goal or max_steps (default: 2 x the longest BFS
+    distance + G) ran out. Back at an image, a planner that decides from (image, goal image) alone loops forever; a
+    memory breaks the loop: ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` takes the
+    image's least-taken action."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
     if not isinstance(world, World):
@@ -2086,9 +2060,10 @@ def run_mpc(
             raise ValueError(f"{name} cells must lie in [0, {world.num_cells})")
         if (on_wall := world.walls.reshape(-1)[cells.numpy()]).any():
             raise ValueError(f"{name} cell {tuple(int(v) for v in world.cell_pos(int(cells[on_wall][0])))} is a wall")
-    if ((optimal := shortest_distances(world, starts, goals)) < 0).any():
-        raise ValueError("some goals cannot be reached from their start in this layout")
-    max_steps = step_budget(world, optimal) if max_steps is None else check_int(max_steps, "max_steps", 1)
+    unique, inverse = torch.unique(starts, return_inverse=True)  # one BFS per distinct start
+    if ((optimal := torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]) < 0).any():
+        raise ValueError("some goals cannot be reached from their start in this layout")  # BFS distance -1
+    max_steps = 2 * int(optimal.max()) + world.grid_size if max_steps is None else check_int(max_steps, "max_steps", 1)
     A, N = len(ACTIONS), world.grid_size**2  # counts per episode, image (its cell in its layout) and action:
     if remember := "remember_tried" if remember_tried else "remember_bumps" if remember_bumps else "":
         check_memory(4.0 * len(starts) * N * A, f"run_mpc({remember}=True) for {len(starts):,} pairs")
@@ -2108,22 +2083,19 @@ def run_mpc(
             if not isinstance(scores, (torch.Tensor, np.ndarray)) or tuple(scores.shape) != (len(here), A):
                 got = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
                 raise ValueError(f"the policy returned 'scores' of shape {got}; expected ({len(here)}, {A}) numbers")
-            scores = torch.as_tensor(scores).detach().float().cpu()
-        if remember:
+        if remember:  # remember_tried counts every action taken from an image, remember_bumps the wall bumps
             past = taken[episodes, here % N]  # (n, A)
             allowed = past == past.amin(1, keepdim=True) if remember_tried else past == 0
-            scores = torch.zeros(len(here), A) if scores is None else scores
+            scores = torch.zeros(len(here), A) if scores is None else torch.as_tensor(scores).detach().float().cpu()
             # an action the policy rules out (a score of inf) still comes before one memory rules out
             best = scores.nan_to_num(posinf=torch.finfo().max).masked_fill(~allowed, torch.inf).argmin(1)
             chosen = torch.where(allowed[range(len(here)), action], action, best)
             out = out | {"action": chosen, "policy_action": action}
+            taken[episodes, here % N, chosen] += ((world.next_cell[here, chosen] == here) | remember_tried).int()
         if record:
             kept = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items() if v is not None}
             trace.append(kept | {"active": active.clone()})
-        moved = world.next_cell[here, out["action"]]
-        if remember:  # remember_tried counts every action taken, remember_bumps the wall bumps
-            taken[episodes, here % N, out["action"]] += ((moved == here) | remember_tried).int()
-        cells[active] = moved
+        cells[active] = world.next_cell[here, out["action"]]
         steps[(cells == goals) & active] = t + 1
         paths.append(cells.clone())
     return PlanResult(starts, goals, torch.stack(paths, 1), steps, optimal, time.perf_counter() - t0, trace)
@@ -2158,11 +2130,10 @@ def show_source(obj) -> str:
     """Show (and return) the module's code for ``obj``: a Python block in a notebook, printed elsewhere."""
     import textwrap
 
-    from IPython import get_ipython
-    from IPython.display import Markdown, display
+    from IPython import display, get_ipython
 
     src = textwrap.dedent(inspect.getsource(obj))
-    display(Markdown(f"```python\n{src}```")) if get_ipython() is not None else print(src)
+    display.display(display.Markdown(f"```python\n{src}```")) if get_ipython() is not None else print(src)
     return src
 
 
@@ -2184,26 +2155,24 @@ def plot_history(history: dict, axes=None):
 
 
 class LivePlot:
-    """Loss and latent-health curves redrawn in place in a notebook while training runs."""
+    """Loss and latent-health curves redrawn in place in a notebook while training runs: train(on_log=plot.update)."""
 
     def __init__(self):
         import matplotlib.pyplot as plt
         from IPython.display import display
 
-        self.plt, (self.fig, self.axes) = plt, plt.subplots(1, 5, figsize=(17, 3))
+        self.fig, self.axes = plt.subplots(1, 5, figsize=(17, 3))
         self.handle, self.last, self.history = display(self.fig, display_id=True), 0.0, None
-        plt.close(self.fig)
+        plt.close(self.fig)  # shown through the display handle only
 
     def update(self, history: dict, every_seconds: float = 3.0) -> None:
         self.history = history  # redrawn at most every few seconds: drawing costs more than a CPU training step
         if time.perf_counter() - self.last >= every_seconds:
-            plot_history(history, self.axes)
-            self.handle.update(self.fig)
+            self.handle.update(plot_history(history, self.axes)[0].figure)
             self.last = time.perf_counter()
 
     def close(self) -> None:
         self.update(self.history, every_seconds=0) if self.history is not None else None  # the final state
-        self.plt.close(self.fig)
 
 
 def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title: str | None = None):
@@ -2230,9 +2199,8 @@ def _show_png(widget, images=(), png: bytes | None = None) -> None:
 
     if png is None:
         gap = np.full((images[0].shape[0], 6), 255, np.uint8)
-        row = np.concatenate(sum(([np.asarray(im), gap] for im in images), [])[:-1], axis=1)
-        img = Image.fromarray(row).resize((row.shape[1] * 2, row.shape[0] * 2), Image.NEAREST)
-        img.save(buf := io.BytesIO(), format="png")
+        row = np.concatenate(sum(([np.asarray(im), gap] for im in images), [])[:-1], axis=1).repeat(2, 0).repeat(2, 1)
+        Image.fromarray(row).save(buf := io.BytesIO(), format="png")  # scaled x2, nearest neighbour
         png = buf.getvalue()
     w, h = Image.open(io.BytesIO(png)).size
     widget.value, widget.width, widget.height = png, str(w), str(h)
@@ -2318,9 +2286,8 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
         status = "reached the goal" if cell == goal_w.value else f"step {t}/{step.max}"
         lines = [f"<b>{planner.value}</b>: {status} (optimal: {int(res.optimal_steps[0])} steps; {solved})"]
         if rec:
-            chosen, scores = int(rec["action"][0]), rec.get("scores")
-            scores = [] if scores is None else scores[0].tolist()  # inf: an action the planner rules out
-            costs = [f"{n}: {v:.2f}" if v < math.inf else f"{n}: ruled out" for n, v in zip(ACTIONS, scores)]
+            chosen, scores = int(rec["action"][0]), rec["scores"][0].tolist() if "scores" in rec else []
+            costs = [f"{n}: {v:.2f}" if v < math.inf else f"{n}: ruled out" for n, v in zip(ACTIONS, scores)]  # inf
             costs = " ".join(f"<b>{c}</b>" if a == chosen else c for a, c in enumerate(costs))  # the chosen in bold
             head = f"predicted cost per action: {costs}" if costs else "this planner has no scores"
             lines.append(f"{head} -> <b>{ACTIONS[chosen]}</b>")
@@ -2371,9 +2338,8 @@ def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per
             run_mpc(m, graph_policy(model, m), starts[starts // N == k] - k * N, goals[starts // N == k] - k * N)
             for k, m in enumerate(map(family.member, range(len(family))))
         ]
-        for planner, parts in runs.items():
-            for key in ("success", "optimal"):
-                metrics[f"{name}_{planner}_{key}"] = float(torch.cat([getattr(r, key) for r in parts]).float().mean())
+        share = lambda parts, key: float(torch.cat([getattr(r, key) for r in parts]).float().mean())  # over all pairs
+        metrics |= {f"{name}_{p}_{k}": share(parts, k) for p, parts in runs.items() for k in ("success", "optimal")}
     return metrics
 
 
@@ -2431,13 +2397,11 @@ def main(argv: list[str] | None = None) -> dict:
     given = {f: getattr(args, flag[2:].replace("-", "_")) for flag, (f, _, _) in flags.items()}
     try:
         cfg = make_config(args.profile, **overrides, **{f: v for f, v in given.items() if v is not None})
-    except (TypeError, ValueError) as e:
-        message = str(e)
-        for flag, (f, _, _) in flags.items():  # name the flag beside the field
-            message = re.sub(rf"\bConfig\.{f}\b", f"{flag} (Config.{f})", message)
-        for f, flag in {"seed": "--seed", "num_layouts": "--layouts", "layout": "--layout"}.items():
-            message = f"{flag}: {message}" if re.match(rf"Config\.{f}\b", message) else message
-        p.error(message)
+    except (TypeError, ValueError) as e:  # the flag named beside its Config field, or before a message it starts
+        fields = {f: flag for flag, (f, _, _) in flags.items()}
+        message = re.sub(r"\bConfig\.(\w+)\b", lambda m: f"{fields[m[1]]} ({m[0]})" if m[1] in fields else m[0], str(e))
+        lead = re.match(r"Config\.(seed|num_layouts|layout)\b", message)  # --seed, --layouts, --layout
+        p.error(f"--{lead[1].removeprefix('num_')}: {message}" if lead else message)
     if cfg.num_layouts and (args.layout or args.planner or args.remember_bumps or args.remember_tried):
         p.error(
             "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs: a model of "

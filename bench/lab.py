@@ -20,7 +20,25 @@ def imagination_settings() -> dict:
     return {f"imagine_{k}": defaults[k].default for k in ("merge", "meet")}
 
 
-@torch.no_grad()
+def search_settings(world: g.World, max_depth, merge) -> tuple[int, int]:
+    """imagination_policy's checks and search sizes: max_depth (default 2G) and room for 2G^2 + 1 places."""
+    if isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 < merge < 1:
+        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    G = world.grid_size
+    return g.check_int(2 * G if max_depth is None else max_depth, "max_depth", 1), 2 * G**2 + 1
+
+
+def shortest_distances(world: g.World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
+    """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start, as run_mpc's."""
+    unique, inverse = torch.unique(starts, return_inverse=True)
+    return torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]
+
+
+def step_budget(world: g.World, optimal: torch.Tensor) -> int:
+    """run_mpc's default steps for pairs with these BFS distances: 2 x the longest + G, room for detours."""
+    return 2 * int(optimal.max()) + world.grid_size
+
+
 @torch.no_grad()
 def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None = None, merge: float = 0.5) -> dict:
     """How true the imagination search's maps are (privileged: an analysis for the reader, never for planning): from
@@ -31,7 +49,7 @@ def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None =
     found twice or at the wrong distance. Returns plain lists and the number of searches."""
     if not isinstance(world, g.World):
         raise TypeError(f"world must be a World or WorldFamily, got {type(world).__name__}")
-    max_depth, max_nodes = g._search_settings(world, max_depth, merge)
+    max_depth, max_nodes = search_settings(world, max_depth, merge)
     depths = np.arange(1, max_depth + 1)
     complete, clean = [], []
     was_training = model.training

@@ -560,7 +560,7 @@ def budget_study(
             g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
             starts, goals = g.sample_pairs(family, 10, 0)  # g.evaluate_unseen's pairs
-            budget = g.step_budget(family, g.shortest_distances(family, starts, goals))  # run_mpc's default
+            budget = L.step_budget(family, L.shortest_distances(family, starts, goals))  # run_mpc's default
             row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps, "overrides": fields}
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
             t0 = time.perf_counter()
