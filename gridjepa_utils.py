@@ -2039,10 +2039,9 @@ def run_mpc(
     world, policy, starts=None, goals=None, max_steps=None, record=False, remember_bumps=False, remember_tried=False
 ) -> PlanResult:
     """Closed-loop control of every pair at once (default: all pairs of distinct free cells): observe, ask the policy,
-    act in the real world, repeat until every episode is at its goal or max_steps (default: 2 x the longest BFS
-    distance + G) ran out. Back at an image, a planner that decides from (image, goal image) alone loops forever; a
-    memory breaks the loop: ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` takes the
-    image's least-taken action."""
+    act in the real world, repeat until each episode is at its goal or max_steps (default: 2 x the longest BFS distance
+    + G) ran out. A planner deciding from (image, goal image) alone loops when back at an image; a memory breaks the
+    loop: ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` its least-tried action."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
     if not isinstance(world, World):
