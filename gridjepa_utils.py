@@ -1058,8 +1058,7 @@ class JEPA(nn.Module):
         return self.predictor(emb[:, None], action[:, None])[:, 0]
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training: obs (B, T, 1, H, W), actions (B, T-1) -> emb (B, T, D) and pred (B, T-1, D), teacher-forced.
-        All frames share one batch: one set of BatchNorm statistics."""
+        """Training: obs (B, T, 1, H, W), actions (B, T-1) -> emb (B, T, D), pred (B, T-1, D); one BatchNorm batch."""
         B, T = obs.shape[:2]
         if not torch.isfinite(obs.sum()):  # a NaN would poison BatchNorm's statistics; one sum is a cheap check
             raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
@@ -1261,8 +1260,7 @@ def checkpoint_checksum(state: dict, h=None) -> str:
 
 
 def _atomic_write(path: Path, data: bytes | None) -> None:
-    """Write ``data`` to ``path`` through a fresh temporary file (fsync, rename); None: only try that file (can we
-    write here?). An OSError names the path and cause."""
+    """Write ``data`` via a fresh temporary file (fsync, rename; None: only try one); an OSError names ``path``."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1519,17 +1517,13 @@ def train(
         raise TypeError(f"on_log must be a function on_log(history) or None, got {type(on_log).__name__}")
     if world is not None and not isinstance(world, World):
         raise TypeError(f"world must be a World (or a WorldFamily), got {type(world).__name__}")
-    if world is not None and (world.grid_size, world.show_target) != (cfg.grid_size, cfg.show_target):
-        raise ValueError(
-            f"world is {world.grid_size}x{world.grid_size} with show_target={world.show_target}, but Config.grid_size="
-            f"{cfg.grid_size} and Config.show_target={cfg.show_target}: pass a world of this config (build_world(cfg))"
-        )
+    if world is not None and (got := (world.grid_size, world.show_target)) != (cfg.grid_size, cfg.show_target):
+        want = f"Config.grid_size={cfg.grid_size} and Config.show_target={cfg.show_target}"
+        raise ValueError(f"world is {got[0]}x{got[0]} with show_target={got[1]}, but {want}: pass build_world(cfg)")
     if data is not None and (not isinstance(data, Transitions) or data.states.shape[1] != cfg.seq_len):
         got = f"{data.states.shape[1]} frames" if isinstance(data, Transitions) else type(data).__name__
-        raise ValueError(
-            f"data must be Transitions of Config.seq_len={cfg.seq_len} frames per trajectory, got {got}: "
-            f"make_transitions(world, num, seq_len={cfg.seq_len})"
-        )
+        want = f"Transitions of Config.seq_len={cfg.seq_len} frames per trajectory"
+        raise ValueError(f"data must be {want}, got {got}: make_transitions(world, num, seq_len={cfg.seq_len})")
     if ckpt_path is not None:
         check_writable(ckpt_path)
     with contextlib.nullcontext() if ckpt_path is None else output_lock(ckpt_path):
@@ -1600,8 +1594,7 @@ def train(
 
 # ── how long training will take, measured before it starts ──
 def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: World | None = None) -> dict:
-    """How long train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps after a warm-up, and the
-    painting of the frames."""
+    """How long train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps, the painting of the frames."""
     from torch.utils.flop_counter import FlopCounterMode
 
     validate_config(cfg), check_int(timed_steps, "timed_steps", 1)
