@@ -98,7 +98,6 @@ class Config:
     # loss: MSE(predicted, real next latent) + lam * SIGReg, and optional terms
     lam: float = 10.0  # SIGReg's weight: the original write-up's 10; every profile sets its own
     sigreg_dirs: int = 256  # random directions of SIGReg's Epps–Pulley test
-    rollout_weight: float = 0.0  # > 0 adds an open-loop loss: the predictor fed its own predictions
     smooth_weight: float = 0.0  # MSE(z_t, z_t+1): under SIGReg's whitening its optimum is a map of the world
     smooth_ramp: float = 0.5  # that weight rises linearly from 0 over this fraction of training
     idm_weight: float = 0.0  # inverse dynamics (as PLDM): the action read back from (z_t, z_t+1) keeps the agent
@@ -159,7 +158,7 @@ def study_profile() -> str:
 
 # (low, high) inclusive bounds of the numeric Config fields; any other float field only has to be finite
 CONFIG_RANGES = {
-    **dict.fromkeys("lam rollout_weight idm_weight smooth_weight weight_decay grad_clip".split(), (0.0, math.inf)),
+    **dict.fromkeys("lam idm_weight smooth_weight weight_decay grad_clip".split(), (0.0, math.inf)),
     **dict.fromkeys("num_steps log_every eval_every ckpt_every".split(), (1, 10**9)),
     **dict.fromkeys("input_size patch_size".split(), (1, 128)) | dict.fromkeys("width pred_width".split(), (1, 4096)),
     **dict.fromkeys("depth pred_depth".split(), (1, 64)) | dict.fromkeys("heads pred_heads".split(), (1, 256)),
@@ -1039,8 +1038,8 @@ class JEPA(nn.Module):
         with torch.no_grad():
             return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
 
-    def _check(self, emb, actions, ndim: int) -> torch.Tensor:
-        """The actions, after refusing latents other than finite floats (B, D) or actions other than (B,) / (B, H)."""
+    def _check(self, emb, actions, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents (B, D) in the predictor's dtype and actions (B,) or (B, H); anything else is refused by name."""
         if not isinstance(emb, torch.Tensor) or not emb.dtype.is_floating_point:
             raise TypeError(f"emb must be a float tensor of latents, got {getattr(emb, 'dtype', type(emb).__name__)}")
         if emb.shape[-1] != self.cfg.latent_dim:
@@ -1051,20 +1050,15 @@ class JEPA(nn.Module):
             raise ValueError(f"expected emb (B, D) and {want}, got {tuple(emb.shape)} and {tuple(actions.shape)}")
         if not torch.isfinite(emb).all():
             raise ValueError("emb holds NaN or inf values; latents must be finite")
-        return actions
-
-    def _latents(self, emb: torch.Tensor) -> torch.Tensor:
-        """Latents in the predictor's dtype (float16 or float64 ones are cast)."""
-        return emb.to(next(self.predictor.parameters()).dtype)
+        return emb.to(next(self.predictor.parameters()).dtype), actions
 
     def predict(self, emb: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The latent after one action from a single frame: (B, D), (B,) -> (B, D)."""
-        action = self._check(emb, action, 1)
-        return self.predictor(self._latents(emb)[:, None], action[:, None])[:, 0]
+        emb, action = self._check(emb, action, 1)
+        return self.predictor(emb[:, None], action[:, None])[:, 0]
 
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor, self_feed: bool = False) -> dict[str, torch.Tensor]:
-        """Training: obs (B, T, 1, H, W), actions (B, T-1) -> emb (B, T, D), pred (B, T-1, D) teacher-forced and with
-        ``self_feed`` rollout (B, T-1, D). All frames share one batch: one set of BatchNorm statistics."""
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training: obs (B, T, 1, H, W), actions (B, T-1) -> emb (B, T, D), pred (B, T-1, D); one BatchNorm batch."""
         B, T = obs.shape[:2]
         if not torch.isfinite(obs.sum()):  # a NaN would poison BatchNorm's statistics; one sum is a cheap check
             raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
@@ -1072,14 +1066,12 @@ class JEPA(nn.Module):
         out = {"emb": emb, "pred": self.predictor(emb[:, :-1], actions).float()}  # (B, T-1, D)
         if hasattr(self, "inverse"):
             out["action_logits"] = self.inverse(torch.cat([emb[:, :-1], emb[:, 1:]], -1)).float()  # (B, T-1, A)
-        if self_feed:
-            out["rollout"] = self.rollout(emb[:, 0], actions).float()  # (B, T-1, D)
         return out
 
     def rollout(self, emb: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Open-loop imagination (B, D), (B, H) -> (B, H, D), seeing the last seq_len - 1 frames, as in training."""
-        actions = self._check(emb, actions, 2)
-        history, context = self._latents(emb)[:, None], max(1, self.cfg.seq_len - 1)  # (B, 1, D)
+        emb, actions = self._check(emb, actions, 2)
+        history, context = emb[:, None], max(1, self.cfg.seq_len - 1)  # (B, 1, D)
         for h in range(actions.shape[1]):
             seen = history[:, -context:]
             nxt = self.predictor(seen, actions[:, h + 1 - seen.shape[1] : h + 1])[:, -1]
@@ -1122,16 +1114,13 @@ def effective_rank(emb: torch.Tensor) -> torch.Tensor:
 def jepa_loss(
     model: JEPA, sigreg: SIGReg, obs, actions, cfg: Config, step: int | None = None, measure: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Named loss terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss [+ rollout_weight * rollout_loss]
-    [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss] + lam * sigreg (the original write-up's
-    lam = 10); with ``measure``, the latents' health too (latent_std, eff_rank)."""
-    out = model(obs, actions, self_feed=cfg.rollout_weight > 0 and obs.shape[1] > 2)
+    """Named loss terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss + lam * sigreg (the original
+    write-up's lam = 10) [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss]; with ``measure``, the
+    latents' health too (latent_std, eff_rank)."""
+    out = model(obs, actions)
     emb = out["emb"]  # (B, T, D)
     terms = {"pred_loss": F.mse_loss(out["pred"], emb[:, 1:]), "sigreg": sigreg(emb.flatten(0, 1), step)}
     loss = terms["pred_loss"] + cfg.lam * terms["sigreg"]
-    if "rollout" in out:  # the predictor fed its own predictions (open loop)
-        terms["rollout_loss"] = F.mse_loss(out["rollout"], emb[:, 1:])
-        loss = loss + cfg.rollout_weight * terms["rollout_loss"]
     if cfg.smooth_weight > 0:
         terms["smooth_loss"] = smoothness_loss(emb)
         loss = loss + smooth_weight_at(step, cfg) * terms["smooth_loss"]
@@ -1158,8 +1147,7 @@ def lr_at(step: int, cfg: Config) -> float:
 @torch.no_grad()
 def calibrate_batchnorm(model: JEPA, world: World) -> None:
     """Set BatchNorm's running statistics to those of one image per free cell: running averages lag a high lr."""
-    was_training = model.training
-    states = torch.from_numpy(world.free_cells)
+    was_training, states = model.training, torch.from_numpy(world.free_cells)
     if world.show_target:
         states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
     if len(states) > 2048:  # a large family: a fixed uniform sample of its free cells
@@ -1249,7 +1237,7 @@ def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, s
 # ── checkpoints and run records: checked before they are trusted, written atomically ──
 CHECKPOINT_FORMAT = 2  # 2: a "format" key and a checksum; 1 (the shipped files): a checksum and no "format" key
 CHECKPOINT_KEYS = ("model", "optimizer", "config", "history", "metrics")  # the dicts beside the step
-RETIRED_FIELDS = {"stem": "patch", "spatial": False, "rollout_frames": 0}  # old configs hold them at these values
+RETIRED_FIELDS = {"stem": "patch", "spatial": False, "rollout_frames": 0, "rollout_weight": 0.0}  # at their old values
 BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "profile")
 RECORD_KIND = "gridjepa run record"
 RECORD_FIELDS = {"command": str, "train_seconds": (int, float), "device": str, "metrics": dict, "evaluations": list}
@@ -1272,21 +1260,19 @@ def checkpoint_checksum(state: dict, h=None) -> str:
 
 
 def _atomic_write(path: Path, data: bytes | None) -> None:
-    """Write ``data`` to ``path`` via a fresh temporary file (fsync, rename), or with None only make and remove that
-    file (check_writable); an OSError names the path and cause."""
+    """Write ``data`` via a fresh temporary file (fsync, rename; None: only try one); an OSError names ``path``."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # never follows a link
-        if data is None:
-            return os.close(fd)
         os.umask(umask := os.umask(0))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data or b"")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
+        if data is not None:
+            os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
     except OSError as e:
         raise OSError(e.errno, f"{(e.strerror or str(e)).lower()} writing {path}") from e
     finally:
@@ -1309,9 +1295,9 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
     """A validated Config from a saved dict; retired fields only at their old values; unknown fields refused."""
     if not isinstance(values, dict):
         raise ValueError(f"{source}: the config must be a dict, got {type(values).__name__}")
-    retired = [f"{k}={v!r}" for k, v in values.items() if k in RETIRED_FIELDS and v != RETIRED_FIELDS[k]]
     names = {f.name for f in dataclasses.fields(Config)}
-    if bad := retired + sorted(set(values) - names - set(RETIRED_FIELDS)):
+    bad = [f"{k}={v!r}" for k, v in values.items() if k in RETIRED_FIELDS and v != RETIRED_FIELDS[k]]
+    if bad := bad + sorted(set(values) - names - set(RETIRED_FIELDS)):
         raise ValueError(f"{source} describes a model this module does not build ({', '.join(bad)})")
     try:
         return validate_config(Config(**{k: v for k, v in values.items() if k in names}))
@@ -1372,8 +1358,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JE
 
 def config_hash(cfg: Config) -> str:
     """A short hash of the training fields (all but BOOKKEEPING): runs differing in any get different default names."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING} | {"rollout_weight": 0.0}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]  # a retired field: names stay
 
 
 def default_out_path(cfg: Config) -> Path:
@@ -1389,10 +1375,9 @@ def record_path(out: str | Path) -> Path:
 
 def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None:
     """This run's record beside ``out`` (None if none); another file there: FileExistsError, or None and a warning."""
-    path = record_path(out)
+    if not os.path.lexists(path := record_path(out)):
+        return None
     try:
-        if not os.path.lexists(path):
-            return None
         if path.is_symlink() or not path.is_file():
             raise ValueError("it is a link or not a regular file")
         try:
@@ -1446,11 +1431,8 @@ def output_lock(path: str | Path):
     first, holder = not lock.is_locked, "another process"
     try:  # a lock file that cannot be opened (a folder, a read-only place) is an error, not a busy lock
         os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
-    except OSError as e:
-        raise OSError(e.errno, f"cannot create the lock file {lock_path}: {e.strerror or e}") from e
-    try:
         lock.acquire(timeout=0)
-    except filelock.Timeout:
+    except filelock.Timeout:  # before OSError, of which it is one
         with contextlib.suppress(OSError, ValueError):
             holder = f"process {int(pid_path.read_text())}"
         raise RuntimeError(f"{path} is being written by {holder} ({lock_path}): wait, or use another path") from None
@@ -1468,9 +1450,8 @@ def output_lock(path: str | Path):
 
 def check_writable(path: str | Path) -> None:
     """Fail now, naming ``path``, if a file cannot be created next to it (rather than after training)."""
-    path = Path(path)
     try:
-        _atomic_write(path, None)
+        _atomic_write(path := Path(path), None)
     except OSError as e:
         raise OSError(f"cannot write {path}: its folder {path.parent} is not writable ({e.strerror or e})") from e
     if path.exists() and (path.is_dir() or not os.access(path, os.R_OK)):
@@ -1520,10 +1501,8 @@ def collapse_warning(latent_std: float, cfg: Config) -> str | None:
     tries = [f"a larger lam (now {cfg.lam:g})"]
     tries += ["projector_norm='batchnorm' (LeWM's; now 'layernorm')"] if cfg.projector_norm != "batchnorm" else []
     tries += [f"a smaller smooth_weight (now {cfg.smooth_weight:g})"] if cfg.smooth_weight > 0 else []
-    return (
-        f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to nearly the "
-        f"same vector. Try {' or '.join(tries)}."
-    )
+    why = f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to nearly the"
+    return f"{why} same vector. Try {' or '.join(tries)}."
 
 
 def train(
@@ -1533,23 +1512,18 @@ def train(
     directions depend on (seed, k) alone, so a resumed run (``ckpt_path``, ``resume``) takes the same path.
     ``stop_after``: leave early; ``on_log(history)``: at each log line."""
     validate_config(cfg)
-    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 0):
-        raise ValueError(f"stop_after must be an integer >= 0 or None, got {stop_after!r}")
+    stop_after = None if stop_after is None else check_int(stop_after, "stop_after")
     if on_log is not None and not callable(on_log):
         raise TypeError(f"on_log must be a function on_log(history) or None, got {type(on_log).__name__}")
     if world is not None and not isinstance(world, World):
         raise TypeError(f"world must be a World (or a WorldFamily), got {type(world).__name__}")
-    if world is not None and (world.grid_size, world.show_target) != (cfg.grid_size, cfg.show_target):
-        raise ValueError(
-            f"world is {world.grid_size}x{world.grid_size} with show_target={world.show_target}, but Config.grid_size="
-            f"{cfg.grid_size} and Config.show_target={cfg.show_target}: pass a world of this config (build_world(cfg))"
-        )
+    if world is not None and (got := (world.grid_size, world.show_target)) != (cfg.grid_size, cfg.show_target):
+        want = f"Config.grid_size={cfg.grid_size} and Config.show_target={cfg.show_target}"
+        raise ValueError(f"world is {got[0]}x{got[0]} with show_target={got[1]}, but {want}: pass build_world(cfg)")
     if data is not None and (not isinstance(data, Transitions) or data.states.shape[1] != cfg.seq_len):
         got = f"{data.states.shape[1]} frames" if isinstance(data, Transitions) else type(data).__name__
-        raise ValueError(
-            f"data must be Transitions of Config.seq_len={cfg.seq_len} frames per trajectory, got {got}: "
-            f"make_transitions(world, num, seq_len={cfg.seq_len})"
-        )
+        want = f"Transitions of Config.seq_len={cfg.seq_len} frames per trajectory"
+        raise ValueError(f"data must be {want}, got {got}: make_transitions(world, num, seq_len={cfg.seq_len})")
     if ckpt_path is not None:
         check_writable(ckpt_path)
     with contextlib.nullcontext() if ckpt_path is None else output_lock(ckpt_path):
@@ -1620,8 +1594,9 @@ def train(
 
 # ── how long training will take, measured before it starts ──
 def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: World | None = None) -> dict:
-    """How long train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps after a warm-up, and the
-    painting of the frames."""
+    """How long train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps, the painting of the frames."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     validate_config(cfg), check_int(timed_steps, "timed_steps", 1)
     device, gen = torch.device(device or default_device()), torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
@@ -1637,8 +1612,6 @@ def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: W
     paint_seconds = (time.perf_counter() - t0) * share if painted is not None else 0.0
     draw = lambda: torch.randint(len(data), (cfg.batch_size,), generator=gen)
     obs, actions = sample_batch(world, data, draw(), device, painted)
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         jepa_loss(model, sigreg, obs, actions, cfg, 0)["loss"].backward()
     train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
@@ -1649,18 +1622,16 @@ def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: W
     sync()
     per_step = (time.perf_counter() - t0) / timed_steps
     est = {"flops_per_step": int(counter.get_total_flops()), "seconds_per_step": per_step, "steps": cfg.num_steps}
-    est |= {"paint_seconds": paint_seconds, "total_seconds": per_step * cfg.num_steps + paint_seconds}
-    return est | {"device": str(device)}
+    total = per_step * cfg.num_steps + paint_seconds
+    return est | {"paint_seconds": paint_seconds, "total_seconds": total, "device": str(device)}
 
 
 def format_estimate(est: dict, cfg: Config) -> str:
     """One line for estimate_train_time's result."""
-    total = est["total_seconds"]
+    total, gflop, ms = est["total_seconds"], est["flops_per_step"] / 1e9, est["seconds_per_step"] * 1e3
     when = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min" if total < 7200 else f"{total / 3600:.1f} h"
-    return (
-        f"profile {cfg.profile}: {est['flops_per_step'] / 1e9:.1f} GFLOP per step, {est['seconds_per_step'] * 1e3:.0f} "
-        f"ms per step on {est['device']} -> {est['steps']:,} steps ~ {when} (plus evaluations)"
-    )
+    head = f"profile {cfg.profile}: {gflop:.1f} GFLOP per step, {ms:.0f} ms per step on {est['device']}"
+    return f"{head} -> {est['steps']:,} steps ~ {when} (plus evaluations)"
 
 
 # ════════════════════════════════════════════════════════════════════════════════════════

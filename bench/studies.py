@@ -63,19 +63,10 @@ PROBE_ROWS = {  # name -> overrides of the cpu profile: 300 steps and no smoothn
     "lam 1": {**PROBE_BASE, "lam": 1.0},
     "lam 10": {**PROBE_BASE, "lam": 10.0},
     "latent dim 16": {**PROBE_BASE, "latent_dim": 16},
-    "T=4 + rollout loss": {**PROBE_BASE, "seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
     "obstacles (two_rooms)": {**PROBE_BASE, "layout": "two_rooms"},
     "data 5k transitions": {**PROBE_BASE, "num_transitions": 5_000},
     "encoder input 64x64": {**PROBE_BASE, "input_size": 64},
     "3x the steps (900)": {**PROBE_BASE, "num_steps": 900},
-    "T=8 + rollout loss": {**PROBE_BASE, "seq_len": 8, "rollout_weight": 1.0, "batch_size": 9},
-    "T=4 + rollout loss, input 64x64": {
-        **PROBE_BASE,
-        "seq_len": 4,
-        "rollout_weight": 1.0,
-        "batch_size": 21,
-        "input_size": 64,
-    },
 }
 
 
@@ -89,7 +80,6 @@ GEOMETRY_ROWS = {  # name -> overrides of the cpu profile (whose default is the 
     "w 5 ramped over all of training": {"num_steps": 300, "smooth_ramp": 1.0},
     "w 10": {"num_steps": 300, "smooth_weight": 10.0},
     "w 0, lam 10": {"num_steps": 300, "smooth_weight": 0.0, "lam": 10.0},
-    "w 5, T=4 + rollout loss": {"num_steps": 300, "seq_len": 4, "rollout_weight": 1.0, "batch_size": 21},
 }
 
 
@@ -226,7 +216,7 @@ def writeup_size_study(seeds: list[int], only: list[str] | None = None, save=Non
 
 def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("open",), save=None) -> list[dict]:
     """Each lever against the unchanged write-up objective, per seed; the untrained encoder beside the control.
-    On obstacle layouts: the control, the recipe and T=4, with every planner."""
+    On obstacle layouts: the control and the recipe, with every planner."""
     rows = []
     for layout in layouts:
         names = (
@@ -238,7 +228,6 @@ def geometry_study(seeds: list[int], only: list[str] | None = None, layouts=("op
                 "w 5, 300 steps (the earlier recipe)",
                 "w 5, 450 steps (the recipe)",
                 "w 5 ramped over all of training",
-                "w 5, T=4 + rollout loss",
             ]
         )
         planners = (

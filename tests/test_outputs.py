@@ -339,13 +339,14 @@ def test_a_removed_checksum_is_not_taken_for_an_old_checkpoint(tmp_path, model, 
 
 
 def test_retired_config_fields_load_at_their_old_values_only(tmp_path, model, smoke_cfg):
-    """An old config naming stem="patch", spatial=False, rollout_frames=0 loads (the fields are dropped); another
-    value of them, or an unknown field, is refused by name."""
+    """An old config naming stem="patch", spatial=False, rollout_frames=0, rollout_weight=0.0 loads (the fields are
+    dropped); another value of them, or an unknown field, is refused by name."""
     path = tmp_path / "m.pt"
     gj.save_checkpoint(path, model, smoke_cfg)
-    resave(path, config={"stem": "patch", "spatial": False, "rollout_frames": 0})
+    resave(path, config={"stem": "patch", "spatial": False, "rollout_frames": 0, "rollout_weight": 0.0})
     assert gj.load_model(path)[1] == smoke_cfg
-    for field, value in (("stem", "conv"), ("spatial", True), ("rollout_frames", 1), ("colour", "red")):
+    retired = (("stem", "conv"), ("spatial", True), ("rollout_frames", 1), ("rollout_weight", 1.0))
+    for field, value in (*retired, ("colour", "red")):
         gj.save_checkpoint(path, model, smoke_cfg)
         resave(path, config={field: value})
         with pytest.raises(ValueError, match=rf"does not build \({field}"):

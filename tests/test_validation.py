@@ -34,7 +34,7 @@ def model(smoke_cfg):
         ("seed", -1, r"Config\.seed must be >= 0"),
         ("seq_len", 1, r"Config\.seq_len must be >= 2 and <= 17"),
         ("lr", 0.0, r"Config\.lr must be > 0"),
-        ("rollout_weight", -0.5, r"Config\.rollout_weight must be >= 0"),
+        ("idm_weight", -0.5, r"Config\.idm_weight must be >= 0"),
         ("lam", True, r"Config\.lam must be a number"),
         ("layout", "nowhere", r"Config\.layout must be one of"),
         ("projector_norm", "groupnorm", r"Config\.projector_norm must be one of"),
