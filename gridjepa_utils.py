@@ -444,8 +444,7 @@ class World:
             raise ValueError(f"grid_size must be <= 16 to fit a readable 128x128 image, got {grid_size}")
         check_flags(show_target=show_target, check_connected=check_connected)
         self.show_target, self.grid_size = show_target, (G := int(grid_size))
-        # K layouts (K, G, G) side by side (a family sets its own first): cell k * N + c is cell c of layout k
-        layouts = self.layouts if hasattr(self, "layouts") else layout_walls(walls, G)[None]
+        layouts = self.layouts if hasattr(self, "layouts") else layout_walls(walls, G)[None]  # a family set its own
         K, free = len(layouts), (~layouts).reshape(len(layouts), -1).sum(1)
         if len(bad := np.flatnonzero((free < 2) | (~layouts_connected(layouts) if check_connected else False))):
             why = "needs at least two free cells" if free[bad[0]] < 2 else "has free cells that cannot be reached"
@@ -489,8 +488,7 @@ class World:
 
     def check_states(self, state, free: bool = False) -> torch.Tensor:
         """State indices as a long tensor in [0, num_states), with ``free`` none with the agent or target on a wall."""
-        state = check_int_tensor(state, "state")
-        if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
+        if (state := check_int_tensor(state, "state")).numel() and (state.min() < 0 or state.max() >= self.num_states):
             got = f"[{int(state.min())}, {int(state.max())}]"
             raise ValueError(f"states must lie in [0, {self.num_states}), got values in {got}")
         if free:
