@@ -171,7 +171,7 @@ CONFIG_CHOICES = dict(projector_norm=("batchnorm", "layernorm"), pool=("cls", "f
 CONFIG_CHOICES["layout"] = tuple(LAYOUTS)
 CONFIG_POSITIVE = ("lr", "grad_clip")  # must be > 0, not only >= 0
 MAX_PARAMETERS = 200_000_000  # ~0.8 GB of float32 weights
-_SHEETS: dict[tuple[int, int], SpriteSheet] = {}  # the sprite sheet of each (grid size, image size), drawn once
+_SHEETS: dict[tuple, SpriteSheet] = {}  # the sprite sheet of each (grid size, image size, device), drawn once
 # a field's type (its default's): the values it takes and its name in an error; a bool is no number
 _KINDS = {bool: ((bool, np.bool_), "True or False"), int: ((int, np.integer), "an integer"), str: ((str,), "a string")}
 _KINDS[float] = ((int, float, np.integer, np.floating), "a number")
@@ -275,17 +275,13 @@ def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndar
     """A (G, G) boolean array of blocked cells, indexed [row, col], from a name or an array."""
     if layout is None or (isinstance(layout, str) and layout == "open"):
         return np.zeros((grid_size, grid_size), dtype=bool)
-    name = ""
-    if isinstance(layout, str):
-        if layout not in LAYOUTS:
-            raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)} or a (G, G) bool array")
-        name, layout = f"{layout!r} ", np.array([[c == "#" for c in row] for row in LAYOUTS[layout]])
-    walls = np.asarray(layout)
+    if isinstance(layout, str) and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)} or a (G, G) bool array")
+    name = f"{layout!r} " if isinstance(layout, str) else ""
+    walls = np.array([[c == "#" for c in row] for row in LAYOUTS[layout]]) if name else np.asarray(layout)
     if walls.shape != (grid_size, grid_size):
-        raise ValueError(
-            f"layout {name}is {'x'.join(map(str, walls.shape))}, but grid_size={grid_size}: a layout needs shape "
-            f"(grid_size, grid_size) = ({grid_size}, {grid_size}), got {walls.shape}"
-        )
+        need = f"a layout needs shape (grid_size, grid_size) = ({grid_size}, {grid_size}), got {walls.shape}"
+        raise ValueError(f"layout {name}is {'x'.join(map(str, walls.shape))}, but grid_size={grid_size}: {need}")
     if walls.dtype != bool:
         raise TypeError(f"a layout must be a boolean array (True = wall), got dtype {walls.dtype}")
     return walls.copy()
@@ -301,7 +297,7 @@ def check_int(value, name: str, lo: int = 0, hi: float = math.inf) -> int:
 
 
 def check_int_tensor(x, name: str) -> torch.Tensor:
-    """``x`` as a long tensor; a clear TypeError unless it is an integer tensor."""
+    """``x`` as a long tensor; a TypeError unless it is a tensor of integers."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -310,15 +306,14 @@ def check_int_tensor(x, name: str) -> torch.Tensor:
 
 
 def check_flags(**flags) -> None:
-    """Raise a clear TypeError naming the first of ``flags`` (name=value) that is not True or False."""
+    """A TypeError naming the first of ``flags`` (name=value) that is not True or False."""
     if bad := next((name for name, flag in flags.items() if not isinstance(flag, bool)), None):
         raise TypeError(f"{bad} must be True or False, got {flags[bad]!r}")
 
 
 def check_actions(action) -> torch.Tensor:
-    """Actions as a long tensor, each in 0..3 (up, down, left, right); clear errors otherwise."""
-    action = check_int_tensor(action, "action")
-    if action.numel() and (action.min() < 0 or action.max() >= len(ACTIONS)):
+    """Actions as a long tensor, each in 0..3 (up, down, left, right)."""
+    if (action := check_int_tensor(action, "action")).numel() and (action.min() < 0 or action.max() >= len(ACTIONS)):
         bad = action[(action < 0) | (action >= len(ACTIONS))][0].item()
         raise ValueError(f"action {bad} is not valid; expected 0..3 = {dict(enumerate(ACTIONS))}")
     return action
@@ -328,53 +323,47 @@ class SpriteSheet:
     """The board and every cell's target, wall and agent sprites for one grid size, drawn once with numpy at 2x, then
     pasted back to front with tensor ops on any device: opaque sprites in the painter's order draw each scene whole."""
 
-    def __init__(self, grid_size: int, image_size: int = 128, supersample: int = 2):
+    def __init__(self, grid_size: int, image_size: int = 128, device: torch.device | str = "cpu", supersample: int = 2):
         G, size = grid_size, image_size * supersample
         self.grid_size, self.image_size, self.supersample = G, image_size, supersample
         self.tw = tw = 0.86 * size / G  # an iso tile's width and height, the board's centre x and top y
         self.th = th = tw / 2
-        self.x0, self.y0 = size / 2, (size - G * th) / 2 + 0.35 * th
+        self.x0, self.y0, slab = size / 2, (size - G * th) / 2 + 0.35 * th, th * 0.45
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
         self.img = np.repeat(np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None], size, 1)  # a soft gradient
-        slab, left, right = th * 0.45, self._center(0, G - 1), self._center(G - 1, 0)  # the slab's two front faces
-        bottom = self._center(G - 1, G - 1)
-        self._side_face(left[0] - tw / 2, bottom[0], left[1] + slab, bottom[1] + th / 2 + slab, slab, 0.30)
-        self._side_face(bottom[0], right[0] + tw / 2, bottom[1] + th / 2 + slab, right[1] + slab, slab, 0.20)
-        for row in range(G):  # a checkered board, grout lines between its tiles
-            for col in range(G):
-                cx, cy = self._center(col, row)
-                self._blob(cx, cy, tw / 2, th / 2, 0.36, 1)
-                self._blob(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64, 1)
-        self.board = torch.from_numpy(self.img.copy())
+        (lx, ly), (bx, by), (rx, ry) = (self._center(c, r) for c, r in ((0, G - 1), (G - 1, G - 1), (G - 1, 0)))
+        self._side_face(lx - tw / 2, bx, ly + slab, by + th / 2 + slab, slab, 0.30)  # the slab's two front faces
+        self._side_face(bx, rx + tw / 2, by + th / 2 + slab, ry + slab, slab, 0.20)
+        for row, col in np.ndindex(G, G):  # a checkered board, grout lines between its tiles
+            cx, cy = self._center(col, row)
+            self._blob(cx, cy, tw / 2, th / 2, 0.36, 1)
+            self._blob(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64, 1)
+        self.board = torch.from_numpy(self.img.copy()).to(device)
         order = [(-1, 2, c, r) for r in range(G) for c in range(G)]  # targets lie on the board, under everything
         order += sorted((c + r, kind, c, r) for r in range(G) for c in range(G) for kind in (0, 1))  # far ones first
         self.sprites = []  # (kind: 0 wall, 1 agent, 2 target; cell; box; values; mask)
         for _, kind, c, r in order:
             self.img = np.full((size, size), np.nan, dtype=np.float32)
             self._draw(kind, *self._center(c, r))
-            if not (drawn := ~np.isnan(self.img)).any():  # a target too small for a single pixel
-                continue
-            rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
-            box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-            self.sprites.append((kind, r * G + c, box, torch.from_numpy(np.nan_to_num(self.img[box])), drawn[box]))
-        self._on: dict[str, tuple] = {}
+            if (drawn := ~np.isnan(self.img)).any():  # else a target too small for a single pixel
+                rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
+                box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+                value, mask = (torch.from_numpy(x).to(device) for x in (np.nan_to_num(self.img[box]), drawn[box]))
+                self.sprites.append((kind, r * G + c, box, value, mask))
 
     def _center(self, col: float, row: float) -> tuple[float, float]:
         return self.x0 + (col - row) * self.tw / 2, self.y0 + (col + row + 1) * self.th / 2
 
     def _fill(self, x0, x1, y0, y1, value, inside: Callable) -> None:
-        h, w = self.img.shape
-        sl = (slice(max(int(y0) - 1, 0), min(int(y1) + 2, h)), slice(max(int(x0) - 1, 0), min(int(x1) + 2, w)))
+        sl = (slice(max(int(y0) - 1, 0), int(y1) + 2), slice(max(int(x0) - 1, 0), int(x1) + 2))  # a box around it
         mask = inside(x := self.xx[sl], y := self.yy[sl])
         self.img[sl][mask] = value if np.isscalar(value) else value(x, y)[mask]
 
-    def _blob(self, cx, cy, rx, ry, value, p: int) -> None:
-        """A diamond (p=1) or an ellipse (p=2) of half-axes rx, ry."""
+    def _blob(self, cx, cy, rx, ry, value, p: int) -> None:  # a diamond (p=1) or an ellipse (p=2)
         inside = lambda x, y: (abs(x - cx) / rx) ** p + (abs(y - cy) / ry) ** p <= 1
         self._fill(cx - rx, cx + rx, cy - ry, cy + ry, value, inside)
 
-    def _side_face(self, x_from, x_to, y_from, y_to, height, value) -> None:
-        """The vertical face under the edge (x_from, y_from)-(x_to, y_to), extruded ``height`` upwards."""
+    def _side_face(self, x_from, x_to, y_from, y_to, height, value) -> None:  # an upright face on an edge
         lo, hi = min(x_from, x_to), max(x_from, x_to)
         edge = lambda x: y_from + (x - x_from) * (y_to - y_from) / (x_to - x_from)
         inside = lambda x, y: (x >= lo) & (x <= hi) & (y <= edge(x)) & (y >= edge(x) - height)
@@ -382,9 +371,8 @@ class SpriteSheet:
 
     def _draw(self, kind: int, cx: float, cy: float) -> None:
         """One sprite at a cell's centre: 0 a wall, 1 the agent, 2 the target."""
-        tw, th = self.tw, self.th
+        tw, th, height = self.tw, self.th, self.th * 1.1
         if kind == 0:  # a block: a left face, a right face in shadow, a lit top
-            height = th * 1.1
             self._side_face(cx - tw / 2, cx, cy, cy + th / 2, height, 0.34)
             self._side_face(cx, cx + tw / 2, cy + th / 2, cy, height, 0.22)
             self._blob(cx, cy - height, tw / 2, th / 2, 0.86, 1)
@@ -405,16 +393,11 @@ class SpriteSheet:
 
     @torch.no_grad()
     def paint(self, walls: torch.Tensor, cells: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """walls (B, N) bool, agent cells (B,) (not drawn on a wall), targets (B,) or None -> images (B, H, W) uint8."""
-        dev, s = walls.device, self.supersample
-        if str(dev) not in self._on:
-            sprites = [(k, c, box, v.to(dev), torch.from_numpy(m).to(dev)) for k, c, box, v, m in self.sprites]
-            self._on[str(dev)] = self.board.to(dev), sprites
-        board, sprites = self._on[str(dev)]
-        img = board.expand(len(cells), *board.shape).clone()  # (B, s*H, s*W)
-        cells = cells.to(dev).long()
+        """walls (B, N) bool, agent cells (B,) (not drawn on a wall), targets (B,) or None -> (B, H, W) uint8 images."""
+        s, cells = self.supersample, cells.to(walls.device).long()
+        img = self.board.expand(len(cells), *self.board.shape).clone()  # (B, s*H, s*W)
         cells = torch.where(walls.gather(1, cells[:, None])[:, 0], -1, cells)
-        for kind, cell, (ys, xs), value, mask in sprites:
+        for kind, cell, (ys, xs), value, mask in self.sprites:
             if kind < 2 or targets is not None:
                 idx = (walls[:, cell] if kind == 0 else (cells if kind == 1 else targets) == cell).nonzero()[:, 0]
                 img[idx, ys, xs] = torch.where(mask, value, img[idx, ys, xs])
@@ -459,13 +442,10 @@ class World:
         if grid_size > 16:
             raise ValueError(f"grid_size must be <= 16 to fit a readable 128x128 image, got {grid_size}")
         check_flags(show_target=show_target, check_connected=check_connected)
-        self.show_target = show_target
-        self.grid_size = G = int(grid_size)
-        # K layouts (K, G, G) side by side (a family sets its own first): cell k * N + c is cell c of layout k
-        layouts = self.layouts if hasattr(self, "layouts") else layout_walls(walls, G)[None]
+        self.show_target, self.grid_size = show_target, (G := int(grid_size))
+        layouts = self.layouts if hasattr(self, "layouts") else layout_walls(walls, G)[None]  # a family set its own
         K, free = len(layouts), (~layouts).reshape(len(layouts), -1).sum(1)
-        bad = np.flatnonzero((free < 2) | (~layouts_connected(layouts) if check_connected else False))
-        if len(bad):
+        if len(bad := np.flatnonzero((free < 2) | (~layouts_connected(layouts) if check_connected else False))):
             why = "needs at least two free cells" if free[bad[0]] < 2 else "has free cells that cannot be reached"
             raise ValueError(f"{'this layout' if K == 1 else f'layout {bad[0]}'} {why}")
         self.image_size = check_int(image_size, "image_size", 32, 1024)  # smaller ones lose a 16x16 board's sprites
@@ -473,7 +453,7 @@ class World:
         self.free_cells = np.flatnonzero(~layouts.reshape(-1))
         tables = transition_tables(layouts) + G * G * np.arange(K)[:, None, None]  # (K, N, A) -> (K * N, A)
         self.next_cell = torch.from_numpy(tables.reshape(K * G * G, -1))  # the cell after each action
-        self._atlas, self._masks = {}, {}  # per device: every state's image; (K, N) walls
+        self._atlas = {}  # every state's image, per device
 
     def cell_index(self, col: int, row: int) -> int:
         """Index of cell (col, row); raises ValueError off the grid."""
@@ -491,8 +471,8 @@ class World:
         return cell
 
     def cell_pos(self, cell: int | np.ndarray | torch.Tensor) -> np.ndarray:
-        """(col, row) of cell indices in [0, num_cells): (...,) -> (..., 2) int array."""
-        cell = self._cells(cell) % self.grid_size**2  # in a family, cell c of any layout
+        """(col, row) of cell indices in [0, num_cells): (...,) -> (..., 2) int array (in a family, of any layout)."""
+        cell = self._cells(cell) % self.grid_size**2
         return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
 
     def is_wall(self, cell: int) -> bool:
@@ -507,14 +487,12 @@ class World:
 
     def check_states(self, state, free: bool = False) -> torch.Tensor:
         """State indices as a long tensor in [0, num_states), with ``free`` none with the agent or target on a wall."""
-        state = check_int_tensor(state, "state")
-        if state.numel() and (state.min() < 0 or state.max() >= self.num_states):
+        if (state := check_int_tensor(state, "state")).numel() and (state.min() < 0 or state.max() >= self.num_states):
             got = f"[{int(state.min())}, {int(state.max())}]"
             raise ValueError(f"states must lie in [0, {self.num_states}), got values in {got}")
         if free:
             flat, walls = state.reshape(-1).cpu().numpy(), self.walls.reshape(-1)
-            on_wall = walls[flat % self.num_cells] | (self.show_target & walls[flat // self.num_cells])
-            if on_wall.any():
+            if (on_wall := walls[flat % self.num_cells] | (self.show_target & walls[flat // self.num_cells])).any():
                 raise ValueError(f"state {flat[on_wall][0]} puts the agent or the target on a wall; see free_cells")
         return state
 
@@ -522,8 +500,7 @@ class World:
         """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
         state, action = self.check_states(state, free=True), check_actions(action)
         if state.shape != action.shape:
-            got = f"got {tuple(state.shape)} and {tuple(action.shape)}"
-            raise ValueError(f"state and action must have the same shape, {got}")
+            raise ValueError(f"state and action must have the same shape, got {(*state.shape,)} and {(*action.shape,)}")
         cell = state % self.num_cells
         return state - cell + self.next_cell.to(state.device)[cell, action]
 
@@ -540,28 +517,24 @@ class World:
 
     def all_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every ordered (start, goal) pair of distinct free cells: two (P,) tensors; 600 on the open 5x5."""
-        free = torch.from_numpy(self.free_cells)
-        starts, goals = torch.meshgrid(free, free, indexing="ij")
+        starts, goals = torch.meshgrid(free := torch.from_numpy(self.free_cells), free, indexing="ij")
         return starts[starts != goals], goals[starts != goals]
 
     def _paint(self, states: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """(B,) states -> (B, H, W) uint8 painted on ``device`` from the sprite sheet, 512 at a time."""
-        N, key = self.grid_size**2, str(device)
-        if key not in self._masks:  # (K, N) walls, one row per layout
-            self._masks[key] = torch.from_numpy(self.walls.reshape(-1, N)).to(device)
-        sheet = _SHEETS.get(k := (self.grid_size, self.image_size)) or _SHEETS.setdefault(k, SpriteSheet(*k))
-        walls = self._masks[key]
-        if self.show_target:  # state = cell + N * target
-            return torch.cat([sheet.paint(walls[0 * s], s % N, s // N) for s in states.to(device).split(512)])
-        return torch.cat([sheet.paint(walls[s // N], s % N) for s in states.to(device).split(512)])  # k * N + cell
+        """(B,) states -> (B, H, W) uint8 painted on ``device``, 512 at a time."""
+        N, t, key = self.grid_size**2, self.show_target, (self.grid_size, self.image_size, str(device))
+        sheet = _SHEETS.get(key) or _SHEETS.setdefault(key, SpriteSheet(*key))
+        walls, chunks = torch.from_numpy(self.walls.reshape(-1, N)).to(device), states.to(device).split(512)  # (K, N)
+        # a state is k * N + cell, on layout k's walls; or cell + N * target
+        return torch.cat([sheet.paint(walls[0 * s if t else s // N], s % N, s // N if t else None) for s in chunks])
 
     def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Every state's image, painted once: (num_states, H, W) uint8 on ``device`` (no agent on a wall cell)."""
         if self.num_cells > 100_000:  # a large family: its images are painted on demand
             raise ValueError(f"an atlas of {self.num_cells:,} images is too large; use render(states)")
+        if "cpu" not in self._atlas:
+            self._atlas["cpu"] = self._paint(torch.arange(self.num_states), "cpu")
         if str(device) not in self._atlas:
-            if "cpu" not in self._atlas:
-                self._atlas["cpu"] = self._paint(torch.arange(self.num_states), "cpu")
             self._atlas[str(device)] = self._atlas["cpu"].to(device)
         return self._atlas[str(device)]
 
@@ -579,9 +552,8 @@ class World:
             raise ValueError(f"(col={col}, row={row}) is a wall cell; the agent cannot stand there")
         if self.show_target and target is None:
             raise ValueError("this world draws a target: pass target=(col, row)")
-        return self.render(
-            torch.tensor([cell + (self.num_cells * self.cell_index(*target) if self.show_target else 0)])
-        )
+        target = self.num_cells * self.cell_index(*target) if self.show_target else 0
+        return self.render(torch.tensor([cell + target]))
 
     def __repr__(self) -> str:
         return f"World(grid_size={self.grid_size}, walls={int(self.walls.sum())}, show_target={self.show_target})"
@@ -610,10 +582,6 @@ class WorldFamily(World):
         """Layout k as a World of its own (its states are cells 0..N-1)."""
         return World(self.grid_size, walls=self.layouts[k], image_size=self.image_size)
 
-    @property
-    def members(self) -> list[World]:
-        return [self.member(k) for k in range(len(self))]
-
     def __repr__(self) -> str:
         return f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
@@ -634,7 +602,6 @@ def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max
 
 LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training also skips every reserved test layout
 HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on
-VALIDATION_START = 500  # held-out layouts 500 on: for choosing a planner's settings, never for reporting
 _HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each grid size, drawn once
 
 
@@ -667,8 +634,7 @@ def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: np.ndar
         ok = layouts_connected(batch) & (count >= 1) & (count <= N // 2)
         for walls, key in zip(batch[ok], keys(batch[ok])):
             if key not in seen and len(kept) < num:
-                seen.add(key)
-                kept.append(walls)
+                seen.add(key), kept.append(walls)
     return np.stack(kept)
 
 
@@ -680,15 +646,9 @@ def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
     return _HELDOUT[grid_size][:num].copy()
 
 
-def validation_layouts(grid_size: int, num: int = 200) -> np.ndarray:
-    """Layouts to choose settings on: held-out layouts VALIDATION_START on, never trained on and never reported."""
-    check_int(num, "num", 1, HELDOUT_RESERVED - VALIDATION_START)
-    return heldout_layouts(grid_size, HELDOUT_RESERVED)[VALIDATION_START : VALIDATION_START + num]
-
-
 def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
-    """``num`` distinct generated layouts, (num, G, G) bool, connected, with 1 to N/2 walls; seeded. split="train"
-    skips the reserved held-out layouts and the named ones; split="test" is the held-out stream itself."""
+    """``num`` distinct seeded layouts, (num, G, G) bool, connected, 1 to N/2 walls. split="train" skips the named
+    layouts and the reserved held-out ones; split="test" is the held-out stream itself."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
     if split not in LAYOUT_SPLITS:
         raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
@@ -735,8 +695,7 @@ def make_transitions(
     except (TypeError, ValueError):
         what = f"cell indices in [0, {world.num_cells})"
         raise ValueError(f"exclude_cells must be {what}, got {exclude_cells!r}") from None
-    allowed = torch.from_numpy(np.setdiff1d(world.free_cells, excluded))
-    if not len(allowed):
+    if not len(allowed := torch.from_numpy(np.setdiff1d(world.free_cells, excluded))):
         raise ValueError(f"exclude_cells {exclude_cells} leaves no free cell to start from; exclude fewer cells")
     kept_states, kept_actions, have, barren = [], [], 0, 0
     while have < num:
@@ -780,28 +739,22 @@ class PaintedFrames:
 def paint_frames(
     world: World, data: Transitions, device, progress: bool = False, size: int | None = None, crop: bool = False
 ) -> PaintedFrames | None:
-    """Paint every distinct state of ``data`` once on ``device``, for sample_batch to gather from: with ``size`` (the
-    encoder's input_size) average-pooled to it, with ``crop`` only the middle half of the rows, as the encoder reads
-    them. None for a single layout (its atlas is one gather already) or above the memory limit (painted on demand)."""
+    """Every distinct state of ``data`` painted once on ``device`` as the encoder reads it (pooled to ``size``, with
+    ``crop`` the middle half of the rows); None for one layout (its atlas is one gather) or above the memory limit."""
     if not isinstance(world, WorldFamily):
         return None
-    bad_size = isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or world.image_size % size
+    image = world.image_size
+    bad_size = isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or image % size
     if size is not None and bad_size:
-        raise ValueError(
-            f"size must be a positive integer that divides the image size {world.image_size}, got {size!r}"
-        )
+        raise ValueError(f"size must be a positive integer that divides the image size {image}, got {size!r}")
     states, index = torch.unique(data.states.long(), return_inverse=True)
-    k = world.image_size // size if size else 1  # pooled k x k, as the encoder pools its input
-    side, device = world.image_size // k, torch.device(device)
-    shape, rows = (
-        (len(states), side // 2 if crop else side, side),
-        slice(side // 4, 3 * side // 4) if crop else slice(None),
-    )
-    if (need := math.prod(shape) * (4 if k > 1 else 1)) > memory_limit_bytes():
-        print(
-            f"painting on demand: the {len(states):,} frames of this dataset would take {need / 2**30:.1f} GiB, "
-            f"above the limit of {memory_limit_bytes() / 2**30:.1f} GiB ($GRIDJEPA_MEMORY_LIMIT_GB)"
-        )
+    k = image // size if size else 1  # pooled k x k, as the encoder pools its input
+    side, device = image // k, torch.device(device)
+    rows = slice(side // 4, 3 * side // 4) if crop else slice(None)  # the middle half, as the encoder crops
+    shape = (len(states), side // 2 if crop else side, side)
+    if (need := math.prod(shape) * (4 if k > 1 else 1)) > (limit := memory_limit_bytes()):
+        frames = f"the {len(states):,} frames of this dataset would take {need / 2**30:.1f} GiB"
+        print(f"painting on demand: {frames}, above the limit of {limit / 2**30:.1f} GiB ($GRIDJEPA_MEMORY_LIMIT_GB)")
         return None
     frames = torch.empty(shape, dtype=torch.float32 if k > 1 else torch.uint8, device=device)  # filled, not joined
     chunks = list(enumerate(states.split(4096)))
@@ -818,8 +771,7 @@ def paint_frames(
 def sample_batch(
     world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trajectories ``idx`` on ``device``: obs (B, T, 1, H, W) float, actions (B, T-1) long; gathered from
-    ``painted`` (paint_frames' frames, pooled when painted with ``size``) when given, else painted."""
+    """Trajectories ``idx`` on ``device``: obs (B, T, 1, H, W), actions (B, T-1) long; from ``painted`` if given."""
     actions = data.actions[idx].long().to(device)
     if painted is not None:
         frames = painted.frames[painted.index[idx.to(painted.index.device)]].to(device).unsqueeze(-3)

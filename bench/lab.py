@@ -13,6 +13,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gridjepa_utils as g  # noqa: E402
 
+VALIDATION_START = 500  # held-out layouts 500 on: for choosing a planner's settings, never for reporting
+
+
+def validation_layouts(grid_size: int, num: int = 200) -> np.ndarray:
+    """Layouts to choose settings on: held-out layouts VALIDATION_START on, never trained on and never reported."""
+    g.check_int(num, "num", 1, g.HELDOUT_RESERVED - VALIDATION_START)
+    return g.heldout_layouts(grid_size, g.HELDOUT_RESERVED)[VALIDATION_START : VALIDATION_START + num]
+
 
 def imagination_settings() -> dict:
     """imagination_policy's merge radius and meeting rule as defaults, recorded beside a figure planned with it."""
@@ -55,7 +63,7 @@ def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None =
     was_training = model.training
     model.eval()  # as the planner runs it
     try:
-        for member in world.members if isinstance(world, g.WorldFamily) else [world]:
+        for member in map(world.member, range(len(world))) if isinstance(world, g.WorldFamily) else [world]:
             free = torch.from_numpy(member.free_cells)
             frames = g.encode_cells(model, member, free)  # the searches start from these, and are read by them
             found = g.imagine_map(model, frames, max_depth, max_nodes, merge)

@@ -710,7 +710,7 @@ def imagine_tuning_study(
 ) -> list[dict]:
     """The imagination search's three settings - the bump rule, the merge radius and when the two searches meet - on
     data that no reported figure uses: the shipped layouts models on the 200 validation layouts
-    (g.validation_layouts: never trained on, never tested; 10 seeded pairs each), and the shipped single-layout
+    (lab.validation_layouts: never trained on, never tested; 10 seeded pairs each), and the shipped single-layout
     models on every pair of their own layout (which is also what their reported figures use, so those rows only
     guard against harm). ``only``: these models' rows (e.g. "layouts (cpu)" after it was retrained); ``rules``: these
     bump rules' rows (e.g. a new one)."""
@@ -724,7 +724,7 @@ def imagine_tuning_study(
         world = g.build_world(cfg)
         g.calibrate_batchnorm(model, world)
         if cfg.num_layouts:
-            world = g.WorldFamily(g.validation_layouts(cfg.grid_size), image_size=model.encoder.image_size)
+            world = g.WorldFamily(L.validation_layouts(cfg.grid_size), image_size=model.encoder.image_size)
             starts, goals = g.sample_pairs(world, pairs_per_layout, 0)
         else:
             starts, goals = world.all_pairs()
@@ -755,11 +755,11 @@ RECIPE_ROWS = {  # name -> overrides of the cpu profile: the schedules compared 
 
 def recipe_tuning_study(num_layouts: int = 8, seeds=(0, 1), only: list[str] | None = None, save=None) -> list[dict]:
     """How the cpu recipe's schedule was chosen, on data no reported figure uses: each candidate trained on each of
-    the first ``num_layouts`` validation layouts (g.validation_layouts: never trained on by the layouts models,
+    the first ``num_layouts`` validation layouts (lab.validation_layouts: never trained on by the layouts models,
     never reported), per seed; imagination search (the undo rule) on every pair of the layout, with and without
     bump memory, and next-state accuracy. The open board's PC1 + PC2 for each candidate is in the geometry study."""
     rows = []
-    layouts = g.validation_layouts(5)[:num_layouts]
+    layouts = L.validation_layouts(5)[:num_layouts]
     for name in [n for n in RECIPE_ROWS if not only or n in only]:
         for k, walls in enumerate(layouts):
             for seed in seeds:
@@ -820,10 +820,10 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
     """Which encoder reads an 8x8 layout's walls best for the same CPU time: each candidate trains the layouts
     recipe on 8x8 for ``budget`` seconds of steps (its step time measured first by g.estimate_train_time; the cosine
     schedule ends on the last step) and is scored by next-state accuracy on 100 validation layouts
-    (g.validation_layouts: never trained on, never reported), beside the training layouts' own."""
+    (lab.validation_layouts: never trained on, never reported), beside the training layouts' own."""
     check_only(only, READER_ROWS, "row")
     rows = []
-    val = g.WorldFamily(g.validation_layouts(8, 100))
+    val = g.WorldFamily(L.validation_layouts(8, 100))
     for name in [n for n in READER_ROWS if not only or n in only]:
         for seed in seeds:
             over = READER_ROWS[name]

@@ -79,16 +79,16 @@ def test_heldout_limit():
     with pytest.raises(ValueError, match="num"):
         gj.heldout_layouts(5, gj.HELDOUT_RESERVED + 1)
     with pytest.raises(ValueError, match="num"):
-        gj.validation_layouts(5, gj.HELDOUT_RESERVED)
+        lab.validation_layouts(5, gj.HELDOUT_RESERVED)
 
 
 def test_validation_layouts_are_neither_trained_on_nor_tested():
     """The layouts a planner's settings are chosen on: reserved (so never trained on), distinct from the 200 test
     layouts that evaluate_unseen reports, and the same on every call."""
-    val, test = gj.validation_layouts(5), gj.heldout_layouts(5, 200)
+    val, test = lab.validation_layouts(5), gj.heldout_layouts(5, 200)
     assert len(val) == 200 and not keys(val) & keys(test)
     assert keys(val) <= keys(gj.heldout_layouts(5, gj.HELDOUT_RESERVED))
-    assert np.array_equal(val, gj.validation_layouts(5))
+    assert np.array_equal(val, lab.validation_layouts(5))
 
 
 # ── the painter: any layout on demand, bit-identical to the atlas ──
@@ -486,7 +486,7 @@ def test_searches_meet_when_either_would_take_the_place():
     reported; 300 pairs): meeting when either search would take the other's place as its own solves more pairs than
     requiring both (measured: 98.3% against 95.7%)."""
     model, _ = gj.load_model(gj.ASSETS / "gridjepa_layouts_gpu.pt")
-    family = gj.WorldFamily(gj.validation_layouts(5, 30), image_size=model.encoder.image_size)
+    family = gj.WorldFamily(lab.validation_layouts(5, 30), image_size=model.encoder.image_size)
     gj.calibrate_batchnorm(model, gj.WorldFamily(gj.procedural_layouts(5, 200), image_size=model.encoder.image_size))
     starts, goals = gj.sample_pairs(family, 10, 0)
     solved = {
