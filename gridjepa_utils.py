@@ -26,6 +26,7 @@ import re
 import shlex
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from collections.abc import Callable
@@ -38,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from PIL import Image
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 from scipy.stats import spearmanr
@@ -45,6 +47,7 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LinearRegression, Ridge, RidgeCV
 from sklearn.metrics import r2_score as sklearn_r2_score
 from sklearn.model_selection import ShuffleSplit
+from tqdm.auto import tqdm
 
 ACTIONS = ("up", "down", "left", "right")
 ACTION_DELTAS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # (dcol, drow) per action
@@ -64,9 +67,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Settings: one Config for a run, its profiles, and its validation (every notebook)
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ Settings: one Config for a run, its profiles, and its validation (every notebook) ═════════════════════════════════
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Config:
     smooth_weight: float = 0.0  # MSE(z_t, z_t+1): under SIGReg's whitening its optimum is a map of the world
     smooth_ramp: float = 0.5  # that weight rises linearly from 0 over this fraction of training
     idm_weight: float = 0.0  # inverse dynamics (as PLDM): the action read back from (z_t, z_t+1) keeps the agent
+    compile: bool = False  # train through torch.compile (on CUDA with CUDA graphs); eager otherwise
     batch_size: int = 128  # trajectories per step
     num_steps: int = 78_125  # 200 epochs of 50,000 transitions at batch 128
     lr: float = 5e-4  # AdamW's peak learning rate
@@ -266,9 +268,7 @@ def make_config(profile: str | None = None, **overrides) -> Config:
     return validate_config(Config(**{**PROFILES[profile], "profile": profile, **overrides}))
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 1. World & data (notebook 01)
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ 1. World & data (notebook 01) ═════════════════════════════════════════════════════════════════════════════════════
 
 
 def layout_walls(layout: str | np.ndarray | None, grid_size: int = 5) -> np.ndarray:
@@ -759,8 +759,6 @@ def paint_frames(
     frames = torch.empty(shape, dtype=torch.float32 if k > 1 else torch.uint8, device=device)  # filled, not joined
     chunks = list(enumerate(states.split(4096)))
     if progress and len(chunks) > 4:
-        from tqdm.auto import tqdm
-
         chunks = tqdm(chunks, desc="painting frames", mininterval=0.5)
     for i, c in chunks:
         painted = F.avg_pool2d(world.render(c, device), k)[:, 0] if k > 1 else world._paint(c, device)
@@ -793,9 +791,7 @@ class TransitionDataset(torch.utils.data.Dataset):
         return obs[0], int(self.data.actions[i, 0]), obs[1]
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 2. Model (notebook 02)
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ 2. Model (notebook 02) ════════════════════════════════════════════════════════════════════════════════════════════
 # ── the networks: encoder, predictor, SIGReg, the JEPA ──
 class Projector(nn.Module):
     """Features -> latent: Linear -> BatchNorm (or LayerNorm) -> GELU -> Linear; BatchNorm here helps SIGReg (LeWM)."""
@@ -1041,9 +1037,7 @@ def parameter_table(model: JEPA) -> dict[str, int]:
     return {"encoder (ViT)": enc - proj, "projector": proj, "predictor": pred, "total": count_parameters(model)}
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 3. Training (notebook 03)
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ 3. Training (notebook 03) ═════════════════════════════════════════════════════════════════════════════════════════
 # ── the loss, its schedule, and the measures of a model ──
 def smoothness_loss(emb: torch.Tensor) -> torch.Tensor:
     """MSE between consecutive latents (B, T, D): with SIGReg's spread it lays the cells out like the world."""
@@ -1190,7 +1184,7 @@ def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, s
 CHECKPOINT_FORMAT = 2  # 2: a "format" key and a checksum; 1 (the shipped files): a checksum and no "format" key
 CHECKPOINT_KEYS = ("model", "optimizer", "config", "history", "metrics")  # the dicts beside the step
 RETIRED_FIELDS = {"stem": "patch", "spatial": False, "rollout_frames": 0, "rollout_weight": 0.0}  # at their old values
-BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "profile")
+BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "profile", "compile")  # not in a run's name
 RECORD_KIND = "gridjepa run record"
 RECORD_FIELDS = {"command": str, "train_seconds": (int, float), "device": str, "metrics": dict, "evaluations": list}
 
@@ -1430,7 +1424,8 @@ def train_step(model, sigreg: SIGReg, opt, obs, actions, cfg: Config, step: int,
         group["lr"] = lr_at(step, cfg)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=obs.device.type == "cuda"):
         terms = jepa_loss(model.train(), sigreg, obs, actions, cfg, step, measure)
-    if not torch.isfinite(terms["loss"]):  # before any weight is touched
+    # before any weight is touched; on a GPU only on the logged steps, so that the host never waits on it
+    if (measure or obs.device.type == "cpu") and not torch.isfinite(terms["loss"]):
         raise FloatingPointError(f"loss became {float(terms['loss'])} at step {step}: lower lr, raise lam")
     opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
@@ -1488,6 +1483,8 @@ def train(
         if device.type == "cuda":
             model, torch.backends.cuda.matmul.allow_tf32 = model.to(memory_format=torch.channels_last), True
         sigreg, opt = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device), make_optimizer(model, cfg)
+        mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead: replayed as CUDA graphs
+        step_model = torch.compile(model, mode=mode) if cfg.compile else model  # the same weights, fused kernels
         history, start, earlier_seconds, notes = {}, 0, 0.0, []
         if ckpt_path is not None and resume and Path(ckpt_path).exists():
             ckpt = load_checkpoint(ckpt_path, cfg, model=model, device=device, same_run=True)
@@ -1499,8 +1496,6 @@ def train(
         steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
         t0 = time.perf_counter()  # painting the frames counts as training time
         painted = paint_frames(world, data, device, progress, cfg.input_size, cfg.crop) if len(steps) else None
-        from tqdm.auto import tqdm
-
         bar = handle = None
         if progress and len(steps):  # a notebook's bar is displayed with a handle, to save its final text at the end
             in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
@@ -1515,7 +1510,7 @@ def train(
             obs, actions = sample_batch(world, data, idx, device, painted)
             done = step + 1
             logged = done % cfg.log_every == 0 or done == cfg.num_steps
-            terms = train_step(model, sigreg, opt, obs, actions, cfg, step, measure=logged)
+            terms = train_step(step_model, sigreg, opt, obs, actions, cfg, step, measure=logged)
             if logged:
                 row = {"step": done, "lr": lr_at(step, cfg)} | {name: float(t.detach()) for name, t in terms.items()}
                 for k, v in row.items():
@@ -1544,51 +1539,7 @@ def train(
     return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
 
 
-# ── how long training will take, measured before it starts ──
-def estimate_train_time(cfg: Config, device=None, timed_steps: int = 5, world: World | None = None) -> dict:
-    """How long train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps, the painting of the frames."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    validate_config(cfg), check_int(timed_steps, "timed_steps", 1)
-    device, gen = torch.device(device or default_device()), torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    world = world or build_world(cfg)
-    data = make_transitions(world, max(4 * cfg.batch_size, 256), cfg.seq_len, seed=cfg.data_seed)
-    model = JEPA(cfg, world.image_size).to(device)
-    sigreg, opt = SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device), make_optimizer(model, cfg)
-    world.render(data.states[:1], device)  # a first call cuts the sprite sheet: not part of painting
-    t0 = time.perf_counter()
-    painted = paint_frames(world, data, device, size=cfg.input_size, crop=cfg.crop)  # train() paints them once
-    sync()
-    share = cfg.num_transitions * cfg.seq_len / data.states.numel()  # the full dataset's frames over these
-    paint_seconds = (time.perf_counter() - t0) * share if painted is not None else 0.0
-    draw = lambda: torch.randint(len(data), (cfg.batch_size,), generator=gen)
-    obs, actions = sample_batch(world, data, draw(), device, painted)
-    with FlopCounterMode(display=False) as counter:
-        jepa_loss(model, sigreg, obs, actions, cfg, 0)["loss"].backward()
-    train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
-    sync()
-    t0 = time.perf_counter()  # drawing the batch is part of a step
-    for step in range(timed_steps):
-        train_step(model, sigreg, opt, *sample_batch(world, data, draw(), device, painted), cfg, step, measure=False)
-    sync()
-    per_step = (time.perf_counter() - t0) / timed_steps
-    est = {"flops_per_step": int(counter.get_total_flops()), "seconds_per_step": per_step, "steps": cfg.num_steps}
-    total = per_step * cfg.num_steps + paint_seconds
-    return est | {"paint_seconds": paint_seconds, "total_seconds": total, "device": str(device)}
-
-
-def format_estimate(est: dict, cfg: Config) -> str:
-    """One line for estimate_train_time's result."""
-    total, gflop, ms = est["total_seconds"], est["flops_per_step"] / 1e9, est["seconds_per_step"] * 1e3
-    when = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min" if total < 7200 else f"{total / 3600:.1f} h"
-    head = f"profile {cfg.profile}: {gflop:.1f} GFLOP per step, {ms:.0f} ms per step on {est['device']}"
-    return f"{head} -> {est['steps']:,} steps ~ {when} (plus evaluations)"
-
-
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 4. Analysis (notebook 04): probes scored honestly, PCA
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ 4. Analysis (notebook 04): probes scored honestly, PCA ════════════════════════════════════════════════════════════
 
 
 @dataclass
@@ -1684,9 +1635,7 @@ def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -
     return model.eval()
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# 5. Planning (notebook 05): batched MPC over all start->goal pairs at once
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ 5. Planning (notebook 05): batched MPC over all start->goal pairs at once ═════════════════════════════════════════
 # A policy maps (cells (P,), goals (P,)) to a dict: "action" (P,) and, from a planner that scores its options,
 # "scores" (P, A), the predicted cost of each first action (lower is better). run_mpc acts and repeats.
 Policy = Callable[[torch.Tensor, torch.Tensor], dict]
@@ -2043,15 +1992,11 @@ def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None 
     return makers[name](model, world)
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# Plots and widgets (used by the notebooks)
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ Plots and widgets (used by the notebooks) ═════════════════════════════════════════════════════════════════════════
 
 
 def show_source(obj) -> str:
     """Show (and return) the module's code for ``obj``: a Python block in a notebook, printed elsewhere."""
-    import textwrap
-
     from IPython import display, get_ipython
 
     src = textwrap.dedent(inspect.getsource(obj))
@@ -2117,8 +2062,6 @@ def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title:
 
 def _show_png(widget, images=(), png: bytes | None = None) -> None:
     """Grayscale images side by side, x2 (or PNG bytes), in an ipywidgets.Image at natural size: else it stretches."""
-    from PIL import Image
-
     if png is None:
         gap = np.full((images[0].shape[0], 6), 255, np.uint8)
         row = np.concatenate(sum(([np.asarray(im), gap] for im in images), [])[:-1], axis=1).repeat(2, 0).repeat(2, 1)
@@ -2230,9 +2173,7 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
     return box
 
 
-# ════════════════════════════════════════════════════════════════════════════════════════
-# The main job: train, analyse, plan, report
-# ════════════════════════════════════════════════════════════════════════════════════════
+# ══ The main job: train, analyse, plan, report ════════════════════════════════════════════════════════════════════════
 
 
 def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
@@ -2305,12 +2246,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--remember-bumps", action="store_true", help="never repeat an action that left the image as it was")
     p.add_argument("--remember-tried", action="store_true", help="back at an image, take its least-tried action")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="train through torch.compile (CUDA graphs on a GPU)")
     for flag, (_, kind, text) in flags.items():
         p.add_argument(flag, type=kind, default=None, help=f"{text} (default: the profile's)")
     p.add_argument("--out", help="checkpoint path ending in .pt; its run record is <stem>.json beside it (default: "
                    "runs/<profile>_<layout>_seed<seed>_<hash of the training settings>.pt)")  # fmt: skip
     args = p.parse_args(argv)
-    overrides = {"layout": args.layout or "open", "seed": args.seed}
+    overrides = {"layout": args.layout or "open", "seed": args.seed} | ({"compile": True} if args.compile else {})
     if (layouts := args.layouts) is not None:
         if layouts != "procedural" and not (re.fullmatch(r"[0-9]+", layouts) and int(layouts) >= 1):
             p.error(f"--layouts must be 'procedural' or a whole number of layouts >= 1, got {layouts!r}")

@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lab  # noqa: E402
+
 import gridjepa_utils as g  # noqa: E402
 
 # Peak dense bf16 tensor-core FLOP/s by device name (vendor data sheets; no sparsity). First match wins.
@@ -44,7 +47,7 @@ def peak_flops(device_name: str) -> float | None:
 
 def measure(profile: str, device: torch.device, steps: int, peak: float | None) -> dict:
     cfg = g.make_config(profile)
-    est = g.estimate_train_time(cfg, device, timed_steps=steps)
+    est = lab.estimate_train_time(cfg, device, timed_steps=steps)
     steps_per_s = 1 / est["seconds_per_step"]
     achieved = est["flops_per_step"] * steps_per_s
     row = {

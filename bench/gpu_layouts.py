@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lab  # noqa: E402
 from studies import LAYOUTS_SIZE_OVERRIDES, UNLIMITED_LAYOUTS  # noqa: E402
 
 import gridjepa_utils as g  # noqa: E402
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     over |= LAYOUTS_SIZE_OVERRIDES.get(args.grid_size, {})
     cfg = g.make_config("layouts_gpu", **over)
     world = g.build_world(cfg)  # 50,000 generated layouts: built once
-    est = g.estimate_train_time(cfg, device, timed_steps=30 if device.type == "cuda" else 3, world=world)
+    est = lab.estimate_train_time(cfg, device, timed_steps=30 if device.type == "cuda" else 3, world=world)
     left = args.seconds - (time.perf_counter() - t0) - args.eval_seconds
     steps = min(args.max_steps, max(500, int(left / est["seconds_per_step"]) // 500 * 500))
     print(

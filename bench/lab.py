@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +85,47 @@ def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None =
         "no_phantom": np.mean(clean, 0).tolist(),
         "searches": len(complete),
     }
+
+
+def estimate_train_time(cfg: g.Config, device=None, timed_steps: int = 5, world: g.World | None = None) -> dict:
+    """How long g.train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps (after a warm-up one), and
+    the painting of the frames (bench/gpu_check.py, bench/gpu_layouts.py, the readers study)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g.validate_config(cfg), g.check_int(timed_steps, "timed_steps", 1)
+    device, gen = torch.device(device or g.default_device()), torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    world = world or g.build_world(cfg)
+    data = g.make_transitions(world, max(4 * cfg.batch_size, 256), cfg.seq_len, seed=cfg.data_seed)
+    model = g.JEPA(cfg, world.image_size).to(device)
+    sigreg, opt = g.SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device), g.make_optimizer(model, cfg)
+    world.render(data.states[:1], device)  # a first call cuts the sprite sheet: not part of painting
+    t0 = time.perf_counter()
+    painted = g.paint_frames(world, data, device, size=cfg.input_size, crop=cfg.crop)  # train() paints them once
+    sync()
+    share = cfg.num_transitions * cfg.seq_len / data.states.numel()  # the full dataset's frames over these
+    paint_seconds = (time.perf_counter() - t0) * share if painted is not None else 0.0
+    draw = lambda: torch.randint(len(data), (cfg.batch_size,), generator=gen)
+    obs, actions = g.sample_batch(world, data, draw(), device, painted)
+    with FlopCounterMode(display=False) as counter:
+        g.jepa_loss(model, sigreg, obs, actions, cfg, 0)["loss"].backward()
+    g.train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
+    sync()
+    t0 = time.perf_counter()  # drawing the batch is part of a step
+    for step in range(timed_steps):
+        g.train_step(
+            model, sigreg, opt, *g.sample_batch(world, data, draw(), device, painted), cfg, step, measure=False
+        )
+    sync()
+    per_step = (time.perf_counter() - t0) / timed_steps
+    est = {"flops_per_step": int(counter.get_total_flops()), "seconds_per_step": per_step, "steps": cfg.num_steps}
+    total = per_step * cfg.num_steps + paint_seconds
+    return est | {"paint_seconds": paint_seconds, "total_seconds": total, "device": str(device)}
+
+
+def format_estimate(est: dict, cfg: g.Config) -> str:
+    """One line for estimate_train_time's result."""
+    total, gflop, ms = est["total_seconds"], est["flops_per_step"] / 1e9, est["seconds_per_step"] * 1e3
+    when = f"{total:.0f} s" if total < 120 else f"{total / 60:.1f} min" if total < 7200 else f"{total / 3600:.1f} h"
+    head = f"profile {cfg.profile}: {gflop:.1f} GFLOP per step, {ms:.0f} ms per step on {est['device']}"
+    return f"{head} -> {est['steps']:,} steps ~ {when} (plus evaluations)"

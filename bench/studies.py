@@ -818,7 +818,7 @@ def readers_config(seed: int, steps: int | None, overrides: dict) -> g.Config:
 
 def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = None, save=None) -> list[dict]:
     """Which encoder reads an 8x8 layout's walls best for the same CPU time: each candidate trains the layouts
-    recipe on 8x8 for ``budget`` seconds of steps (its step time measured first by g.estimate_train_time; the cosine
+    recipe on 8x8 for ``budget`` seconds of steps (its step time measured first by L.estimate_train_time; the cosine
     schedule ends on the last step) and is scored by next-state accuracy on 100 validation layouts
     (lab.validation_layouts: never trained on, never reported), beside the training layouts' own."""
     check_only(only, READER_ROWS, "row")
@@ -827,7 +827,7 @@ def readers_study(budget: float = 300.0, seeds=(0,), only: list[str] | None = No
     for name in [n for n in READER_ROWS if not only or n in only]:
         for seed in seeds:
             over = READER_ROWS[name]
-            estimate = g.estimate_train_time(readers_config(seed, None, over))
+            estimate = L.estimate_train_time(readers_config(seed, None, over))
             steps = max(1, int(budget / estimate["seconds_per_step"]))
             cfg = readers_config(seed, steps, over)
             run = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False)

@@ -14,6 +14,9 @@ import torch
 
 import gridjepa_utils as gj
 
+sys.path.insert(0, str(Path(gj.__file__).resolve().parent / "bench"))
+import lab  # noqa: E402  (study-only code: bench/lab.py)
+
 
 @pytest.fixture(scope="module")
 def model(smoke_cfg):
@@ -231,7 +234,7 @@ def test_untrained_model_and_estimate_check_their_arguments(smoke_cfg):
     with pytest.raises(TypeError, match=r"expected a Config, got dict"):
         gj.untrained_model(dataclasses.asdict(smoke_cfg))
     with pytest.raises(ValueError, match=r"timed_steps must be >= 1, got 0"):
-        gj.estimate_train_time(smoke_cfg, timed_steps=0)
+        lab.estimate_train_time(smoke_cfg, timed_steps=0)
 
 
 def test_load_on_a_missing_gpu_is_not_called_corrupt(tmp_path, smoke_cfg, model):

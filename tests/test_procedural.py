@@ -211,7 +211,7 @@ def test_estimate_counts_painting_a_family_once():
     """For a layout family the estimate adds the one-off painting of the dataset's frames to the steps."""
     family = gj.WorldFamily(gj.procedural_layouts(5, 200, seed=5))
     cfg = gj.make_config("smoke", num_layouts=200, num_transitions=2000)
-    est = gj.estimate_train_time(cfg, "cpu", timed_steps=2, world=family)
+    est = lab.estimate_train_time(cfg, "cpu", timed_steps=2, world=family)
     assert est["paint_seconds"] > 0
     assert est["total_seconds"] == pytest.approx(est["seconds_per_step"] * cfg.num_steps + est["paint_seconds"])
 

@@ -1,11 +1,17 @@
 """What the notebooks teach, pinned: causality of the predictor, SIGReg against its formula, AdaLN's modulate,
 CEM improving over its iterations; and the helpers the notebooks lean on (load_run, show_source, profiles)."""
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 import gridjepa_utils as gj
+
+sys.path.insert(0, str(Path(gj.__file__).resolve().parent / "bench"))
+import lab  # noqa: E402  (study-only code: bench/lab.py)
 
 
 def test_load_run_reads_a_notebook_checkpoint_without_json(tmp_path, smoke_run, smoke_cfg):
@@ -75,11 +81,11 @@ def test_gpu_profile_and_the_default_profile(monkeypatch):
 
 def test_estimate_train_time(smoke_cfg):
     """FLOPs counted for one step, time measured: total = steps x step time."""
-    est = gj.estimate_train_time(smoke_cfg, "cpu", timed_steps=2)
+    est = lab.estimate_train_time(smoke_cfg, "cpu", timed_steps=2)
     assert est["flops_per_step"] > 1e8 and est["seconds_per_step"] > 0 and est["steps"] == smoke_cfg.num_steps
     assert est["paint_seconds"] == 0  # one layout: its atlas is one gather, nothing to paint first
     assert est["total_seconds"] == pytest.approx(est["seconds_per_step"] * smoke_cfg.num_steps)
-    assert "GFLOP" in gj.format_estimate(est, smoke_cfg)
+    assert "GFLOP" in lab.format_estimate(est, smoke_cfg)
 
 
 def test_the_five_notebooks_share_one_setup_cell():
