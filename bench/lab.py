@@ -88,8 +88,10 @@ def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None =
 
 
 def estimate_train_time(cfg: g.Config, device=None, timed_steps: int = 5, world: g.World | None = None) -> dict:
-    """How long g.train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps (after a warm-up one), and
-    the painting of the frames (bench/gpu_check.py, bench/gpu_layouts.py, the readers study)."""
+    """How long g.train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps after warm-up ones (timed
+    apart: with cfg.compile they include the compilation), and the painting of the frames (bench/gpu_check.py,
+    bench/gpu_layouts.py, the readers study). The model is prepared as train() prepares it: channels_last on CUDA,
+    through torch.compile when cfg.compile."""
     from torch.utils.flop_counter import FlopCounterMode
 
     g.validate_config(cfg), g.check_int(timed_steps, "timed_steps", 1)
@@ -98,6 +100,8 @@ def estimate_train_time(cfg: g.Config, device=None, timed_steps: int = 5, world:
     world = world or g.build_world(cfg)
     data = g.make_transitions(world, max(4 * cfg.batch_size, 256), cfg.seq_len, seed=cfg.data_seed)
     model = g.JEPA(cfg, world.image_size).to(device)
+    if device.type == "cuda":
+        model, torch.backends.cuda.matmul.allow_tf32 = model.to(memory_format=torch.channels_last), True
     sigreg, opt = g.SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device), g.make_optimizer(model, cfg)
     world.render(data.states[:1], device)  # a first call cuts the sprite sheet: not part of painting
     t0 = time.perf_counter()
@@ -107,19 +111,25 @@ def estimate_train_time(cfg: g.Config, device=None, timed_steps: int = 5, world:
     paint_seconds = (time.perf_counter() - t0) * share if painted is not None else 0.0
     draw = lambda: torch.randint(len(data), (cfg.batch_size,), generator=gen)
     obs, actions = g.sample_batch(world, data, draw(), device, painted)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:  # on the eager model: the same arithmetic
         g.jepa_loss(model, sigreg, obs, actions, cfg, 0)["loss"].backward()
-    g.train_step(model, sigreg, opt, obs, actions, cfg, 0)  # warm-up: allocations, kernel selection
+    mode = "reduce-overhead" if device.type == "cuda" else None  # as train(): CUDA graphs on a GPU
+    step_model = torch.compile(model, mode=mode) if cfg.compile else model
+    warmup = 3 if cfg.compile else 1  # compiled: compiling, then (CUDA graphs) recording before replaying
+    t0 = time.perf_counter()
+    for step in range(warmup):  # allocations, kernel selection, compilation
+        g.train_step(step_model, sigreg, opt, obs, actions, cfg, step, measure=False)
     sync()
+    warmup_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()  # drawing the batch is part of a step
     for step in range(timed_steps):
-        g.train_step(
-            model, sigreg, opt, *g.sample_batch(world, data, draw(), device, painted), cfg, step, measure=False
-        )
+        batch = g.sample_batch(world, data, draw(), device, painted)
+        g.train_step(step_model, sigreg, opt, *batch, cfg, step, measure=False)
     sync()
     per_step = (time.perf_counter() - t0) / timed_steps
     est = {"flops_per_step": int(counter.get_total_flops()), "seconds_per_step": per_step, "steps": cfg.num_steps}
-    total = per_step * cfg.num_steps + paint_seconds
+    total = per_step * cfg.num_steps + paint_seconds + (warmup_seconds if cfg.compile else 0.0)
+    est |= {"warmup_steps": warmup, "warmup_seconds": warmup_seconds, "compiled": cfg.compile}
     return est | {"paint_seconds": paint_seconds, "total_seconds": total, "device": str(device)}
 
 

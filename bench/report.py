@@ -250,6 +250,14 @@ def benchmark_section(fig: Figures) -> str:
         for k, v in b["training"].items()
     ]
     text = f"Training speed on {b['device']}:\n\n" + table(["profile", "steps/s", "images/s", "parameters"], rows)
+    text += f"\n\nOn {gpu['device']} (torch {gpu['torch']}):\n\n"
+    if "runs" in gpu:  # bench/gpu_check.py's report: eager and compiled side by side, trained runs
+        calls = ", ".join(f"`{c['command']}` at `{c['commit'][:8]}`" for c in gpu["calls"])
+        return (
+            text
+            + gpu_section(gpu)
+            + f"\n\n*Provenance* — `assets/benchmark.json`, `assets/gpu_benchmark.json` ({calls})"
+        )
     rows = [
         [
             k,
@@ -260,7 +268,6 @@ def benchmark_section(fig: Figures) -> str:
         ]
         for k, v in gpu["profiles"].items()
     ]
-    text += f"\n\nOn {gpu['device']} (torch {gpu['torch']}):\n\n"
     if "config" not in gpu.get("train", {}):  # written before results carried their config: flagged, not trusted
         text += (
             "*Stale:* this file predates the profiles' current recipes and records no config or commit; "
@@ -274,6 +281,43 @@ def benchmark_section(fig: Figures) -> str:
         f" {pct(t['plan_success'])} solved."
     )
     return text + f"\n\n*Provenance* — `assets/benchmark.json`, `assets/gpu_benchmark.json` (`{gpu['command']}`)"
+
+
+def gpu_section(gpu: dict) -> str:
+    """bench/gpu_check.py's report as two tables: each profile's training step eager and compiled, then the runs
+    trained end to end with each objective."""
+
+    def speed(row: dict, key: str, fmt: str) -> str:
+        return format(row[key], fmt) if row.get("status") == "done" and row[key] is not None else row.get("status", "–")
+
+    rows = []
+    for k, v in gpu["profiles"].items():
+        e, c = v["eager"], v["compiled"]
+        ratio = f"{v['compiled_over_eager']:.2f}x" if "compiled_over_eager" in v else "–"
+        gflop = f"{v['flops_per_step'] / 1e9:.1f}" if "flops_per_step" in v else "–"
+        mfu = [pct(r["mfu"], 2) if r.get("status") == "done" else r.get("status") for r in (e, c)]
+        rows.append([k, f"{v['parameters']:,}", gflop, speed(e, "steps_per_s", ".1f"), speed(c, "steps_per_s", ".1f")])
+        rows[-1] += [ratio, speed(e, "images_per_s", ",.0f"), speed(c, "images_per_s", ",.0f"), *mfu]
+        rows[-1] += [speed(c, "warmup_seconds", ".0f")]
+    head = ["profile", "parameters", "GFLOP/step", "eager steps/s", "compiled steps/s", "compiled/eager"]
+    head += ["eager images/s", "compiled images/s", "eager MFU", "compiled MFU", "compile warm-up, s"]
+    text = "A training step eager and through `torch.compile` (MFU: achieved over the peak dense bf16 FLOP/s):\n\n"
+    text += table(head, rows)
+    objective = {"recipe": "the profile's", "writeup": "the original write-up's (lam 10, no smoothing)"}
+    rows = []
+    for r in gpu["runs"].values():
+        steps = f"{r['num_steps']:,}" + (
+            f" of {r['recipe_num_steps']:,}" if r["num_steps"] < r["recipe_num_steps"] else ""
+        )
+        row = [f"`{r['id']}`", r["profile"], objective[r["objective"]], r["path"], steps]
+        if r["status"] != "done":
+            rows.append(row + [f"{r['status']}: {r.get('why') or r.get('error', '')}"] + ["–"] * 5)
+            continue
+        row += [f"{r['train_seconds']:.0f}", pct(r["next_state_accuracy"]), num(r["pc1_plus_pc2"], 2)]
+        rows.append(row + [num(r["probe_r2_heldout"]), pct(r["plan_success"]), pct(r["latent_greedy_success"])])
+    head = ["run", "profile", "objective", "path", "steps", "train s", "next-state", "PC1+PC2", "held-out R²"]
+    text += "\n\nTrained end to end there and evaluated:\n\n" + table(head + ["probe plans", "latent plans"], rows)
+    return text
 
 
 def probes_section(fig: Figures) -> str:

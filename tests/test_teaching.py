@@ -216,21 +216,85 @@ def test_show_source_returns_the_module_code(capsys):
     assert gj.show_source(gj.modulate).strip().endswith("return x * (1 + scale) + shift")
 
 
-def test_gpu_check_dry_run(tmp_path):
-    """bench/gpu_check.py --dry runs on the CPU with the smoke profile and writes its JSON report."""
+def load_gpu_check():
     import importlib.util
-    import json
 
     spec = importlib.util.spec_from_file_location("gpu_check", gj.REPO_ROOT / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    out = tmp_path / "gpu.json"
-    report = gpu_check.main(["--dry", "--steps", "2", "--out", str(out)])
+    return gpu_check
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.py --dry on the CPU, smoke profile, as on a GPU in two calls: the speed eager and compiled, the
+    gpu runs (both objectives), then a second call adding the full runs (compiled, a cut schedule) to the same report;
+    a third call with no time left skips its runs and says why."""
+    import json
+
+    import report  # bench/report.py: RESULTS.md's tables
+    import results
+
+    gpu_check, out = load_gpu_check(), tmp_path / "gpu.json"
+    argv = ["--dry", "--steps", "2", "--out", str(out)]
+    gpu_check.main([*argv, "--phases", "speed,gpu", "--gpu-steps", "4", "--path", "eager"])
+    first = json.loads(out.read_text())
+    speed = first["profiles"]["smoke"]
+    assert first["dry"] and set(first["profiles"]) == {"smoke"} and speed["flops_per_step"] > 0
+    for path, timed in (("eager", 2), ("compiled", 2)):
+        row = speed[path]
+        assert row["status"] == "done" and row["steps_per_s"] > 0 and row["mfu"] is None and row["timed_steps"] == timed
+        assert row["images_per_s"] == pytest.approx(row["steps_per_s"] * 32 * 2) and row["warmup_seconds"] > 0
+    assert speed["compiled"]["graphs"] >= 1 and speed["compiled"]["warmup_steps"] == 3  # it went through compile
+    ratio = speed["compiled"]["steps_per_s"] / speed["eager"]["steps_per_s"]
+    assert speed["compiled_over_eager"] == pytest.approx(ratio)
+    assert set(first["runs"]) == {"gpu-recipe", "gpu-writeup"}
+
+    returned = gpu_check.main([*argv, "--phases", "full", "--full-steps", "3", "--path", "compiled"])
     saved = json.loads(out.read_text())
-    assert saved["dry"] and set(saved["profiles"]) == {"smoke"} and saved["profiles"]["smoke"]["mfu"] is None
-    assert saved["profiles"]["smoke"]["steps_per_s"] > 0 and saved["profiles"]["smoke"]["flops_per_step"] > 0
-    assert 0.0 <= saved["train"]["next_state_accuracy"] <= 1.0 and "plan_success" in saved["train"]
-    assert report["train"]["profile"] == "smoke"
+    assert saved == json.loads(json.dumps(returned)) and len(saved["calls"]) == 2  # added to the first call's report
+    assert set(saved["runs"]) == {"gpu-recipe", "gpu-writeup", "full-recipe", "full-writeup"}
+    commit = results.git_commit()
+    assert all(c["commit"] == commit for c in saved["calls"]) and saved["commit"] == commit
+    metrics = {"next_state_accuracy", "pc1_plus_pc2", "probe_r2_heldout", "plan_success", "latent_greedy_success"}
+    for run_id, run in saved["runs"].items():
+        assert run["status"] == "done" and metrics <= set(run) and run["commit"] == commit, run_id
+        assert 0.0 <= run["next_state_accuracy"] <= 1.0 and run["train_seconds"] > 0 and run["estimate_s"] > 0
+        phase, objective = run_id.split("-")
+        assert run["profile"] == "smoke" and run["config"]["compile"] == (phase == "full")
+        assert run["path"] == ("compiled" if phase == "full" else "eager")
+        assert run.get("graphs", 0) >= (1 if phase == "full" else 0)  # the compiled runs went through compile
+        assert run["num_steps"] == run["config"]["num_steps"] == (4 if phase == "gpu" else 3)
+        want = (10.0, 0.0) if objective == "writeup" else (0.1, 5.0)
+        assert (run["config"]["lam"], run["config"]["smooth_weight"]) == want
+    text = report.gpu_section(saved)
+    assert "| smoke | 222,848 |" in text and "`full-writeup`" in text and "3 of 30" in text
+
+    late = tmp_path / "late.json"
+    gpu_check.main(["--dry", "--phases", "gpu", "--time-limit", "0", "--add-to", str(out), "--out", str(late)])
+    runs = json.loads(late.read_text())["runs"]
+    assert runs["gpu-recipe"]["status"] == runs["gpu-writeup"]["status"] == "skipped"
+    assert "s needed" in runs["gpu-recipe"]["why"] and runs["gpu-recipe"]["estimate_s"] > 0
+    assert runs["full-recipe"]["status"] == "done"  # the earlier call's runs are kept
+
+
+def test_gpu_check_plans_runs_by_time():
+    """gpu_check's guard: a run's estimate (compiling, steps, painting, evaluation), the faster path for its length,
+    the most steps that fit, and a schedule cut to N steps."""
+    gpu_check = load_gpu_check()
+    done = dict(status="done", paint_seconds=1.0)
+    entry = {"eager": done | {"steps_per_s": 10.0}, "compiled": done | {"steps_per_s": 20.0, "warmup_seconds": 60.0}}
+    assert gpu_check.run_estimate(entry, "eager", 100, 5.0) == pytest.approx(1.15 * 10 + 1 + 5)
+    assert gpu_check.run_estimate(entry, "compiled", 100, 5.0) == pytest.approx(60 + 1.15 * 5 + 1 + 5)
+    assert gpu_check.run_estimate({"eager": {"status": "skipped"}}, "eager", 100, 5.0) is None
+    # 2 runs in 400 s: eager (400/2 - 6) * 10 / 1.15 = 1686 -> 1600; compiled (200 - 66) * 20 / 1.15 = 2330 -> 2300
+    assert gpu_check.fit_steps(entry, ["eager", "compiled"], 400.0, 2, 5.0) == (2300, "compiled")
+    assert gpu_check.fit_steps(entry, ["eager"], 400.0, 2, 5.0) == (1600, "eager")
+    assert gpu_check.fit_steps(entry, ["eager", "compiled"], 10.0, 2, 5.0) is None
+    cfg = gj.make_config("full")
+    short = gpu_check.shorten(cfg, 2000)
+    assert (short.num_steps, short.warmup_steps, short.lam) == (2000, 500, cfg.lam)
+    assert gpu_check.shorten(cfg, 10**6) == cfg and gpu_check.shorten(cfg, None) == cfg
     assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert gpu_check.peak_flops("Tesla T4") == 65e12 and gpu_check.peak_flops("NVIDIA L4") == 121e12
