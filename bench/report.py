@@ -702,10 +702,42 @@ def recipe_tuning_section(fig: Figures) -> str:
     )
 
 
+def writeup_size_section(fig: Figures) -> str:
+    rows = rows_of("writeup_size")
+    metrics = [
+        ("next-state", lambda r: num(r["next_state_accuracy"])),
+        (
+            "probe plans (optimal)",
+            lambda r: f"{pct(r['plans']['probe']['success'])} ({pct(r['plans']['probe']['optimal'])})",
+        ),
+        (
+            "latent cost (optimal)",
+            lambda r: f"{pct(r['plans']['latent']['success'])} ({pct(r['plans']['latent']['optimal'])})",
+        ),
+        ("PC1+PC2", lambda r: pct(r["pc1"] + r["pc2"], 0)),
+        (
+            "held-out R² (untrained)",
+            lambda r: f"{num(r['probe_r2_heldout'], 2)} ({num(r['untrained']['probe_r2_heldout'], 2)})",
+        ),
+        ("latent std", lambda r: num(r["latent_std"], 2)),
+        ("steps x batch", lambda r: f"{r['config']['num_steps']:,} x {r['config']['batch_size']}"),
+        ("train s", lambda r: f"{r['train_seconds']:.0f}"),
+    ]
+    out = [[f"`{r['id']}`", r["row"], r["seed"]] + [m(r) for _, m in metrics] for r in rows]
+    text = table(["id", "model, objective", "seed"] + [n for n, _ in metrics], out)
+    return text + "\n\n" + provenance(rows)
+
+
 STUDIES = [  # heading, what it measures, section
     ("Shipped models", "The checkpoints in assets/ and the run records beside them.", shipped_section),
     ("Benchmarks", "Training and planning speed.", benchmark_section),
     ("Probes", "What moves the held-out-cell linear probe R² (notebook 04).", probes_section),
+    (
+        "The write-up's architecture",
+        "The original write-up's model (128×128 input, 4 blocks of width 192) trained on this CPU with a shortened"
+        " schedule, each objective, beside the cpu model: does the map hold at its size?",
+        writeup_size_section,
+    ),
     (
         "Geometry",
         "What makes the latent a map: each lever against the write-up's objective, per seed.",
