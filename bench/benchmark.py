@@ -1,7 +1,9 @@
-"""Print GridJEPA's speed figures: data generation, rendering, training throughput, planning.
+"""Print GridJEPA's speed figures: data generation, rendering, training throughput (also against a plain-PyTorch
+baseline of the same recipe, bench/baseline.py, and eager against torch.compile), planning.
 
     python bench/benchmark.py            # everything, on the CPU and on the GPU when there is one
     python bench/benchmark.py --quick    # fewer repetitions
+    python bench/benchmark.py --only against_baseline compile   # some parts, merged into --out's other parts
 
 Figures, not tests: nothing here asserts a time. Results are also written to assets/benchmark.json.
 """
@@ -13,12 +15,15 @@ import json
 import platform
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import baseline  # noqa: E402
+
 import gridjepa_utils as g  # noqa: E402
 
 
@@ -120,6 +125,87 @@ def bench_training(devices: list[torch.device], steps: int) -> dict:
     return out
 
 
+def bench_baseline(devices: list[torch.device], steps: int) -> dict:
+    """The `cpu` profile's training against bench/baseline.py, the same recipe in plain PyTorch, in this process:
+    steps/s of train() with its logging, evaluations and checkpoints as the main job takes them, and with them off."""
+    out = {}
+    world = g.World(5)
+    data = g.make_transitions(world, 50_000, 2, 0)
+    for device in devices:
+        g.train(g.make_config("cpu", num_steps=2), world, data, progress=False, device=device)  # warm-up
+        job_cfg = g.make_config("cpu", num_steps=steps)  # the profile's own log, evaluation and checkpoint cadence
+        bare_cfg = g.make_config("cpu", num_steps=steps, log_every=10**9, eval_every=10**9, ckpt_every=10**9)
+        base = bare = job = 0.0
+        for _ in range(2):  # taken in turn, the best of two each: a busy machine slows one run, not a whole kind
+            base = max(base, baseline.steps_per_second(steps, device))
+            with tempfile.TemporaryDirectory() as tmp:  # the main job writes a checkpoint every ckpt_every steps
+                res = g.train(job_cfg, world, data, Path(tmp) / "b.pt", progress=False, device=device)
+            job = max(job, steps / res.train_seconds)
+            bare = max(bare, steps / g.train(bare_cfg, world, data, progress=False, device=device).train_seconds)
+        row = {"baseline_steps_per_s": base, "steps": steps}
+        row["train_steps_per_s"] = bare  # still one evaluation: the last step's
+        row["main_job_steps_per_s"] = job
+        row["train_over_baseline"] = row["train_steps_per_s"] / base
+        row["main_job_over_baseline"] = row["main_job_steps_per_s"] / base
+        out[f"cpu_profile_{device.type}"] = row
+        print(
+            f"cpu profile on {device.type}, {steps} steps: plain-PyTorch baseline {base:.2f} steps/s; train() "
+            f"{row['train_steps_per_s']:.2f} steps/s = {row['train_over_baseline']:.2f}x the baseline, with the main "
+            f"job's logs, evaluations and checkpoints {row['main_job_steps_per_s']:.2f} steps/s = "
+            f"{row['main_job_over_baseline']:.2f}x"
+        )
+    return out
+
+
+def bench_compile(devices: list[torch.device], steps: int) -> dict:
+    """One training step of the `cpu` profile's model (train_step: loss, backward, clipping, AdamW) eager against the
+    model under torch.compile (inductor; on a GPU also mode="reduce-overhead"); the compiling is timed apart."""
+    out = {}
+    cfg = g.make_config("cpu")
+    world = g.World(cfg.grid_size)
+    data = g.make_transitions(world, 50_000, cfg.seq_len, 0)
+    for device in devices:
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+        def run(mode: str | None):
+            """(seconds of the first 3 steps, steps/s after them) for the model eager (mode "eager") or compiled."""
+            torch.manual_seed(cfg.seed)
+            model = g.JEPA(cfg, world.image_size).to(device)
+            sigreg, opt = g.SIGReg(cfg.sigreg_dirs, seed=cfg.seed).to(device), g.make_optimizer(model, cfg)
+            net = model if mode == "eager" else torch.compile(model, mode=mode)
+            batches = [
+                g.sample_batch(world, data, torch.randint(len(data), (cfg.batch_size,), generator=gen), device)
+                for gen in (torch.Generator().manual_seed(k) for k in range(steps + 3))
+            ]
+            times = []
+            for k, (obs, actions) in enumerate(batches):
+                sync()
+                t0 = time.perf_counter()
+                g.train_step(net, sigreg, opt, obs, actions, cfg, k, measure=False)
+                sync()
+                times.append(time.perf_counter() - t0)
+            return sum(times[:3]), steps / sum(times[3:])
+
+        first, eager = run("eager")
+        row = {"eager_steps_per_s": eager, "steps": steps}
+        print(f"train step on {device.type}: eager {eager:.2f} steps/s")
+        for mode in [None] + (["reduce-overhead"] if device.type == "cuda" else []):
+            name = f"compile_{mode or 'default'}"
+            try:
+                first, sps = run(mode)
+            except Exception as e:  # a failure is a figure too: say what failed
+                row[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+                print(f"  torch.compile(mode={mode!r}) failed: {row[name]['error']}")
+                continue
+            row[name] = {"steps_per_s": sps, "over_eager": sps / eager, "first_3_steps_s": first}
+            print(
+                f"  torch.compile(mode={mode!r}): {sps:.2f} steps/s = {sps / eager:.2f}x eager "
+                f"(compiling: the first 3 steps took {first:.1f} s)"
+            )
+        out[f"cpu_profile_{device.type}"] = row
+    return out
+
+
 def bench_planning(repeat: int) -> dict:
     """Time per plan for each planner and grid size (untrained cpu-profile models: time does not depend on weights)."""
     out = {}
@@ -154,6 +240,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(g.ASSETS / "benchmark.json"))
+    parts = ["data", "training", "against_baseline", "compile", "planning"]
+    parser.add_argument("--only", nargs="+", choices=parts, default=parts, help="the parts to run (default: all)")
     args = parser.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     repeat = 2 if args.quick else 5
@@ -161,13 +249,17 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
         + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU")
     )
-    results = {
-        "device": g.describe_device(devices[-1]),
-        "data": bench_data(devices, repeat),
-        "training": bench_training(devices, 10 if args.quick else 30),
-        "planning": bench_planning(repeat),
+    runs = {
+        "data": lambda: bench_data(devices, repeat),
+        "training": lambda: bench_training(devices, 10 if args.quick else 30),
+        "against_baseline": lambda: bench_baseline(devices, 100 if args.quick else 450),
+        "compile": lambda: bench_compile(devices, 20 if args.quick else 50),
+        "planning": lambda: bench_planning(repeat),
     }
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if set(args.only) != set(parts) and out.exists() else {}
+    results |= {"device": g.describe_device(devices[-1])} | {k: run() for k, run in runs.items() if k in args.only}
+    out.write_text(json.dumps(results, indent=2))
     print(f"written to {args.out}")
 
 
