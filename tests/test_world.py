@@ -136,6 +136,25 @@ def test_rendering_is_deterministic():
     assert not torch.equal(gj.World(5).atlas(), gj.World(5, walls="u_trap").atlas())
 
 
+@pytest.mark.parametrize("grid_size", [2, 5, 8, 16])
+def test_painting_equals_pasting_each_sprite_over_the_whole_image(grid_size):
+    """SpriteSheet.paint (one scatter per sprite, into the crop that sprites reach) paints exactly what pasting each
+    sprite's box over the full supersampled board, back to front, then averaging each 2x2 block would paint."""
+    sheet, N = gj.SpriteSheet(grid_size), grid_size**2
+    gen = torch.Generator().manual_seed(grid_size)
+    walls, cells, targets = torch.rand(64, N, generator=gen) < 0.3, *torch.randint(N, (2, 64), generator=gen)
+    for goal in (None, targets):
+        img = sheet.board.expand(64, *sheet.board.shape).clone()
+        for kind, cell, (ys, xs), value, mask in sheet.sprites:
+            drawn = walls[:, cell] if kind == 0 else (cells == cell) & ~walls[torch.arange(64), cells]
+            drawn = drawn if kind < 2 else goal == cell if goal is not None else torch.zeros(64, dtype=torch.bool)
+            img[drawn, ys, xs] = torch.where(mask, value, img[drawn, ys, xs])
+        pasted = torch.round(torch.nn.functional.avg_pool2d(img[:, None], 2)[:, 0].clamp(0, 1) * 255).to(torch.uint8)
+        painted = sheet.paint(walls, cells, goal).int()
+        assert (painted - pasted.int()).abs().max() <= 1  # avg_pool2d sums the four pixels in another order
+        assert (painted != pasted).float().mean() < 1e-3
+
+
 def test_open_grid_images_pairwise_distinct(open_world):
     """The 25 cell images of the open grid are pairwise different, by far more than a few pixels."""
     atlas = open_world.atlas()
