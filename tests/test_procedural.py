@@ -434,10 +434,18 @@ def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
     ):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["heldout_pairs"] == 200  # smoke: 20 held-out layouts x 10 pairs
-    for where in ("heldout", "named"):  # memory changes only episodes that would repeat a bump or a loop forever
-        for memory in ("memory", "tried"):
-            assert metrics[f"{where}_imagine_{memory}_success"] >= metrics[f"{where}_imagine_success"]
-            assert metrics[f"{where}_imagine_{memory}_optimal"] == metrics[f"{where}_imagine_optimal"]
+    for where in ("heldout", "named"):
+        assert metrics[f"{where}_bfs_success"] == metrics[f"{where}_bfs_3x_optimal"] == 1  # the optimum
+        for planner in ("imagine", "probe", "graph", "random"):
+            for memory in ("", "_memory", "_tried"):
+                one, three = (f"{where}_{planner}{memory}{budget}" for budget in ("", "_3x"))
+                assert 0 <= metrics[f"{one}_optimal"] <= metrics[f"{one}_success"] <= metrics[f"{three}_success"] <= 1
+                assert metrics[f"{three}_optimal"] == metrics[f"{one}_optimal"]  # an optimal path fits in the budget
+                # a planner deciding from (image, goal image) alone succeeds only where it never repeats an image:
+                # memory changes only episodes that would repeat a bump or a loop forever (random: its draws move)
+                if memory and planner != "random":
+                    assert metrics[f"{one}_success"] >= metrics[f"{where}_{planner}_success"]
+                    assert metrics[f"{one}_optimal"] == metrics[f"{where}_{planner}_optimal"]
     saved = gj.load_run(out)[1]
     assert saved.num_layouts == 30
     with pytest.raises(SystemExit):
