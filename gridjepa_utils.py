@@ -600,9 +600,18 @@ def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max
     raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
 
 
-LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training also skips every reserved test layout
-HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on
+LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training skips every reserved test layout's class
+HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on, turned or mirrored
 _HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each grid size, drawn once
+
+
+def layout_keys(walls: np.ndarray, symmetric: bool = True) -> list[bytes]:
+    """A key per layout of (K, G, G): its packed bits or, ``symmetric``, the least of its 8 images under the square's
+    symmetries (4 turns, each mirrored or not), so a layout's class - its turns and mirror images - shares one key."""
+    turns = np.stack([np.rot90(walls, k, axes=(1, 2)) for k in range(4 if symmetric else 1)], 1)  # (K, 4, G, G)
+    images = np.concatenate([turns, turns.transpose(0, 1, 3, 2)], 1) if symmetric else turns  # (K, 8, G, G)
+    bits = np.packbits(images.reshape(*images.shape[:2], walls.shape[-1] ** 2), axis=-1)  # (K, S, B): S images, B bytes
+    return [key.tobytes() for key in np.sort(bits.view(f"V{bits.shape[-1]}")[..., 0], axis=1)[:, 0]]
 
 
 def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -623,23 +632,25 @@ def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: np.ndarray | None = None) -> np.ndarray:
-    """``num`` distinct layouts of one random stream: connected, 1 to N/2 walls, none named and none in ``skip``."""
-    keys = lambda walls: [np.packbits(w.reshape(-1)).tobytes() + bytes([len(w)]) for w in walls]
-    named = [layout_walls(name) for name in LAYOUTS] if grid_size == 5 else []
-    N, seen, kept = grid_size * grid_size, set(keys(named)) | set(keys([] if skip is None else skip)), []
-    rng = np.random.default_rng([grid_size, LAYOUT_SPLITS[split], seed])
+    """``num`` layouts of one random stream: connected, 1 to N/2 walls, none in a named layout's class or one of
+    ``skip``'s (layout_keys); distinct up to symmetry in the test stream, exactly in the training one."""
+    G, N, seen, kept = grid_size, grid_size * grid_size, set(), []
+    banned = [layout_walls(name) for name in LAYOUTS] if G == 5 else []
+    banned = set(layout_keys(np.array([*banned, *(() if skip is None else skip)], dtype=bool).reshape(-1, G, G)))
+    rng = np.random.default_rng([G, LAYOUT_SPLITS[split], seed])
     while len(kept) < num:
-        batch = np.stack([generate_layout(grid_size, rng) for _ in range(2 * (num - len(kept)) + 16)])
+        batch = np.stack([generate_layout(G, rng) for _ in range(2 * (num - len(kept)) + 16)])
         count = batch.reshape(len(batch), N).sum(1)
-        ok = layouts_connected(batch) & (count >= 1) & (count <= N // 2)
-        for walls, key in zip(batch[ok], keys(batch[ok])):
-            if key not in seen and len(kept) < num:
-                seen.add(key), kept.append(walls)
+        batch = batch[layouts_connected(batch) & (count >= 1) & (count <= N // 2)]
+        for walls, key, own in zip(batch, layout_keys(batch), layout_keys(batch, symmetric=split == "test")):
+            if key not in banned and own not in seen and len(kept) < num:
+                seen.add(own), kept.append(walls)
     return np.stack(kept)
 
 
 def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
-    """The first ``num`` layouts of the held-out stream: (num, G, G) bool, never a named layout, never trained on."""
+    """The first ``num`` layouts of the held-out stream: (num, G, G) bool; no two alike, none named, none trained on,
+    even turned or mirrored."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1, HELDOUT_RESERVED)
     if grid_size not in _HELDOUT:
         _HELDOUT[grid_size] = _draw_layouts(grid_size, HELDOUT_RESERVED, "test", 0)
@@ -648,7 +659,7 @@ def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
 
 def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
     """``num`` distinct seeded layouts, (num, G, G) bool, connected, 1 to N/2 walls. split="train" skips the named
-    layouts and the reserved held-out ones; split="test" is the held-out stream itself."""
+    layouts and the reserved held-out ones, turned or mirrored; split="test" is the held-out stream itself."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
     if split not in LAYOUT_SPLITS:
         raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
