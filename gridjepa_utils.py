@@ -622,9 +622,18 @@ def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max
     raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
 
 
-LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training also skips every reserved test layout
-HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on
+LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training skips every reserved test layout's class
+HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on, turned or mirrored
 _HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each grid size, drawn once
+
+
+def layout_keys(walls: np.ndarray, symmetric: bool = True) -> list[bytes]:
+    """A key per layout of (K, G, G): its packed bits or, ``symmetric``, the least of its 8 images under the square's
+    symmetries (4 turns, each mirrored or not), so a layout's class - its turns and mirror images - shares one key."""
+    turns = np.stack([np.rot90(walls, k, axes=(1, 2)) for k in range(4 if symmetric else 1)], 1)  # (K, 4, G, G)
+    images = np.concatenate([turns, turns.transpose(0, 1, 3, 2)], 1) if symmetric else turns  # (K, 8, G, G)
+    bits = np.packbits(images.reshape(*images.shape[:2], walls.shape[-1] ** 2), axis=-1)  # (K, S, B): S images, B bytes
+    return [key.tobytes() for key in np.sort(bits.view(f"V{bits.shape[-1]}")[..., 0], axis=1)[:, 0]]
 
 
 def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -645,23 +654,25 @@ def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: np.ndarray | None = None) -> np.ndarray:
-    """``num`` distinct layouts of one random stream: connected, 1 to N/2 walls, none named and none in ``skip``."""
-    keys = lambda walls: [np.packbits(w.reshape(-1)).tobytes() + bytes([len(w)]) for w in walls]
-    named = [layout_walls(name) for name in LAYOUTS] if grid_size == 5 else []
-    N, seen, kept = grid_size * grid_size, set(keys(named)) | set(keys([] if skip is None else skip)), []
-    rng = np.random.default_rng([grid_size, LAYOUT_SPLITS[split], seed])
+    """``num`` layouts of one random stream: connected, 1 to N/2 walls, none in a named layout's class or one of
+    ``skip``'s (layout_keys); distinct up to symmetry in the test stream, exactly in the training one."""
+    G, N, seen, kept = grid_size, grid_size * grid_size, set(), []
+    banned = [layout_walls(name) for name in LAYOUTS] if G == 5 else []
+    banned = set(layout_keys(np.array([*banned, *(() if skip is None else skip)], dtype=bool).reshape(-1, G, G)))
+    rng = np.random.default_rng([G, LAYOUT_SPLITS[split], seed])
     while len(kept) < num:
-        batch = np.stack([generate_layout(grid_size, rng) for _ in range(2 * (num - len(kept)) + 16)])
+        batch = np.stack([generate_layout(G, rng) for _ in range(2 * (num - len(kept)) + 16)])
         count = batch.reshape(len(batch), N).sum(1)
-        ok = layouts_connected(batch) & (count >= 1) & (count <= N // 2)
-        for walls, key in zip(batch[ok], keys(batch[ok])):
-            if key not in seen and len(kept) < num:
-                seen.add(key), kept.append(walls)
+        batch = batch[layouts_connected(batch) & (count >= 1) & (count <= N // 2)]
+        for walls, key, own in zip(batch, layout_keys(batch), layout_keys(batch, symmetric=split == "test")):
+            if key not in banned and own not in seen and len(kept) < num:
+                seen.add(own), kept.append(walls)
     return np.stack(kept)
 
 
 def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
-    """The first ``num`` layouts of the held-out stream: (num, G, G) bool, never a named layout, never trained on."""
+    """The first ``num`` layouts of the held-out stream: (num, G, G) bool; no two alike, none named, none trained on,
+    even turned or mirrored."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1, HELDOUT_RESERVED)
     if grid_size not in _HELDOUT:
         _HELDOUT[grid_size] = _draw_layouts(grid_size, HELDOUT_RESERVED, "test", 0)
@@ -670,7 +681,7 @@ def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
 
 def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
     """``num`` distinct seeded layouts, (num, G, G) bool, connected, 1 to N/2 walls. split="train" skips the named
-    layouts and the reserved held-out ones; split="test" is the held-out stream itself."""
+    layouts and the reserved held-out ones, turned or mirrored; split="test" is the held-out stream itself."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
     if split not in LAYOUT_SPLITS:
         raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
@@ -1956,13 +1967,18 @@ class PlanResult:
         return {d: {"pairs": int(m.sum())} | self._shares(m) for d, m in masks.items()}
 
 
+def step_budget(world: World, optimal: torch.Tensor) -> int:
+    """run_mpc's default steps for pairs with these BFS distances (P,): 2 x the longest + G, room for detours."""
+    return 2 * int(optimal.max()) + world.grid_size
+
+
 def run_mpc(
     world, policy, starts=None, goals=None, max_steps=None, record=False, remember_bumps=False, remember_tried=False
 ) -> PlanResult:
     """Closed-loop control of every pair at once (default: all pairs of distinct free cells): observe, ask the policy,
-    act in the real world, repeat until each episode is at its goal or max_steps (default: 2 x the longest BFS distance
-    + G) ran out. A planner deciding from (image, goal image) alone loops when back at an image; a memory breaks the
-    loop: ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` its least-tried action."""
+    act in the real world, repeat until each episode is at its goal or max_steps (default: step_budget) ran out. A
+    planner deciding from (image, goal image) alone loops when back at an image; a memory breaks the loop:
+    ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` its least-tried action."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
     if not isinstance(world, World):
@@ -1983,7 +1999,7 @@ def run_mpc(
     unique, inverse = torch.unique(starts, return_inverse=True)  # one BFS per distinct start
     if ((optimal := torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]) < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")  # BFS distance -1
-    max_steps = 2 * int(optimal.max()) + world.grid_size if max_steps is None else check_int(max_steps, "max_steps", 1)
+    max_steps = step_budget(world, optimal) if max_steps is None else check_int(max_steps, "max_steps", 1)
     A, N = len(ACTIONS), world.grid_size**2  # counts per episode, image (its cell in its layout) and action:
     if remember := "remember_tried" if remember_tried else "remember_bumps" if remember_bumps else "":
         check_memory(4.0 * len(starts) * N * A, f"run_mpc({remember}=True) for {len(starts):,} pairs")
@@ -2225,9 +2241,26 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
 # ══ The main job: train, analyse, plan, report ════════════════════════════════════════════════════════════════════════
 
 
+def asked_once(policy: Policy) -> Policy:
+    """A planner deciding from (image, goal image) alone, asked about each (cell, goal) pair once and its answer kept:
+    runs with another memory or budget reuse every step they share."""
+    answers = {}  # (cell, goal) -> the policy's dict for that pair, row by row
+
+    def policy_once(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        pairs = list(zip(cells.tolist(), goals.tolist()))
+        if todo := list(dict.fromkeys(p for p in pairs if p not in answers)):
+            out = policy(*torch.tensor(todo).T)
+            answers.update({p: {k: v[i] for k, v in out.items()} for i, p in enumerate(todo)})
+        return {k: torch.stack([answers[p][k] for p in pairs]) for k in answers[pairs[0]]}
+
+    return policy_once
+
+
 def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
     """A layouts model in layouts it never saw (``num_layouts`` held-out, and on 5x5 the named ones): next-state
-    accuracy; success and optimal share of imagination (alone, with each memory), graph, probe and random."""
+    accuracy; success and optimal share of imagination, the greedy probe, graph (privileged) and random, each alone
+    and with each memory (_memory: remember_bumps, _tried: remember_tried), and of BFS, within run_mpc's step budget
+    and (_3x) three times it. A 3x run plays its first budget's steps exactly as a run with the budget alone."""
     calibrate_batchnorm(model, world)
     seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
     probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
@@ -2235,23 +2268,35 @@ def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per
     if world.grid_size == 5:
         sets["named"] = (np.stack([layout_walls(name) for name in LAYOUTS]), 100)
     metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
-    agents = {"imagine": {}, "imagine_memory": {"remember_bumps": True}, "imagine_tried": {"remember_tried": True}}
+    memories = {"": {}, "_memory": {"remember_bumps": True}, "_tried": {"remember_tried": True}}
     for name, (layouts, per) in sets.items():
         family = WorldFamily(layouts, image_size=world.image_size)
         N, acc = family.grid_size**2, layout_next_state_accuracy(model, family)
         starts, goals = sample_pairs(family, per, 0)
         metrics |= {f"{name}_next_state_accuracy": float(acc.mean()), f"{name}_pairs": len(starts)}
         metrics[f"{name}_layouts_all_right"] = float((acc == 1).mean())
-        imagine = make_policy("imagine", model, family)  # one planner: each image is searched once for all three
-        runs = {k: [run_mpc(family, imagine, starts, goals, **m)] for k, m in agents.items()}
-        runs["probe"] = [run_mpc(family, probe_policy(model, family, probe), starts, goals)]
-        runs["random"] = [run_mpc(family, make_policy("random", model, family), starts, goals)]
-        runs["graph"] = [  # privileged: it encodes every free cell of a layout first, so layout by layout
-            run_mpc(m, graph_policy(model, m), starts[starts // N == k] - k * N, goals[starts // N == k] - k * N)
-            for k, m in enumerate(map(family.member, range(len(family))))
-        ]
-        share = lambda parts, key: float(torch.cat([getattr(r, key) for r in parts]).float().mean())  # over all pairs
-        metrics |= {f"{name}_{p}_{k}": share(parts, k) for p, parts in runs.items() for k in ("success", "optimal")}
+        bfs = run_mpc(family, bfs_policy(family), starts, goals)  # the optimum, and each pair's BFS distance
+        budget, optimal = step_budget(family, bfs.optimal_steps), bfs.optimal_steps
+        # each planner built once, so every variant reads the same searches (imagine) and encodings (probe, graph);
+        # graph is privileged (it encodes every free cell of a layout first): layout by layout, with its pairs' budget
+        shared = {p: asked_once(make_policy(p, model, family, probe)) for p in ("imagine", "probe")}
+        graphs = [(family.member(i), starts // N == i) for i in range(len(family))]
+        graphs = [(m, asked_once(graph_policy(model, m)), k, step_budget(m, optimal[k])) for m, k in graphs]
+        runs = {"bfs": [(bfs, budget)]}  # planner -> [(a run at 3x a budget, that budget)]
+        for memory, flags in memories.items():
+            for p in ("imagine", "probe", "random"):
+                policy = shared.get(p) or random_policy()  # random: a fresh one, seeded as make_policy's
+                runs[p + memory] = [(run_mpc(family, policy, starts, goals, 3 * budget, **flags), budget)]
+            runs["graph" + memory] = [
+                (run_mpc(m, policy, starts[k] - i * N, goals[k] - i * N, 3 * b, **flags), b)
+                for i, (m, policy, k, b) in enumerate(graphs)
+            ]
+        for p, parts in runs.items():
+            steps, best = (torch.cat([getattr(r, k) for r, _ in parts]) for k in ("steps", "optimal_steps"))
+            for times, suffix in ((1, ""), (3, "_3x")):
+                solved = torch.cat([r.steps <= times * b for r, b in parts])  # (P,) within times x the budget
+                metrics[f"{name}_{p}{suffix}_success"] = float(solved.float().mean())
+                metrics[f"{name}_{p}{suffix}_optimal"] = float((solved & (steps == best)).float().mean())
     return metrics
 
 

@@ -84,6 +84,25 @@ def test_plan_result_by_distance_open_grid(open_world):
     assert all(v["success"] == 1.0 and v["optimal"] == 1.0 for v in by_d.values())
 
 
+def test_asked_once_asks_each_pair_once_and_plans_the_same():
+    """asked_once keeps a planner's answer for each (cell, goal) pair: runs with every memory and a longer budget
+    plan exactly as the planner asked afresh, and the planner is asked about each pair once over all of them."""
+    world = gj.World(5, walls="u_trap")
+    greedy, asked = manhattan_greedy_policy(world), []
+
+    def counting(cells, goals):
+        asked.extend(zip(cells.tolist(), goals.tolist()))
+        return greedy(cells, goals)
+
+    once = gj.asked_once(counting)
+    for flags in ({}, {"remember_bumps": True}, {"remember_tried": True}):
+        for max_steps in (None, 60):
+            kept, fresh = (gj.run_mpc(world, p, max_steps=max_steps, record=True, **flags) for p in (once, greedy))
+            assert torch.equal(kept.paths, fresh.paths)
+            assert all(torch.equal(a["scores"], b["scores"]) for a, b in zip(kept.trace, fresh.trace))
+    assert len(asked) == len(set(asked))  # a looping episode, or a rerun, asks nothing new
+
+
 def test_u_trap_defeats_greedy_manhattan_even_with_a_perfect_decoder():
     """On u_trap, greedy Manhattan planning with the true next cells fails on some pairs (it pushes into
     the cup's walls), while BFS solves them all: this is why the trap layout is in the evaluation."""
@@ -201,7 +220,7 @@ def test_a_longer_budget_plans_the_same_episodes_step_for_step():
     for make, memory in ((manhattan_greedy_policy, {"remember_tried": True}), (lambda w: gj.random_policy(3), {})):
         short = gj.run_mpc(world, make(world), **memory)
         budget = short.paths.shape[1] - 1
-        assert budget == 2 * int(short.optimal_steps.max()) + world.grid_size  # run_mpc's default, as bench/lab.py's
+        assert budget == gj.step_budget(world, short.optimal_steps) == 2 * int(short.optimal_steps.max()) + 5
         long = gj.run_mpc(world, make(world), max_steps=3 * budget, **memory)
         assert torch.equal(long.paths[:, : budget + 1], short.paths)
         assert torch.equal(long.steps <= budget, short.success)
