@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 import re
 import sys
@@ -25,6 +26,7 @@ ASSETS, FIGURES = ROOT / "assets", ROOT / "assets" / "figures"
 RESULTS_MD, README = ROOT / "RESULTS.md", ROOT / "README.md"
 OLD_RULES = ("undo", "radius")  # imagination bump rules since removed from the module
 MARKERS = ("<!-- headline:start -->", "<!-- headline:end -->")
+OLD_SET = "old held-out set (contained turned/mirrored training layouts)"  # layouts-study rows without heldout_split
 
 
 def pct(x, digits: int = 1) -> str:
@@ -99,7 +101,12 @@ def headline() -> str:
     obstacles = [r for r in rows_of("layouts_geometry") if r["overrides"] == {}]
     lay = {r["id"]: r for r in rows_of("layouts_study")}
     five = lay["layouts-g5-nunlimited-steps7500-s0"]
-    eight = [r for r in lay.values() if r["id"].startswith("layouts-g8-nunlimited-steps20000-t500k-in64-p16-crop-flat")]
+    eight = [
+        r
+        for r in lay.values()
+        if r["id"].startswith("layouts-g8-nunlimited-steps20000-t500k-in64-p16-crop-flat")
+        and not r.get("heldout_split")
+    ]
     tried = [r["heldout_imagine_tried_success"] for r in eight]
     f = "`assets/gridjepa_cpu.json`"
     rows = [
@@ -207,15 +214,18 @@ def shipped_section(fig: Figures) -> str:
         ],
         rows,
     )
-    lay_rows = []
+    lay_rows, marks = [], []
     latest = {}  # a record's metrics are those of the run that trained; later evaluations (newer planners) append
     for name in ("gridjepa_layouts", "gridjepa_layouts_gpu"):
         r = record(name)
         latest[name] = (r.get("evaluations") or [{"metrics": r["metrics"], "time": "at training"}])[-1]
         m = latest[name]["metrics"]
+        marks.append(
+            "¹" if "heldout_bfs_success" not in m else "²" if "heldout_bfs_success" not in r["metrics"] else ""
+        )
         lay_rows.append(
             [
-                f"`{name}.json`",
+                f"`{name}.json`{marks[-1]}",
                 r["device"],
                 f"{r['train_seconds'] / 60:.1f}",
                 latest[name].get("time", "")[:10],
@@ -238,6 +248,9 @@ def shipped_section(fig: Figures) -> str:
         + ["random", "named: imagine"],
         lay_rows,
     )
+    notes = {"¹": f"scored on the {OLD_SET}", "²": "trained before the held-out layouts became new up to symmetry"}
+    notes["²"] += " (its training layouts may include turned or mirrored held-out ones)"
+    text += "".join(f"\n\n{k} {v}." for k, v in notes.items() if k in marks)
     commands = "<br>".join(f"`{record(n)['command']}`" for n in single)
     commands += "".join(f"<br>`{latest[n].get('command', record(n)['command'])}`" for n in latest)
     return text + f"\n\n*Provenance* — commands:<br>{commands}"
@@ -470,6 +483,7 @@ def short_label(r: dict) -> str:
         + (", GPU" if "cpu" not in r["trained_on"] else "")
         + (f", {over}" if over else "")
         + f", seed {r['seed']}"
+        + (", held-out new up to symmetry" if r.get("heldout_split") else "")
     )
 
 
@@ -520,6 +534,57 @@ def memory_section(fig: Figures) -> str:
         ["id", "next-state"] + [n for n, _ in keys] + ["graph", "optimal"] + [f"named: {n}" for n, _ in keys], out
     )
     return text + "\n\n" + provenance(rows)
+
+
+PLANNERS = [("imagine", "imagine"), ("probe", "probe"), ("graph (privileged)", "graph"), ("random", "random")]
+MEMORIES = [("", ""), (" + bump memory", "_memory"), (" + tried memory", "_tried")]
+
+
+def spread(rows: list, key: str) -> str:
+    """A share's mean over rows (seeds), each row's beside it in order: 93.1% (92.0 / 94.2 / 93.1); a row that is
+    None or lacks the key: – in its place, left out of the mean."""
+    values = [None if r is None else r.get(key) for r in rows]
+    have = [v for v in values if v is not None]
+    each = " / ".join("–" if v is None else f"{100 * v:.1f}" for v in values)
+    return pct(mean(have)) + (f" ({each})" if len(values) > 1 else "") if have else "–"
+
+
+def planners_section(fig: Figures) -> str:
+    """The layouts-study rows with the planner table (heldout_bfs_success), per grid size and recipe: every planner
+    alone and with each memory, solved and optimal at the step budget and 3x it, mean over seeds with each seed's;
+    beside them the same recipe's rows on the old held-out set (their id without "-sym"), where there are some."""
+    rows = rows_of("layouts_study")
+    new = [r for r in rows if "heldout_bfs_success" in r]
+    if not new:
+        return "No layouts-study row has the planner table yet (`heldout_bfs_success`)."
+    old_by_id = {r["id"]: r for r in rows if not r.get("heldout_split")}
+    recipe = lambda r: (r["grid_size"], re.sub(r"-s\d+(?=$|-)", "-s{}", r["id"]))  # noqa: E731
+    parts, shown = [], list(new)
+    for (size, _), rs in sorted(group(new, recipe).items()):
+        old = [old_by_id.get(r["id"].removesuffix("-sym")) if r.get("heldout_split") else None for r in rs]
+        shown += [o for o in old if o]
+        out = []
+        for (label, p), (memory, m) in [*itertools.product(PLANNERS, MEMORIES), (("BFS (optimum)", "bfs"), ("", ""))]:
+            key = f"heldout_{p}{m}"
+            out.append(
+                [label + memory] + [spread(rs, f"{key}{b}_{k}") for b in ("", "_3x") for k in ("success", "optimal")]
+            )
+            out[-1] += [spread(old, f"{key}_{k}") for k in ("success", "optimal")] if any(old) else []
+        split = "new up to symmetry" if rs[0].get("heldout_split") == "symmetry" else OLD_SET
+        before = any(r.get("trained_before_split") for r in rs)
+        pairs = " / ".join(dict.fromkeys(f"{r['heldout_pairs']:,}" for r in rs))
+        seeds = ", ".join(str(r["seed"]) for r in rs)
+        text = f"**{size}×{size}**, {ids(rs)}: held-out layouts {split}, {pairs} pairs per seed; "
+        text += f"mean over seeds {seeds} (each seed's in brackets, in that order)" if len(rs) > 1 else f"seed {seeds}"
+        text += "; trained before the held-out layouts became new up to symmetry" if before else ""
+        head = ["planner", "solved", "optimal", "solved, 3× budget", "optimal, 3× budget"]
+        head += ["solved, old set†", "optimal, old set†"] if any(old) else []
+        text += ":\n\n" + table(head, out)
+        if any(old):
+            text += f"\n\n† {OLD_SET}: the same recipe's rows {ids([o for o in old if o])}, at the step budget"
+            text += " (they have no 3×)"
+        parts.append(text)
+    return "\n\n".join(parts) + "\n\n" + provenance(shown)
 
 
 def budget_section(fig: Figures) -> str:
@@ -757,6 +822,14 @@ STUDIES = [  # heading, what it measures, section
         "Worlds never seen",
         "Trained on more and more generated layouts, measured on held-out ones.",
         layouts_section,
+    ),
+    (
+        "Planners in worlds never seen",
+        "Every planner alone and with each memory on the held-out layouts, new up to symmetry (none is a training"
+        " layout turned or mirrored): the share of pairs solved and solved optimally within run_mpc's step budget"
+        " (2 × the longest shortest path + G) and within 3× it. BFS is the optimum; graph is privileged (it encodes"
+        " every free cell of a layout first).",
+        planners_section,
     ),
     (
         "Memory variants",

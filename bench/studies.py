@@ -101,10 +101,23 @@ def model_tag(row: dict) -> str:
     )
 
 
+def split_fields(record: dict | None, metrics: dict | None = None) -> dict:
+    """A layouts model's row on the held-out layouts as drawn now, new up to symmetry (no training layout is one of
+    them turned or mirrored): {"heldout_split": "symmetry"}, which row_id marks "-sym" so the rows scored on the old
+    held-out set (it held turned and mirrored training layouts) stay beside them. ``metrics``: the figures a shipped
+    run's record gave (None: scored now); without the planner table (heldout_bfs_success) they are the old set's: {}.
+    A shipped model whose training run predates the planner table trained on the old split: "trained_before_split"."""
+    if metrics is not None and "heldout_bfs_success" not in metrics:
+        return {}
+    before = record is not None and "heldout_bfs_success" not in record["metrics"]
+    return {"heldout_split": "symmetry"} | ({"trained_before_split": True} if before else {})
+
+
 def row_id(study: str, row: dict) -> str:
     """A row's id in its study's file, from the fields that tell it apart (its study, grid size, layouts, seed,
-    overrides); the same run measured again gets the same id and replaces the row."""
+    overrides, held-out split); the same run measured again gets the same id and replaces the row."""
     rule = row.get("imagine_rule", row.get("rule"))
+    sym = "-sym" if row.get("heldout_split") == "symmetry" else ""  # held-out layouts new up to symmetry
     old = f"-{rule}" if rule in OLD_RULES and study != "imagine-tuning" else ""
     over, seed = results.slug(row.get("overrides") or {}), row.get("seed")
     if study in ("probes", "geometry", "layouts-geometry"):
@@ -121,13 +134,13 @@ def row_id(study: str, row: dict) -> str:
         )
     if study == "layouts":
         tag = model_tag(row).replace(f"g{row['grid_size']}", f"g{row['grid_size']}-n{row['layouts']}", 1)
-        return f"layouts-{tag}{old}"
+        return f"layouts-{tag}{old}{sym}"
     if study == "budget":
-        return f"budget-{model_tag(row)}{old}"
+        return f"budget-{model_tag(row)}{old}{sym}"
     if study == "imagine-maps":
-        return f"imagine-maps-{model_tag(row)}-{row['layouts'].replace('-', '')}{old}"
+        return f"imagine-maps-{model_tag(row)}-{row['layouts'].replace('-', '')}{old}{sym}"
     if study == "transition-errors":
-        return f"transition-errors{'-readers' if 'readers_row' in row else ''}-{model_tag(row)}"
+        return f"transition-errors{'-readers' if 'readers_row' in row else ''}-{model_tag(row)}{sym}"
     if study == "readers":
         return f"readers-g8-{over}-budget{row['budget_seconds']:g}-s{seed}"
     if study == "long-runs":
@@ -451,7 +464,8 @@ def layouts_study(
     then measure (g.evaluate_unseen) next-state accuracy and planning on the 200 held-out layouts (10 seeded pairs
     each: 2,000 pairs) and on the four named 5x5 layouts, with the agent-only planner (imagine) beside the
     privileged graph planner, the greedy probe planner (probe fitted on training layouts) and a random policy. BFS is
-    the optimum. Checkpoints go to runs/ under the CLI's names, so a finished `--layouts procedural` run is reused."""
+    the optimum. Checkpoints go to runs/ under the CLI's names, so a finished `--layouts procedural` run is reused
+    (one trained before the held-out layouts became new up to symmetry must be moved aside: its name is the same)."""
     shipped = shipped_layouts_runs()
     rows = []
     for size in sizes:
@@ -476,6 +490,7 @@ def layouts_study(
                 row |= {"train_seconds": run.total_train_seconds, **metrics}
                 # the search's settings as planned (None: a shipped run's evaluation from before they were recorded)
                 row |= {k: metrics.get(k) for k in IMAGINE_SETTINGS}
+                row |= split_fields(record, metrics if record else None)
                 row["eval_seconds"] = time.perf_counter() - t0
                 row = stamp("layouts", row, cfg, row["trained_on"])
                 rows.append(row)
@@ -506,13 +521,13 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     sets = {"held-out": g.heldout_layouts(5, 200), "named": np.stack([g.layout_walls(n) for n in g.LAYOUTS])}
     for seed in seeds:
         cfg = layouts_config(profile, 5, seed, steps)
-        run, _ = layouts_run(cfg, shipped)
+        run, record = layouts_run(cfg, shipped)
         g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does before the layouts study's figures
         for name, layouts in sets.items():
             t0 = time.perf_counter()
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
             row = {"profile": profile, "seed": seed, "num_steps": cfg.num_steps, "layouts": name}
-            row |= L.imagination_settings() | L.imagined_map_fidelity(run.model, family)
+            row |= L.imagination_settings() | L.imagined_map_fidelity(run.model, family) | split_fields(record)
             row["seconds"] = time.perf_counter() - t0
             row = stamp("imagine-maps", row, cfg)
             rows.append(row)
@@ -545,13 +560,14 @@ def budget_study(
         layouts, fields = g.heldout_layouts(size, 200), size_overrides(size, over)
         for seed in seeds:
             cfg = layouts_config(profile, size, seed, steps, over=fields)
-            run, _ = layouts_run(cfg, shipped)
+            run, record = layouts_run(cfg, shipped)
             g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
             starts, goals = g.sample_pairs(family, 10, 0)  # g.evaluate_unseen's pairs
             budget = L.step_budget(family, L.shortest_distances(family, starts, goals))  # run_mpc's default
             row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps, "overrides": fields}
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
+            row |= split_fields(record)
             t0 = time.perf_counter()
             for name in BUDGET_PLANNERS:
                 policy = g.make_policy(name.removesuffix("_tried"), run.model, family)  # as g.evaluate_unseen
@@ -678,14 +694,15 @@ def transition_errors_study(
     for size, seed, fields, num_steps, name in runs:
         if name is None:
             cfg = layouts_config(profile, size, seed, num_steps, over=fields)
-            run, _ = layouts_run(cfg, shipped)
+            run, record = layouts_run(cfg, shipped)
         else:
             cfg = readers_config(seed, num_steps, fields)
-            run = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False)
+            run, record = g.train(cfg, ckpt_path=g.default_out_path(cfg), progress=False), None
         g.calibrate_batchnorm(run.model, run.world)
         row = {"grid_size": size, "profile": cfg.profile, "seed": seed, "num_steps": cfg.num_steps, "overrides": fields}
         row |= ({"readers_row": name} if name else {}) | {"train_seconds": run.total_train_seconds}
         row |= {"layouts": "held-out", **transition_errors(run.model, g.heldout_layouts(size, 200))}
+        row |= split_fields(record)
         row = stamp("transition-errors", row, cfg)
         rows.append(row)
         if save is not None:
@@ -948,6 +965,7 @@ STUDIES = {  # name -> its file in assets/ (bench/results.py writes it; a row re
 
 
 def main() -> None:
+    g.keep_freed_memory()  # as the command-line job: training steps reuse freed memory
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

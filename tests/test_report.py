@@ -138,3 +138,99 @@ def test_a_truncated_file_is_refused_and_left_as_it_is(tmp_path):
         results.append_rows(path, [{"id": "r2", "config": {}, "device": "cpu", "commit": "x", "command": "test"}])
     assert path.read_bytes() == broken
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def planner_row(run: str, seed: int, shares: dict, split: bool = True, size: int = 5) -> dict:
+    """A synthetic layouts-study row, ``shares`` over 0.5 for every planner key (BFS: 1); ``split``: the planner table
+    on the new held-out set, else the keys rows on the old one have (no BFS, no 3x, no memory but imagine's)."""
+    if split:
+        keys = [f"heldout_{p}{m}{b}" for _, p in report.PLANNERS for _, m in report.MEMORIES for b in ("", "_3x")]
+        keys += ["heldout_bfs", "heldout_bfs_3x"]
+    else:
+        keys = [f"heldout_{p}" for p in ("imagine", "imagine_memory", "imagine_tried", "graph", "probe", "random")]
+    row = {f"{k}_{s}": 1.0 if "bfs" in k else 0.5 for k in keys for s in ("success", "optimal")}
+    row |= {"id": f"{run}-s{seed}" + ("-sym" if split else ""), "grid_size": size, "seed": seed, "heldout_pairs": 2000}
+    row |= {"heldout_split": "symmetry"} if split else {}
+    return row | {"device": "cpu", "commit": "0123456789ab", "command": "python bench/studies.py layouts"} | shares
+
+
+def planner_table(text: str, size: int) -> dict[str, list[str]]:
+    """A planners table of the section's text, by its first column."""
+    block = text.split(f"**{size}×{size}**", 1)[1].split("\n\n", 2)[1]
+    rows = ([c.strip() for c in line.strip("|").split("|")] for line in block.splitlines()[2:])
+    return {cells[0]: cells[1:] for cells in rows}
+
+
+def test_planners_section_means_each_seed_and_keeps_old_rows_apart(monkeypatch):
+    run = "layouts-g5-nunlimited-steps7500"
+    new = [
+        planner_row(run, s, {"heldout_imagine_success": v, "heldout_imagine_3x_success": v3})
+        for s, v, v3 in ((0, 0.9, 0.95), (1, 0.8, 0.9), (2, 0.7, 0.85))
+    ]
+    old = [  # the same recipe on the old held-out set (seed 2 not measured there), and another recipe's row
+        planner_row(run, s, {"heldout_imagine_success": v, "heldout_imagine_optimal": 0.25}, split=False)
+        for s, v in ((0, 0.6), (1, 0.5))
+    ] + [planner_row("layouts-g5-nunlimited-steps5000", 0, {"heldout_imagine_success": 0.123}, split=False)]
+    eight = planner_row("layouts-g8-nunlimited-steps20000", 0, {"heldout_probe_tried_3x_optimal": 0.375}, size=8)
+    monkeypatch.setattr(report, "rows_of", lambda study: old + new + [eight])
+    text = report.planners_section(None)
+    five = planner_table(text, 5)
+    assert five["imagine"] == [
+        "80.0% (90.0 / 80.0 / 70.0)",  # solved: the mean over seeds 0, 1, 2, each seed's in order
+        "50.0% (50.0 / 50.0 / 50.0)",
+        "90.0% (95.0 / 90.0 / 85.0)",  # solved within 3x the budget
+        "50.0% (50.0 / 50.0 / 50.0)",
+        "55.0% (60.0 / 50.0 / –)",  # the old held-out set's rows of the same recipe, seed 2's missing
+        "25.0% (25.0 / 25.0 / –)",
+    ]
+    assert five["BFS (optimum)"][:4] == ["100.0% (100.0 / 100.0 / 100.0)"] * 4
+    assert five["BFS (optimum)"][4:] == ["–", "–"]  # the old rows have no BFS figure
+    assert list(five)[:3] == ["imagine", "imagine + bump memory", "imagine + tried memory"]
+    assert len(five) == 13 and "12.3" not in text  # 4 planners x 3 memories + BFS; the other recipe is not shown
+    assert report.OLD_SET in text and "`layouts-g5-nunlimited-steps7500-s{0,1}`" in text
+    assert "`layouts-g5-nunlimited-steps7500-s{0,1,2}-sym`" in text and "mean over seeds 0, 1, 2" in text
+    assert planner_table(text, 8)["probe + tried memory"] == ["50.0%", "50.0%", "50.0%", "37.5%"]  # one seed, no old
+    monkeypatch.setattr(report, "rows_of", lambda study: old)  # no row has the planner table yet: one line
+    assert report.planners_section(None).count("\n") == 0
+
+
+def test_shipped_layouts_records_say_which_held_out_set_scored_them(monkeypatch):
+    real = report.record
+    latest = {"gridjepa_layouts": {"heldout_bfs_success": 1.0}, "gridjepa_layouts_gpu": {"heldout_bfs_success": 1.0}}
+    trained = {"gridjepa_layouts": {"heldout_bfs_success": 1.0}}  # the gpu model: trained before the planner table
+
+    def record(name):
+        r = real(name)
+        if name not in latest:
+            return r
+        evaluation = r["evaluations"][-1] | {"metrics": r["evaluations"][-1]["metrics"] | latest[name]}
+        return r | {"metrics": r["metrics"] | trained.get(name, {}), "evaluations": [evaluation]}
+
+    monkeypatch.setattr(report, "record", record)
+    text = report.shipped_section(report.Figures(write=False))
+    assert "| `gridjepa_layouts.json` |" in text and "| `gridjepa_layouts_gpu.json`² |" in text
+    assert "¹" not in text and "² trained before" in text
+    monkeypatch.setattr(report, "record", real)
+    text = report.shipped_section(report.Figures(write=False))  # as shipped: both scored on the old held-out set
+    assert "| `gridjepa_layouts.json`¹ |" in text and f"¹ scored on the {report.OLD_SET}." in text
+
+
+def test_a_row_on_the_new_held_out_set_gets_an_id_of_its_own():
+    import studies
+
+    layouts = {"grid_size": 5, "layouts": "unlimited", "num_steps": 7500, "seed": 0, "overrides": {}}
+    rows = {
+        "layouts": layouts,
+        "budget": layouts,
+        "imagine-maps": layouts | {"layouts": "held-out"},
+        "transition-errors": layouts,
+    }
+    for study, row in rows.items():
+        old, new = studies.row_id(study, row), studies.row_id(study, row | {"heldout_split": "symmetry"})
+        assert new == old + "-sym", study
+    assert studies.row_id("layouts", layouts) == "layouts-g5-nunlimited-steps7500-s0"  # the old rows' ids unchanged
+    old_eval, new_eval = {"heldout_imagine_success": 0.9}, {"heldout_bfs_success": 1.0}
+    assert studies.split_fields({"metrics": new_eval}, old_eval) == {}  # a shipped run scored on the old set
+    assert studies.split_fields({"metrics": new_eval}, new_eval) == {"heldout_split": "symmetry"}
+    assert studies.split_fields(None) == {"heldout_split": "symmetry"}  # scored now
+    assert studies.split_fields({"metrics": old_eval}) == {"heldout_split": "symmetry", "trained_before_split": True}
