@@ -1,14 +1,9 @@
 """GridJEPA: a JEPA world model that learns a small isometric grid world from pixels and actions, then plans in it.
+One module shared by the five notebooks, its parts in their order (none calls a later one): settings; 1. world & data;
+2. model; 3. training; 4. analysis; 5. planning; plots & widgets; the main job (python gridjepa_utils.py --help).
 
-One module shared by the five notebooks, its parts in their order (none calls a later one): settings (Config,
-profiles, validation); 1. world & data (notebook 01); 2. model (02); 3. training (03); 4. analysis (04); 5. planning
-(05); plots & widgets; the main job (evaluate, run records, main).
-
-Shapes in comments: B batch, T frames, D latent dim, G grid side, N = G*G cells, A = 4 actions, P start -> goal
-pairs, S sampled action sequences, H horizon. A position is (col, row), (0, 0) at the board's top corner; a cell's
-index is row * G + col.
-
-The main job: python gridjepa_utils.py --profile cpu  (layouts never seen: --layouts procedural)
+Shapes: B batch, T frames, D latent dim, G grid side, N = G*G cells, A = 4 actions, P start -> goal pairs, S sampled
+action sequences, H horizon. A position is (col, row), (0, 0) at the board's top corner; a cell is row * G + col.
 """
 
 from __future__ import annotations
@@ -54,7 +49,6 @@ ACTIONS = ("up", "down", "left", "right")
 ACTION_DELTAS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # (dcol, drow) per action
 OPPOSITE = torch.tensor([1, 0, 3, 2])  # the action that undoes each action (where no wall is in the way)
 REPO_ROOT = Path(__file__).resolve().parent
-ASSETS = REPO_ROOT / "assets"
 LAYOUTS = {  # named 5x5 layouts, '#' = wall, rows top to bottom
     "open": [".....", ".....", ".....", ".....", "....."],
     "two_rooms": ["..#..", "..#..", ".....", "..#..", "..#.."],  # one door: greedy Manhattan steps walk into the wall
@@ -1354,11 +1348,6 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
     ckpt["cfg"], ckpt["model_obj"] = saved, model.eval()
     ckpt.setdefault("train_seconds", float(ckpt["metrics"].get("train_seconds", 0.0) or 0.0))
     return ckpt
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config]:
-    """A trained model and its config from a checkpoint - the entry point of notebooks 04 and 05."""
-    return (ckpt := load_checkpoint(path, device=device))["model_obj"], ckpt["cfg"]
 
 
 def config_hash(cfg: Config) -> str:
