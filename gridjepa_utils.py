@@ -700,13 +700,10 @@ class Transitions:
 
     states: torch.Tensor  # (B, T) int16 (int32 for many states) state indices
     actions: torch.Tensor  # (B, T-1) uint8 actions
+    nbytes = property(lambda self: self.states.nbytes + self.actions.nbytes)
 
     def __len__(self) -> int:
         return self.states.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.states.nbytes + self.actions.nbytes
 
 
 def make_transitions(
@@ -1334,14 +1331,13 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
     ]:
         raise ValueError(
             f"checkpoint {path} was made with another config ({', '.join(diff)}); build the model from the "
-            "checkpoint's config (load_model) or start a new run under another name"
+            "checkpoint's config (load_run) or start a new run under another name"
         )
     with torch.device("meta"):  # the shapes alone, no memory
         expected = (model if model is not None else JEPA(saved)).state_dict()
     got, want = ({k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} for sd in (ckpt["model"], expected))
-    if diff := [
-        f"{k}: {got.get(k)} in the file, {want.get(k)} by config" for k in got | want if got.get(k) != want.get(k)
-    ]:
+    diff = [f"{k}: {got.get(k)} in the file, {want.get(k)} by config" for k in got | want if got.get(k) != want.get(k)]
+    if diff:
         raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(diff[:4])})")
     model = model if model is not None else JEPA(saved).to(device)
     model.load_state_dict(ckpt["model"])
@@ -1362,14 +1358,9 @@ def default_out_path(cfg: Config) -> Path:
     return REPO_ROOT / "runs" / f"{cfg.profile}_{layout}_seed{cfg.seed}_{config_hash(cfg)}.pt"
 
 
-def record_path(out: str | Path) -> Path:
-    """The run record beside checkpoint ``<stem>.pt``: ``<stem>.json``."""
-    return Path(out).with_suffix(".json")
-
-
 def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None:
-    """This run's record beside ``out`` (None if none); another file there: FileExistsError, or None and a warning."""
-    if not os.path.lexists(path := record_path(out)):
+    """The record <stem>.json beside ``out`` (or None); another file there: FileExistsError, or with warn None."""
+    if not os.path.lexists(path := Path(out).with_suffix(".json")):
         return None
     try:
         if path.is_symlink() or not path.is_file():
@@ -1400,11 +1391,11 @@ def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None
 
 def write_record(out: str | Path, record: dict) -> None:
     """Write the run record of checkpoint ``out`` atomically."""
-    _atomic_write(record_path(out), json.dumps(record, indent=2).encode())
+    _atomic_write(Path(out).with_suffix(".json"), json.dumps(record, indent=2).encode())
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
-    """``load_model`` plus info: path, step, metrics, history, and command etc. from this run's record beside it."""
+    """A checkpoint's model and config, and info: path, step, metrics, history, and command etc. from its record."""
     ckpt = load_checkpoint(path, device=device)
     record = read_record(path, ckpt["cfg"], warn=True) or {}
     info = {"path": str(path), "step": ckpt["step"], "metrics": dict(ckpt["metrics"]) | record.get("metrics", {})}
@@ -2397,7 +2388,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{result.total_train_seconds:.1f} s of training in all")
         for k, v in metrics.items():
             print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
-        print(f"checkpoint: {out}\nrecord:     {record_path(out)}")
+        print(f"checkpoint: {out}\nrecord:     {out.with_suffix('.json')}")
     except (OSError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if args.out and ("another config" in str(e) or "other training fields" in str(e)):
