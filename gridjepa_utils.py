@@ -491,12 +491,10 @@ class World:
         cell = self._cells(cell) % self.grid_size**2
         return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
 
+    num_states = property(lambda self: self.num_cells * (self.num_cells if self.show_target else 1))
+
     def is_wall(self, cell: int) -> bool:
         return bool(self.walls.reshape(-1)[self._cells(cell)])
-
-    @property
-    def num_states(self) -> int:
-        return self.num_cells * (self.num_cells if self.show_target else 1)
 
     def agent_cell(self, state: torch.Tensor) -> torch.Tensor:
         return state % self.num_cells
@@ -995,16 +993,14 @@ class JEPA(nn.Module):
     """Encoder + predictor: encode(obs) -> (B, D), predict(emb, action) -> (B, D), rollout(emb, actions) -> (B, H, D);
     one encoder for every frame, no EMA, no stop-gradient: SIGReg alone keeps the latents apart (LeWM)."""
 
+    device = property(lambda self: next(self.parameters()).device)
+
     def __init__(self, cfg: Config, image_size: int = 128):
         super().__init__()
         self.cfg, self.encoder, self.predictor = cfg, Encoder(cfg, image_size), Predictor(cfg)
         if cfg.idm_weight > 0:  # a training-time head: (z_t, z_t+1) -> which of the 4 actions was taken
             W, D = cfg.pred_width, cfg.latent_dim
             self.inverse = nn.Sequential(nn.Linear(2 * D, W), nn.GELU(), nn.Linear(W, len(ACTIONS)))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W), finite floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
@@ -2351,10 +2347,8 @@ def main(argv: list[str] | None = None) -> dict:
         lead = re.match(r"Config\.(seed|num_layouts|layout)\b", message)  # --seed, --layouts, --layout
         p.error(f"--{lead[1].removeprefix('num_')}: {message}" if lead else message)
     if cfg.num_layouts and (args.layout or args.planner or args.remember_bumps or args.remember_tried):
-        p.error(
-            "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs: a model of "
-            "generated layouts is measured in held-out layouts with a fixed set of planners"
-        )
+        single = "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs"
+        p.error(f"{single}: a model of generated layouts is measured in held-out layouts with a fixed set of planners")
     args.planner = args.planner or "probe"
     if args.out is not None and not args.out.strip():
         p.error("--out is empty: give a checkpoint path ending in .pt, or leave --out out for the default name")
