@@ -1,14 +1,9 @@
 """GridJEPA: a JEPA world model that learns a small isometric grid world from pixels and actions, then plans in it.
+One module shared by the five notebooks, its parts in their order (none calls a later one): settings; 1. world & data;
+2. model; 3. training; 4. analysis; 5. planning; plots & widgets; the main job (python gridjepa_utils.py --help).
 
-One module shared by the five notebooks, its parts in their order (none calls a later one): settings (Config,
-profiles, validation); 1. world & data (notebook 01); 2. model (02); 3. training (03); 4. analysis (04); 5. planning
-(05); plots & widgets; the main job (evaluate, run records, main).
-
-Shapes in comments: B batch, T frames, D latent dim, G grid side, N = G*G cells, A = 4 actions, P start -> goal
-pairs, S sampled action sequences, H horizon. A position is (col, row), (0, 0) at the board's top corner; a cell's
-index is row * G + col.
-
-The main job: python gridjepa_utils.py --profile cpu  (layouts never seen: --layouts procedural)
+Shapes: B batch, T frames, D latent dim, G grid side, N = G*G cells, A = 4 actions, P start -> goal pairs, S sampled
+action sequences, H horizon. A position is (col, row), (0, 0) at the board's top corner; a cell is row * G + col.
 """
 
 from __future__ import annotations
@@ -54,7 +49,6 @@ ACTIONS = ("up", "down", "left", "right")
 ACTION_DELTAS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # (dcol, drow) per action
 OPPOSITE = torch.tensor([1, 0, 3, 2])  # the action that undoes each action (where no wall is in the way)
 REPO_ROOT = Path(__file__).resolve().parent
-ASSETS = REPO_ROOT / "assets"
 LAYOUTS = {  # named 5x5 layouts, '#' = wall, rows top to bottom
     "open": [".....", ".....", ".....", ".....", "....."],
     "two_rooms": ["..#..", "..#..", ".....", "..#..", "..#.."],  # one door: greedy Manhattan steps walk into the wall
@@ -501,12 +495,10 @@ class World:
         cell = self._cells(cell) % self.grid_size**2
         return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
 
+    num_states = property(lambda self: self.num_cells * (self.num_cells if self.show_target else 1))
+
     def is_wall(self, cell: int) -> bool:
         return bool(self.walls.reshape(-1)[self._cells(cell)])
-
-    @property
-    def num_states(self) -> int:
-        return self.num_cells * (self.num_cells if self.show_target else 1)
 
     def agent_cell(self, state: torch.Tensor) -> torch.Tensor:
         return state % self.num_cells
@@ -710,13 +702,10 @@ class Transitions:
 
     states: torch.Tensor  # (B, T) int16 (int32 for many states) state indices
     actions: torch.Tensor  # (B, T-1) uint8 actions
+    nbytes = property(lambda self: self.states.nbytes + self.actions.nbytes)
 
     def __len__(self) -> int:
         return self.states.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.states.nbytes + self.actions.nbytes
 
 
 def make_transitions(
@@ -1008,16 +997,14 @@ class JEPA(nn.Module):
     """Encoder + predictor: encode(obs) -> (B, D), predict(emb, action) -> (B, D), rollout(emb, actions) -> (B, H, D);
     one encoder for every frame, no EMA, no stop-gradient: SIGReg alone keeps the latents apart (LeWM)."""
 
+    device = property(lambda self: next(self.parameters()).device)
+
     def __init__(self, cfg: Config, image_size: int = 128):
         super().__init__()
         self.cfg, self.encoder, self.predictor = cfg, Encoder(cfg, image_size), Predictor(cfg)
         if cfg.idm_weight > 0:  # a training-time head: (z_t, z_t+1) -> which of the 4 actions was taken
             W, D = cfg.pred_width, cfg.latent_dim
             self.inverse = nn.Sequential(nn.Linear(2 * D, W), nn.GELU(), nn.Linear(W, len(ACTIONS)))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W), finite floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
@@ -1344,25 +1331,19 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
     ]:
         raise ValueError(
             f"checkpoint {path} was made with another config ({', '.join(diff)}); build the model from the "
-            "checkpoint's config (load_model) or start a new run under another name"
+            "checkpoint's config (load_run) or start a new run under another name"
         )
     with torch.device("meta"):  # the shapes alone, no memory
         expected = (model if model is not None else JEPA(saved)).state_dict()
     got, want = ({k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} for sd in (ckpt["model"], expected))
-    if diff := [
-        f"{k}: {got.get(k)} in the file, {want.get(k)} by config" for k in got | want if got.get(k) != want.get(k)
-    ]:
+    diff = [f"{k}: {got.get(k)} in the file, {want.get(k)} by config" for k in got | want if got.get(k) != want.get(k)]
+    if diff:
         raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(diff[:4])})")
     model = model if model is not None else JEPA(saved).to(device)
     model.load_state_dict(ckpt["model"])
     ckpt["cfg"], ckpt["model_obj"] = saved, model.eval()
     ckpt.setdefault("train_seconds", float(ckpt["metrics"].get("train_seconds", 0.0) or 0.0))
     return ckpt
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config]:
-    """A trained model and its config from a checkpoint - the entry point of notebooks 04 and 05."""
-    return (ckpt := load_checkpoint(path, device=device))["model_obj"], ckpt["cfg"]
 
 
 def config_hash(cfg: Config) -> str:
@@ -1377,14 +1358,9 @@ def default_out_path(cfg: Config) -> Path:
     return REPO_ROOT / "runs" / f"{cfg.profile}_{layout}_seed{cfg.seed}_{config_hash(cfg)}.pt"
 
 
-def record_path(out: str | Path) -> Path:
-    """The run record beside checkpoint ``<stem>.pt``: ``<stem>.json``."""
-    return Path(out).with_suffix(".json")
-
-
 def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None:
-    """This run's record beside ``out`` (None if none); another file there: FileExistsError, or None and a warning."""
-    if not os.path.lexists(path := record_path(out)):
+    """The record <stem>.json beside ``out`` (or None); another file there: FileExistsError, or with warn None."""
+    if not os.path.lexists(path := Path(out).with_suffix(".json")):
         return None
     try:
         if path.is_symlink() or not path.is_file():
@@ -1415,11 +1391,11 @@ def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None
 
 def write_record(out: str | Path, record: dict) -> None:
     """Write the run record of checkpoint ``out`` atomically."""
-    _atomic_write(record_path(out), json.dumps(record, indent=2).encode())
+    _atomic_write(Path(out).with_suffix(".json"), json.dumps(record, indent=2).encode())
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
-    """``load_model`` plus info: path, step, metrics, history, and command etc. from this run's record beside it."""
+    """A checkpoint's model and config, and info: path, step, metrics, history, and command etc. from its record."""
     ckpt = load_checkpoint(path, device=device)
     record = read_record(path, ckpt["cfg"], warn=True) or {}
     info = {"path": str(path), "step": ckpt["step"], "metrics": dict(ckpt["metrics"]) | record.get("metrics", {})}
@@ -2375,10 +2351,8 @@ def main(argv: list[str] | None = None) -> dict:
         lead = re.match(r"Config\.(seed|num_layouts|layout)\b", message)  # --seed, --layouts, --layout
         p.error(f"--{lead[1].removeprefix('num_')}: {message}" if lead else message)
     if cfg.num_layouts and (args.layout or args.planner or args.remember_bumps or args.remember_tried):
-        p.error(
-            "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs: a model of "
-            "generated layouts is measured in held-out layouts with a fixed set of planners"
-        )
+        single = "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs"
+        p.error(f"{single}: a model of generated layouts is measured in held-out layouts with a fixed set of planners")
     args.planner = args.planner or "probe"
     if args.out is not None and not args.out.strip():
         p.error("--out is empty: give a checkpoint path ending in .pt, or leave --out out for the default name")
@@ -2412,7 +2386,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{result.total_train_seconds:.1f} s of training in all")
         for k, v in metrics.items():
             print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
-        print(f"checkpoint: {out}\nrecord:     {record_path(out)}")
+        print(f"checkpoint: {out}\nrecord:     {out.with_suffix('.json')}")
     except (OSError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if args.out and ("another config" in str(e) or "other training fields" in str(e)):

@@ -239,7 +239,7 @@ def bench_planning(repeat: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=str(g.ASSETS / "benchmark.json"))
+    parser.add_argument("--out", default=str(g.REPO_ROOT / "assets" / "benchmark.json"))
     parts = ["data", "training", "against_baseline", "compile", "planning"]
     parser.add_argument("--only", nargs="+", choices=parts, default=parts, help="the parts to run (default: all)")
     args = parser.parse_args()

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device: run with --dry to check the script on the CPU")
         device, profiles = torch.device("cuda"), (args.profiles or "cpu,gpu,full").split(",")
-        out = Path(args.out or g.ASSETS / "gpu_benchmark.json")
+        out = Path(args.out or lab.ASSETS / "gpu_benchmark.json")
     timed = args.steps or (3 if args.dry else 30)
     steps = {"eager": timed, "compiled": min(timed, 2) if args.dry else timed}  # dry: compiling is the cost
     name = g.describe_device(device)

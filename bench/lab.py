@@ -14,7 +14,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import gridjepa_utils as g  # noqa: E402
 
+ASSETS = g.REPO_ROOT / "assets"  # the shipped checkpoints and the studies' results
 VALIDATION_START = 500  # held-out layouts 500 on: for choosing a planner's settings, never for reporting
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[g.JEPA, g.Config]:
+    """A trained model and its config from a checkpoint (g.load_run also reads the run record beside it)."""
+    return (ckpt := g.load_checkpoint(path, device=device))["model_obj"], ckpt["cfg"]
 
 
 def validation_layouts(grid_size: int, num: int = 200) -> np.ndarray:

@@ -443,7 +443,7 @@ def shipped_layouts_runs() -> dict:
     """The shipped runs (python gridjepa_utils.py --layouts procedural, on a CPU and on a GPU): config hash ->
     (checkpoint, run record)."""
     shipped = {}
-    for path in (g.ASSETS / "gridjepa_layouts.pt", g.ASSETS / "gridjepa_layouts_gpu.pt"):
+    for path in (L.ASSETS / "gridjepa_layouts.pt", L.ASSETS / "gridjepa_layouts_gpu.pt"):
         if path.exists():
             _, shipped_cfg, shipped_record = g.load_run(path)
             shipped[g.config_hash(shipped_cfg)] = (path, shipped_record)
@@ -678,7 +678,7 @@ def transition_errors_study(
         check_only(readers, READER_ROWS, "row")
         raced = {}  # (row, seed) -> the step count the readers study gave it, its row found by overrides and seed
         if steps is None:
-            path = g.ASSETS / STUDIES["readers"]
+            path = L.ASSETS / STUDIES["readers"]
             saved = {(json.dumps(r["overrides"], sort_keys=True), r["seed"]): r for r in results.load(path)["rows"]}
             for name, seed in itertools.product(readers, seeds):
                 row = saved.get((json.dumps(READER_ROWS[name], sort_keys=True), seed))
@@ -737,7 +737,7 @@ def imagine_tuning_study(
     check_only(only, models, "model")
     models = {k: v for k, v in models.items() if not only or k in only}
     for label, file in models.items():
-        model, cfg = g.load_model(g.ASSETS / file)
+        model, cfg = L.load_model(L.ASSETS / file)
         world = g.build_world(cfg)
         g.calibrate_batchnorm(model, world)
         if cfg.num_layouts:
@@ -1000,7 +1000,7 @@ def main() -> None:
     parser.add_argument("--grid-layouts", nargs="+", default=list(SCALING_LAYOUTS), choices=SCALING_LAYOUTS)
     parser.add_argument("--counts", nargs="+", default=list(LAYOUT_COUNTS), choices=LAYOUT_COUNTS, help="layouts study")
     parser.add_argument("--rules", nargs="+", default=list(TUNING_RULES), choices=TUNING_RULES, help="imagine-tuning")
-    parser.add_argument("--out-dir", type=Path, default=g.ASSETS, help="where the study's JSON is (default: assets/)")
+    parser.add_argument("--out-dir", type=Path, default=L.ASSETS, help="where the study's JSON is (default: assets/)")
     args = parser.parse_args()
     if args.overrides is not None and not isinstance(args.overrides, dict):
         parser.error(f"--overrides must be a JSON object of Config fields, got {args.overrides!r}")

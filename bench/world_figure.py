@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gridjepa_utils as g
 
 
-def main(out: Path = g.ASSETS / "world.png") -> Path:
+def main(out: Path = g.REPO_ROOT / "assets" / "world.png") -> Path:
     world = g.World(5)
     images = world.render(torch.arange(world.num_cells))[:, 0].numpy()  # (25, 128, 128)
     mosaic = images.reshape(5, 5, 128, 128).transpose(0, 2, 1, 3).reshape(5 * 128, 5 * 128)

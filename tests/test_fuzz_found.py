@@ -109,7 +109,7 @@ def test_numpy_numbers_in_a_config_train_save_and_load(tmp_path):
     assert type(cfg.num_steps) is int and type(cfg.lam) is float and type(cfg.seed) is int
     gj.default_out_path(cfg)
     gj.train(cfg, ckpt_path=tmp_path / "np.pt", progress=False)
-    assert gj.load_model(tmp_path / "np.pt")[1] == cfg
+    assert lab.load_model(tmp_path / "np.pt")[1] == cfg
 
 
 # ── worlds and data ──
@@ -243,7 +243,7 @@ def test_load_on_a_missing_gpu_is_not_called_corrupt(tmp_path, smoke_cfg, model)
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
     with pytest.raises(ValueError, match=r"device 'cuda' is not available here \(no CUDA GPU\); load .*m\.pt"):
-        gj.load_model(path, device="cuda")
+        lab.load_model(path, device="cuda")
 
 
 def test_output_lock_in_a_place_that_cannot_hold_it():

@@ -14,6 +14,9 @@ import torch
 
 import gridjepa_utils as gj
 
+sys.path.insert(0, str(gj.REPO_ROOT / "bench"))
+import lab  # noqa: E402  (study-only code: bench/lab.py)
+
 SMOKE = ["--profile", "smoke", "--steps", "2"]
 
 
@@ -277,10 +280,10 @@ def test_crafted_config_is_refused_before_any_model_is_built(tmp_path, model, sm
     monkeypatch.setattr(gj, "JEPA", None)  # building a model now would fail with a TypeError
     resave(path, config={"width": 4096, "proj_hidden": 65536, "latent_dim": 8192, "heads": 4})
     with pytest.raises(ValueError, match=r"invalid config: .*parameters, above the limit"):
-        gj.load_model(path)
+        lab.load_model(path)
     resave(path, config={"width": 64, "proj_hidden": 256, "latent_dim": 192, "heads": 2, "lam": -1.0})
     with pytest.raises(ValueError, match=r"Config\.lam must be >= 0"):
-        gj.load_model(path)
+        lab.load_model(path)
 
 
 def test_out_of_range_step_is_refused(tmp_path, model, smoke_cfg):
@@ -312,7 +315,7 @@ def test_checkpoints_with_a_checksum_but_no_format_still_load(tmp_path, model, s
     gj.save_checkpoint(path, model, smoke_cfg, metrics={"train_seconds": 12.5})
     without_keys(path, "format", "train_seconds")
     assert gj.load_checkpoint(path)["train_seconds"] == 12.5
-    for shipped in sorted(gj.ASSETS.glob("*.pt")):
+    for shipped in sorted(lab.ASSETS.glob("*.pt")):
         assert "format" not in torch.load(shipped, weights_only=True), shipped
         assert gj.load_checkpoint(shipped)["step"] > 0, shipped
     without_keys(path, "checksum")
@@ -344,13 +347,13 @@ def test_retired_config_fields_load_at_their_old_values_only(tmp_path, model, sm
     path = tmp_path / "m.pt"
     gj.save_checkpoint(path, model, smoke_cfg)
     resave(path, config={"stem": "patch", "spatial": False, "rollout_frames": 0, "rollout_weight": 0.0})
-    assert gj.load_model(path)[1] == smoke_cfg
+    assert lab.load_model(path)[1] == smoke_cfg
     retired = (("stem", "conv"), ("spatial", True), ("rollout_frames", 1), ("rollout_weight", 1.0))
     for field, value in (*retired, ("colour", "red")):
         gj.save_checkpoint(path, model, smoke_cfg)
         resave(path, config={field: value})
         with pytest.raises(ValueError, match=rf"does not build \({field}"):
-            gj.load_model(path)
+            lab.load_model(path)
 
 
 def test_weights_must_fit_their_config(tmp_path, model, smoke_cfg):
@@ -359,7 +362,7 @@ def test_weights_must_fit_their_config(tmp_path, model, smoke_cfg):
     gj.save_checkpoint(path, model, smoke_cfg)
     resave(path, config={"proj_hidden": 128})
     with pytest.raises(ValueError, match=r"weights do not fit its config \(encoder\.projector\.net\.0\.weight"):
-        gj.load_model(path)
+        lab.load_model(path)
 
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):

@@ -531,7 +531,7 @@ def test_searches_meet_when_either_would_take_the_place():
     """The meeting rule, on the shipped layouts model and 30 validation layouts (never trained on, even turned or
     mirrored, and never reported; 300 pairs): meeting when either search would take the other's place as its own
     solves more pairs than requiring both."""
-    model, _ = gj.load_model(gj.ASSETS / "gridjepa_layouts.pt")
+    model, _ = lab.load_model(lab.ASSETS / "gridjepa_layouts.pt")
     family = gj.WorldFamily(lab.validation_layouts(5, 30), image_size=model.encoder.image_size)
     gj.calibrate_batchnorm(model, gj.WorldFamily(gj.procedural_layouts(5, 200), image_size=model.encoder.image_size))
     starts, goals = gj.sample_pairs(family, 10, 0)

@@ -1,12 +1,16 @@
 """Training: checkpoints, resuming after a disconnect, reproducibility, collapse warnings, CPU quality."""
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import gridjepa_utils as gj
+
+sys.path.insert(0, str(gj.REPO_ROOT / "bench"))
+import lab  # noqa: E402  (study-only code: bench/lab.py)
 
 
 def free_cell_latents(model, world):
@@ -34,7 +38,7 @@ def test_checkpoint_round_trip(tmp_path, smoke_run, smoke_cfg):
     assert path.exists() and not path.with_suffix(".pt.tmp").exists()
     ckpt = gj.load_checkpoint(path, smoke_cfg)
     assert ckpt["step"] == 30 and ckpt["history"] == smoke_run.history and ckpt["metrics"] == {"acc": 0.5}
-    model, cfg = gj.load_model(path)
+    model, cfg = lab.load_model(path)
     assert cfg == smoke_cfg
     assert not model.training
     expected = free_cell_latents(smoke_run.model, smoke_run.world)
