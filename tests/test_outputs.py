@@ -309,15 +309,18 @@ def without_keys(path, *keys):
 
 
 def test_checkpoints_with_a_checksum_but_no_format_still_load(tmp_path, model, smoke_cfg):
-    """Format 1 (a checksum, no format key, maybe no train time: every shipped checkpoint) loads, its training time
-    kept from its metrics; the oldest format (no checksum) is refused with a message saying what to do."""
+    """Format 1 (a checksum, no format key, maybe no train time: most shipped checkpoints) loads, its training time
+    kept from its metrics; every shipped checkpoint, format 1 or the current one, loads; the oldest format (no
+    checksum) is refused with a message saying what to do."""
     path = tmp_path / "old.pt"
     gj.save_checkpoint(path, model, smoke_cfg, metrics={"train_seconds": 12.5})
     without_keys(path, "format", "train_seconds")
     assert gj.load_checkpoint(path)["train_seconds"] == 12.5
+    formats = {}
     for shipped in sorted(lab.ASSETS.glob("*.pt")):
-        assert "format" not in torch.load(shipped, weights_only=True), shipped
+        formats[shipped.name] = torch.load(shipped, weights_only=True).get("format", 1)
         assert gj.load_checkpoint(shipped)["step"] > 0, shipped
+    assert set(formats.values()) <= {1, gj.CHECKPOINT_FORMAT} and 1 in formats.values(), formats
     without_keys(path, "checksum")
     with pytest.raises(ValueError, match=r"older version without a checksum: retrain or re-save it"):
         gj.load_checkpoint(path)
