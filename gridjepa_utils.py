@@ -1575,7 +1575,7 @@ def train(
     if handle is not None:  # a saved notebook then reads "450/450", not the "0/450" the bar was first shown with
         bar.close()
         handle.update(bar.container)
-    calibrate_batchnorm(model, world)
+    calibrate_batchnorm(model, world, calib)
     return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
 
 
