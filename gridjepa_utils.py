@@ -1006,6 +1006,7 @@ class JEPA(nn.Module):
             W, D = cfg.pred_width, cfg.latent_dim
             self.inverse = nn.Sequential(nn.Linear(2 * D, W), nn.GELU(), nn.Linear(W, len(ACTIONS)))
 
+    @torch.no_grad()
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W), finite floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
         size = self.encoder.image_size
@@ -1023,8 +1024,7 @@ class JEPA(nn.Module):
         if lo < 0 or hi > 1:
             hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
             raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
-        with torch.no_grad():
-            return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
+        return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
 
     def _check(self, emb, actions, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, D) in the predictor's dtype and actions (B,) or (B, H); anything else is refused by name."""
@@ -1100,9 +1100,8 @@ def effective_rank(emb: torch.Tensor) -> torch.Tensor:
 def jepa_loss(
     model: JEPA, sigreg: SIGReg, obs, actions, cfg: Config, step: int | None = None, measure: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Named loss terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss + lam * sigreg (the original
-    write-up's lam = 10) [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss]; with ``measure``, the
-    latents' health too (latent_std, eff_rank)."""
+    """Named terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss + lam * sigreg (the original write-up's
+    lam = 10) [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss]; ``measure``: latent_std, eff_rank."""
     out = model(obs, actions)
     emb = out["emb"]  # (B, T, D)
     terms = {"pred_loss": F.mse_loss(out["pred"], emb[:, 1:]), "sigreg": sigreg(emb.flatten(0, 1), step)}
@@ -1122,18 +1121,14 @@ def jepa_loss(
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup, then cosine decay to 0 at cfg.num_steps. Annealing to 0 also settles BatchNorm."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step < cfg.warmup_steps:
+    if check_int(step, "step") < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-@torch.no_grad()
 def calibration_images(world: World, size: int, device) -> torch.Tensor:
-    """One image per free cell (with a target, per target too; a fixed sample of 2,048 in a large family), pooled to
-    the encoder's input ``size`` as the encoder would: (P, 1, size, size). Training renders them once."""
+    """One image per free cell (and target; 2,048 of a large family's), pooled to ``size``: (P, 1, size, size)."""
     states = torch.from_numpy(world.free_cells)
     if world.show_target:
         states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
@@ -1144,11 +1139,9 @@ def calibration_images(world: World, size: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_batchnorm(model: JEPA, world: World, obs: torch.Tensor | None = None) -> None:
-    """Set BatchNorm's running statistics to those of one image per free cell (``obs``: calibration_images, when
-    already rendered): running averages lag a high lr."""
-    was_training = model.training
-    obs = calibration_images(world, model.encoder.input_size, model.eval().device) if obs is None else obs
-    model.eval()
+    """Set BatchNorm's running statistics from one image per free cell (``obs``: calibration_images): averages lag."""
+    was_training, model = model.training, model.eval()
+    obs = calibration_images(world, model.encoder.input_size, model.device) if obs is None else obs
     for bn in [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]:  # in order: later ones see new stats
         captured = []
         hook = bn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
@@ -1159,7 +1152,6 @@ def calibrate_batchnorm(model: JEPA, world: World, obs: torch.Tensor | None = No
     model.train(was_training)
 
 
-@torch.no_grad()
 def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
     """Render and encode cells, (P,) -> (P, D), each distinct cell once (in eval mode equal images, equal latents)."""
     unique, inverse = torch.unique(cells, return_inverse=True)
@@ -1167,7 +1159,6 @@ def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor
     return emb[inverse.to(model.device)]
 
 
-@torch.no_grad()
 def encode_states(model: JEPA, world: World, states=None) -> torch.Tensor:
     """Latents of states (default: every free cell) in eval mode, (P,) -> (P, D); the model's mode is restored."""
     was_training = model.training
@@ -1207,7 +1198,6 @@ def layout_next_state_accuracy(model: JEPA, family: WorldFamily) -> np.ndarray:
     return torch.zeros(K).index_add_(0, layout, right.sum(1)).div_(A * torch.bincount(layout, minlength=K)).numpy()
 
 
-@torch.no_grad()
 def next_state_accuracy(model: JEPA, world: World) -> float:
     """Share of (free cell, action) pairs whose predicted latent is nearest the true next cell's own (probe-free)."""
     if isinstance(world, WorldFamily):
@@ -1264,9 +1254,7 @@ def _atomic_write(path: Path, data: bytes | None) -> None:
         os.umask(umask := os.umask(0))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
-            f.write(data or b"")
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(data or b""), f.flush(), os.fsync(f.fileno())
         if data is not None:
             os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
     except OSError as e:
@@ -1301,6 +1289,16 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
         raise ValueError(f"{source} holds an invalid config: {e}") from e
 
 
+def _config_diff(saved: Config, cfg: Config, where: str, same_run: bool = True) -> str:
+    """The model fields (``same_run``: every field but BOOKKEEPING) on which ``saved`` and ``cfg`` differ, named."""
+    models = saved.model_fields()
+    return ", ".join(
+        f"{'model' if k in models else 'training'} field {k}: {where}={v!r} vs config={getattr(cfg, k)!r}"
+        for k, v in dataclasses.asdict(saved).items()
+        if k not in BOOKKEEPING and (same_run or k in models) and getattr(cfg, k) != v
+    )
+
+
 def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, device="cpu", same_run=False) -> dict:
     """A checkpoint checked before any model is built, plus "cfg" and "model_obj"; ``cfg``: refuse other model fields
     (``same_run``: other training fields too)."""
@@ -1323,16 +1321,9 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
     saved, step = config_from_dict(ckpt["config"], f"checkpoint {path}"), ckpt.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= saved.num_steps:
         raise ValueError(f"checkpoint {path} has step {step!r}; expected an integer in [0, {saved.num_steps}]")
-    models = set(saved.model_fields())
-    if diff := [
-        f"{'model' if k in models else 'training'} field {k}: checkpoint={v!r} vs config={getattr(cfg, k)!r}"
-        for k, v in dataclasses.asdict(saved).items()
-        if cfg is not None and k not in BOOKKEEPING and (same_run or k in models) and getattr(cfg, k) != v
-    ]:
-        raise ValueError(
-            f"checkpoint {path} was made with another config ({', '.join(diff)}); build the model from the "
-            "checkpoint's config (load_run) or start a new run under another name"
-        )
+    if cfg is not None and (diff := _config_diff(saved, cfg, "checkpoint", same_run)):
+        hint = "build the model from the checkpoint's config (load_run) or start a new run under another name"
+        raise ValueError(f"checkpoint {path} was made with another config ({diff}); {hint}")
     with torch.device("meta"):  # the shapes alone, no memory
         expected = (model if model is not None else JEPA(saved)).state_dict()
     got, want = ({k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} for sd in (ckpt["model"], expected))
@@ -1341,9 +1332,8 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
         raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(diff[:4])})")
     model = model if model is not None else JEPA(saved).to(device)
     model.load_state_dict(ckpt["model"])
-    ckpt["cfg"], ckpt["model_obj"] = saved, model.eval()
     ckpt.setdefault("train_seconds", float(ckpt["metrics"].get("train_seconds", 0.0) or 0.0))
-    return ckpt
+    return ckpt | {"cfg": saved, "model_obj": model.eval()}
 
 
 def config_hash(cfg: Config) -> str:
@@ -1375,13 +1365,8 @@ def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None
             raise ValueError(f"it records checkpoint {record.get('checkpoint')!r}, not {Path(out).name!r}")
         if wrong := [k for k, kind in RECORD_FIELDS.items() if k in record and not isinstance(record[k], kind)]:
             raise ValueError(f"its fields {wrong} have the wrong type")
-        saved = dataclasses.asdict(config_from_dict(record.get("config"), "its config"))
-        if diff := [
-            f"{k}: record={v!r} vs config={getattr(cfg, k)!r}"
-            for k, v in saved.items()
-            if k not in BOOKKEEPING and getattr(cfg, k) != v
-        ]:
-            raise ValueError(f"it records a run with other training fields ({', '.join(diff)})")
+        if diff := _config_diff(config_from_dict(record.get("config"), "its config"), cfg, "record"):
+            raise ValueError(f"it records a run with other training fields ({diff})")
         return record
     except ValueError as e:
         if not warn:
@@ -1494,9 +1479,8 @@ def collapse_warning(latent_std: float, cfg: Config) -> str | None:
 def train(
     cfg, world=None, data=None, ckpt_path=None, resume=True, on_log=None, progress=True, device=None, stop_after=None
 ) -> TrainResult:
-    """Train a JEPA with cfg: MSE(predicted, next latent) + lam * SIGReg, AdamW, warmup + cosine. Batch k and SIGReg's
-    directions depend on (seed, k) alone, so a resumed run (``ckpt_path``, ``resume``) takes the same path.
-    ``stop_after``: leave early; ``on_log(history)``: at each log line."""
+    """Train a JEPA with cfg (jepa_loss, AdamW, warmup + cosine). Batch k and SIGReg's directions depend on (seed, k)
+    alone, so a resumed run (``ckpt_path``, ``resume``) takes the same path; ``stop_after``: leave early."""
     validate_config(cfg)
     stop_after = None if stop_after is None else check_int(stop_after, "stop_after")
     if on_log is not None and not callable(on_log):
@@ -1573,7 +1557,6 @@ def train(
                 save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
     seconds = time.perf_counter() - t0
     if handle is not None:  # a saved notebook then reads "450/450", not the "0/450" the bar was first shown with
-        bar.close()
         handle.update(bar.container)
     calibrate_batchnorm(model, world, calib)
     return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
