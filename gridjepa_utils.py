@@ -1785,7 +1785,7 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
             costs = table.gather(1, (seqs * code).sum(-1))  # (P, S)
             elite = seqs.gather(1, repeat(costs.argsort(1)[:, :elites], "p e -> p e h", h=horizon))  # (P, E, H)
-            action = torch.where(costs.amin(1) < scores.amin(1), elite[:, 0, 0], action)
+            action = torch.where(costs.amin(1) < scores.amin(1), elite[:, 0, 0], action)  # a new best: its first
             scores = scores.scatter_reduce(1, seqs[:, :, 0], costs, "amin")  # (P, A) the best sequence from each action
             probs = (1 - smoothing) * F.one_hot(elite, A).float().mean(1) + smoothing / A  # (P, H, A)
             best.append(scores.amin(1))  # (P,) the best cost so far
