@@ -1601,12 +1601,10 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
     """R^2 (mean over columns) of linear probes emb -> pos: on the cells they were fit on (proves little when D >> P),
     on held-out cells (``num_splits`` seeded ShuffleSplits), and the same with ridge (alpha by leave-one-out)."""
     emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
-    if emb.ndim != 2 or pos.ndim != 2 or len(pos) != (P := len(emb)):
-        raise ValueError(f"expected emb (P, D) and pos (P, k), got {emb.shape} and {pos.shape}")
+    if emb.ndim != 2 or pos.ndim != 2 or len(pos) != (P := len(emb)) or P < 4:
+        raise ValueError(f"expected emb (P, D) and pos (P, k) of at least 4 points, got {emb.shape} and {pos.shape}")
     if not (np.isfinite(emb).all() and np.isfinite(pos).all()):
         raise ValueError("emb and pos must be finite (no NaN or inf)")
-    if P < 4:
-        raise ValueError(f"probe_report needs at least 4 points (2 to fit, 2 to score), got {P}")
     holdout = max(2, round(P * 0.3)) if holdout is None else holdout
     if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)):
         raise TypeError(f"holdout must be a whole number of cells (or None), got {holdout!r}")
@@ -1641,19 +1639,18 @@ def geometry_report(model: JEPA, world: World, num_splits: int = 20) -> dict:
     """Is the latent space a map? Over the free cells: PCA, latent vs BFS distance, probe R^2, std, effective rank."""
     emb = encode_states(model, world).cpu().numpy()
     ratio, probes = pca(emb)[1], probe_report(emb, world.cell_pos(world.free_cells), num_splits=num_splits)
-    keys = ["heldout_mean", "heldout_std", "ridge_heldout_mean", "fit"]  # probe_report's, reported as probe_r2_*
-    values = [*ratio[:2], latent_vs_grid_distance(emb, world)["spearman"], *(probes[k] for k in keys)]
-    values += [emb.std(0).mean(), effective_rank(torch.from_numpy(emb))]
-    names = "pc1 pc2 spearman_l2_grid probe_r2_heldout probe_r2_heldout_std probe_r2_ridge_heldout probe_r2_fit".split()
-    return {k: float(v) for k, v in zip(names + ["latent_std", "effective_rank"], values)}
+    out = {"pc1": ratio[0], "pc2": ratio[1], "spearman_l2_grid": latent_vs_grid_distance(emb, world)["spearman"]}
+    out |= {"probe_r2_heldout": probes["heldout_mean"], "probe_r2_heldout_std": probes["heldout_std"]}
+    out |= {"probe_r2_ridge_heldout": probes["ridge_heldout_mean"], "probe_r2_fit": probes["fit"]}
+    out |= {"latent_std": emb.std(0).mean(), "effective_rank": effective_rank(torch.from_numpy(emb))}
+    return {k: float(v) for k, v in out.items()}
 
 
 def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -> JEPA:
     """Same architecture, seeded random weights, BatchNorm calibrated on ``world``: the baseline any claim must beat."""
-    validate_config(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = JEPA(cfg)
+        model = JEPA(validate_config(cfg))
     calibrate_batchnorm(model, world or build_world(cfg))
     return model.eval()
 
@@ -1689,11 +1686,8 @@ def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
     """The original write-up's planner: greedy, decoding the imagined latents with a linear probe."""
     if not isinstance(probe, LinearProbe):
         raise TypeError(f"probe must be a LinearProbe (fit_probe's), got {type(probe).__name__}")
-    if np.shape(probe.weight) != (model.cfg.latent_dim, 2):
-        raise ValueError(
-            f"probe maps latents to (col, row): its weight must be (latent_dim, 2) = ({model.cfg.latent_dim}, 2), "
-            f"got {np.shape(probe.weight)}; fit it on this model's latents"
-        )
+    if (got := np.shape(probe.weight)) != (D := model.cfg.latent_dim, 2):
+        raise ValueError(f"probe weight must be (latent_dim, 2) = ({D}, 2), got {got}; fit it on this model's latents")
     return latent_greedy_policy(model, world, lambda z: probe(z.float().cpu()))
 
 
@@ -1734,8 +1728,7 @@ def imagined_costs(model: JEPA, world: World, cells, goals, horizon: int, cost: 
     (start_u, start_inv), (goal_u, goal_inv) = (torch.unique(x, return_inverse=True) for x in (cells, goals))
     emb, goal_emb = encode_cells(model, world, start_u), encode_cells(model, world, goal_u)  # (U, D), (Ug, D)
     S, U = len(seqs), len(start_u)  # the rollouts depend on the start and the actions only: once per start cell
-    z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), repeat(seqs, "s h -> (u s) h", u=U).to(emb.device))
-    z = z.view(U, S, horizon, -1)  # (U, S, H, D)
+    z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), seqs.repeat(U, 1).to(emb.device)).view(U, S, horizon, -1)
     if cost == "final":
         return (torch.cdist(z[:, :, -1].flatten(0, 1), goal_emb).view(U, S, -1) ** 2).cpu()[start_inv, :, goal_inv]
     d = torch.cdist(z.flatten(0, 2), goal_emb).view(U, S, horizon, -1)  # (U, S, H, Ug)
@@ -1749,9 +1742,8 @@ def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "
     check_search(model, world, horizon, cost, "exhaustive_policy")
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        costs = imagined_costs(model, world, cells, goals, horizon, cost)  # (P, S): 4^(H-1) sequences per first action
-        scores = costs.reshape(len(cells), len(ACTIONS), -1).amin(2)  # (P, A) the best sequence from each action
-        return {"action": scores.argmin(1), "scores": scores}
+        scores = imagined_costs(model, world, cells, goals, horizon, cost).reshape(len(cells), len(ACTIONS), -1).amin(2)
+        return {"action": scores.argmin(1), "scores": scores}  # scores (P, A): the best sequence from each action
 
     return policy
 
@@ -1760,7 +1752,7 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
     """Cross-entropy method (LeWM's, made discrete): refit per-step categoricals to the elite sampled sequences."""
     check_search(model, world, horizon, cost, "cem_policy")
     check_int(samples, "samples", 1), check_int(iterations, "iterations", 1), check_int(seed, "seed")
-    if not 1 <= elites <= samples:
+    if not 1 <= check_int(elites, "elites") <= samples:
         raise ValueError(f"need 1 <= elites <= samples, got elites={elites}, samples={samples}")
     if not (isinstance(smoothing, (int, float)) and 0 <= smoothing <= 1):
         raise ValueError(f"smoothing must be a number in [0, 1], got {smoothing!r}")
@@ -1769,19 +1761,18 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
         P, table = len(cells), imagined_costs(model, world, cells, goals, horizon, cost)  # (P, 4^H)
-        probs, scores, best_per_iter = torch.full((P, horizon, A), 1 / A), torch.full((P, A), float("inf")), []
-        best_cost, best_seq = torch.full((P,), float("inf")), torch.zeros(P, horizon, dtype=torch.long)
+        probs, scores, best = torch.full((P, horizon, A), 1 / A), torch.full((P, A), float("inf")), []
+        action = torch.zeros(P, dtype=torch.long)  # the first action of the best sequence so far
         for _ in range(iterations):
             seqs = torch.multinomial(probs.flatten(0, 1), samples, replacement=True, generator=gen)
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
             costs = table.gather(1, (seqs * code).sum(-1))  # (P, S)
+            elite = seqs.gather(1, repeat(costs.argsort(1)[:, :elites], "p e -> p e h", h=horizon))  # (P, E, H)
+            action = torch.where(costs.amin(1) < scores.amin(1), elite[:, 0, 0], action)  # a new best: its first
             scores = scores.scatter_reduce(1, seqs[:, :, 0], costs, "amin")  # (P, A) the best sequence from each action
-            elite = torch.gather(seqs, 1, repeat(order := costs.argsort(1)[:, :elites], "p e -> p e h", h=horizon))
             probs = (1 - smoothing) * F.one_hot(elite, A).float().mean(1) + smoothing / A  # (P, H, A)
-            better = (top := costs.gather(1, order[:, :1])[:, 0]) < best_cost
-            best_cost, best_seq[better] = torch.where(better, top, best_cost), elite[better, 0]
-            best_per_iter.append(best_cost.clone())
-        return {"action": best_seq[:, 0], "scores": scores, "best_cost_per_iter": torch.stack(best_per_iter, 1)}
+            best.append(scores.amin(1))  # (P,) the best cost so far
+        return {"action": action, "scores": scores, "best_cost_per_iter": torch.stack(best, 1)}
 
     return policy
 
@@ -1978,10 +1969,9 @@ def run_mpc(
             raise TypeError("a policy must return a dict with an 'action' tensor")
         if (action := check_actions(out["action"]).cpu()).shape != here.shape:
             raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {len(here)} pairs")
-        if (scores := out.get("scores")) is not None:  # one score per action: (n, A) numbers
-            if not isinstance(scores, (torch.Tensor, np.ndarray)) or tuple(scores.shape) != (len(here), A):
-                got = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
-                raise ValueError(f"the policy returned 'scores' of shape {got}; expected ({len(here)}, {A}) numbers")
+        if (scores := out.get("scores")) is not None and tuple(getattr(scores, "shape", ())) != (len(here), A):
+            got = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
+            raise ValueError(f"the policy returned 'scores' of shape {got}; expected ({len(here)}, {A}) numbers")
         if remember:  # remember_tried counts every action taken from an image, remember_bumps the wall bumps
             past = taken[episodes, here % N]  # (n, A)
             allowed = past == past.amin(1, keepdim=True) if remember_tried else past == 0
