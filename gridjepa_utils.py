@@ -315,8 +315,7 @@ def check_actions(action) -> torch.Tensor:
 
 
 class SpriteSheet:
-    """The board and every cell's target, wall and agent sprites for one grid size, drawn once with numpy at 2x, then
-    pasted back to front with tensor ops on any device: opaque sprites in the painter's order draw each scene whole."""
+    """Every cell's sprites, drawn once at 2x with numpy, then pasted back to front (painter's order) on a device."""
 
     def __init__(self, grid_size: int, image_size: int = 128, device: torch.device | str = "cpu", supersample: int = 2):
         G, size = grid_size, image_size * supersample
@@ -446,8 +445,7 @@ def layouts_connected(walls: np.ndarray) -> np.ndarray:
 
 
 class World:
-    """The grid world: G x G cells, one agent, 4 actions; a move into a wall or off the board stays put. A state is a
-    cell (row * G + col); with ``show_target``, agent + N * target: a drawn target that never moves (lesson 01)."""
+    """The grid world: G x G cells, 4 actions, a bump stays put; a state is cell row * G + col (+ N * drawn target)."""
 
     def __init__(self, grid_size: int = 5, walls=None, show_target: bool = False, image_size=128, check_connected=True):
         if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
@@ -683,11 +681,8 @@ class Transitions:
     __len__ = lambda self: self.states.shape[0]
 
 
-def make_transitions(
-    world: World, num: int = 50_000, seq_len: int = 2, seed: int = 0, exclude_cells: tuple[int, ...] = ()
-) -> Transitions:
-    """``num`` seeded trajectories of ``seq_len`` frames: a uniform start over free cells, uniform actions.
-    ``exclude_cells``: cells the agent never visits (to ask where the model places a cell it never saw)."""
+def make_transitions(world: World, num: int = 50_000, seq_len: int = 2, seed: int = 0, exclude_cells=()) -> Transitions:
+    """``num`` seeded trajectories of ``seq_len`` frames: uniform free starts, uniform actions, no ``exclude_cells``."""
     check_int(num, "num", 1), check_int(seq_len, "seq_len", 2), check_int(seed, "seed")
     check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
     gen, free = torch.Generator().manual_seed(seed), torch.from_numpy(world.free_cells)
@@ -765,9 +760,7 @@ def paint_frames(
     return PaintedFrames(index.to(device), frames)
 
 
-def sample_batch(
-    world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None):
     """Trajectories ``idx`` on ``device``: obs (B, T, 1, H, W), actions (B, T-1) long; from ``painted`` if given."""
     actions = data.actions[idx].long().to(device)
     if painted is not None:
