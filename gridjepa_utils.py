@@ -124,9 +124,8 @@ CPU_PROFILE |= dict(eval_every=25, ckpt_every=100)
 # smoothness term, a larger batch (cheaper per example on a CPU) and more steps: learning the rules takes many
 LAYOUTS_PROFILE = CPU_PROFILE | dict(num_layouts=50_000, smooth_weight=0.0, idm_weight=1.0, batch_size=256)
 LAYOUTS_PROFILE |= dict(num_steps=7500, warmup_steps=100, log_every=50, eval_every=500, ckpt_every=500)
-# what the original write-up reports of its own 5x5 model (its objective: lam 10, no smoothness term), printed beside
-# this series' measurements in notebooks 03-04: a collapsed run's latent std at lam 0.1, the probe's R^2 fit and scored
-# on the same 25 cells, PC1 and PC2's shares of the variance, and, with a fixed target drawn, probe R^2 for each
+# the original write-up's own 5x5 results (lam 10, no smoothness term), shown beside ours in notebooks 03-04: latent std
+# collapsed at lam 0.1, probe R^2 fit on the 25 cells it scores, PC1/PC2 variance shares; target drawn: R^2 of each
 WRITEUP = dict(collapsed_latent_std=0.0007, probe_fit_r2=1.00, pc1=0.30, pc2=0.22, target_r2=0.99, agent_r2=0.08)
 PROFILES = {
     # the original write-up's encoder and schedule (128x128 input, a ViT-Tiny-like encoder, 200 epochs) for a GPU,
@@ -190,10 +189,8 @@ def memory_limit_bytes() -> int:
 def check_memory(estimate_bytes: float, what: str) -> None:
     """Refuse an allocation estimated above memory_limit_bytes(), naming what asked for it."""
     if estimate_bytes > (limit := memory_limit_bytes()):
-        raise ValueError(
-            f"{what} would need about {estimate_bytes / 2**30:.1f} GiB of memory, above the limit of "
-            f"{limit / 2**30:.1f} GiB; ask for less (or raise $GRIDJEPA_MEMORY_LIMIT_GB)"
-        )
+        gib = f"about {estimate_bytes / 2**30:.1f} GiB of memory, above the limit of {limit / 2**30:.1f} GiB"
+        raise ValueError(f"{what} would need {gib}; ask for less (or raise $GRIDJEPA_MEMORY_LIMIT_GB)")
 
 
 def num_patches(cfg: Config) -> int:
@@ -219,8 +216,7 @@ def estimate_parameters(cfg: Config) -> int:
 
 
 def validate_config(cfg: Config) -> Config:
-    """Check every field of ``cfg`` (type, finiteness, range, choice), their consistency, the model's size and a
-    training batch's memory: a ValueError (TypeError for a wrong type) names the field and its range. Returns cfg."""
+    """Check each field (type, finiteness, range, choice), their consistency, the model's size and a batch's memory."""
     if not isinstance(cfg, Config):
         raise TypeError(f"expected a Config, got {type(cfg).__name__}")
     for f in dataclasses.fields(cfg):
@@ -319,8 +315,7 @@ def check_actions(action) -> torch.Tensor:
 
 
 class SpriteSheet:
-    """The board and every cell's target, wall and agent sprites for one grid size, drawn once with numpy at 2x, then
-    pasted back to front with tensor ops on any device: opaque sprites in the painter's order draw each scene whole."""
+    """Every cell's sprites, drawn once at 2x with numpy, then pasted back to front (painter's order) on a device."""
 
     def __init__(self, grid_size: int, image_size: int = 128, device: torch.device | str = "cpu", supersample: int = 2):
         G, size = grid_size, image_size * supersample
@@ -330,11 +325,12 @@ class SpriteSheet:
         self.x0, self.y0, slab = size / 2, (size - G * th) / 2 + 0.35 * th, th * 0.45
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
         self.img = np.repeat(np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None], size, 1)  # a soft gradient
-        (lx, ly), (bx, by), (rx, ry) = (self._center(c, r) for c, r in ((0, G - 1), (G - 1, G - 1), (G - 1, 0)))
+        center = lambda col, row: (self.x0 + (col - row) * tw / 2, self.y0 + (col + row + 1) * th / 2)
+        (lx, ly), (bx, by), (rx, ry) = (center(c, r) for c, r in ((0, G - 1), (G - 1, G - 1), (G - 1, 0)))
         self._side_face(lx - tw / 2, bx, ly + slab, by + th / 2 + slab, slab, 0.30)  # the slab's two front faces
         self._side_face(bx, rx + tw / 2, by + th / 2 + slab, ry + slab, slab, 0.20)
         for row, col in np.ndindex(G, G):  # a checkered board, grout lines between its tiles
-            cx, cy = self._center(col, row)
+            cx, cy = center(col, row)
             self._blob(cx, cy, tw / 2, th / 2, 0.36, 1)
             self._blob(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64, 1)
         self.board = torch.from_numpy(self.img.copy()).to(device)
@@ -343,7 +339,7 @@ class SpriteSheet:
         self.sprites = []  # (kind: 0 wall, 1 agent, 2 target; cell; box; values; mask)
         for _, kind, c, r in order:
             self.img = np.full((size, size), np.nan, dtype=np.float32)
-            self._draw(kind, *self._center(c, r))
+            self._draw(kind, *center(c, r))
             if (drawn := ~np.isnan(self.img)).any():  # else a target too small for a single pixel
                 rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
                 box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
@@ -361,9 +357,6 @@ class SpriteSheet:
             yy, xx = np.mgrid[ys, xs]
             index = torch.from_numpy((yy - y0) * (x1 - x0) + xx - x0).to(device)[mask]
             self.pixels.append((kind, cell, index, value[mask]))
-
-    def _center(self, col: float, row: float) -> tuple[float, float]:
-        return self.x0 + (col - row) * self.tw / 2, self.y0 + (col + row + 1) * self.th / 2
 
     def _fill(self, x0, x1, y0, y1, value, inside: Callable) -> None:
         sl = (slice(max(int(y0) - 1, 0), int(y1) + 2), slice(max(int(x0) - 1, 0), int(x1) + 2))  # a box around it
@@ -406,9 +399,8 @@ class SpriteSheet:
         """(B, s*H, s*W) -> (B, H, W) uint8: the mean of each s x s block, summed in one order (same on any device)."""
         s = self.supersample
         blocks = img.unflatten(-1, (img.shape[-1] // s, s)).unflatten(-3, (img.shape[-2] // s, s))  # (B, H, s, W, s)
-        return torch.round(
-            (sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)).clamp(0, 1) * 255
-        ).to(torch.uint8)
+        mean = sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)
+        return torch.round(mean.clamp(0, 1) * 255).to(torch.uint8)
 
     @torch.no_grad()
     def paint(self, walls: torch.Tensor, cells: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -453,8 +445,7 @@ def layouts_connected(walls: np.ndarray) -> np.ndarray:
 
 
 class World:
-    """The grid world: G x G cells, one agent, 4 actions; a move into a wall or off the board stays put. A state is a
-    cell (row * G + col); with ``show_target``, agent + N * target: a drawn target that never moves (lesson 01)."""
+    """The grid world: G x G cells, 4 actions, a bump stays put; a state is cell row * G + col (+ N * drawn target)."""
 
     def __init__(self, grid_size: int = 5, walls=None, show_target: bool = False, image_size=128, check_connected=True):
         if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
@@ -496,42 +487,34 @@ class World:
         return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
 
     num_states = property(lambda self: self.num_cells * (self.num_cells if self.show_target else 1))
+    is_wall = lambda self, cell: bool(self.walls.reshape(-1)[self._cells(cell)])
+    agent_cell = lambda self, state: state % self.num_cells
 
-    def is_wall(self, cell: int) -> bool:
-        return bool(self.walls.reshape(-1)[self._cells(cell)])
-
-    def agent_cell(self, state: torch.Tensor) -> torch.Tensor:
-        return state % self.num_cells
-
-    def check_states(self, state, free: bool = False) -> torch.Tensor:
-        """State indices as a long tensor in [0, num_states), with ``free`` none with the agent or target on a wall."""
+    def check_states(self, state) -> torch.Tensor:
+        """State indices as a long tensor in [0, num_states), none with the agent or the target on a wall."""
         if (state := check_int_tensor(state, "state")).numel() and (state.min() < 0 or state.max() >= self.num_states):
-            got = f"[{int(state.min())}, {int(state.max())}]"
-            raise ValueError(f"states must lie in [0, {self.num_states}), got values in {got}")
-        if free:
-            flat, walls = state.reshape(-1).cpu().numpy(), self.walls.reshape(-1)
-            if (on_wall := walls[flat % self.num_cells] | (self.show_target & walls[flat // self.num_cells])).any():
-                raise ValueError(f"state {flat[on_wall][0]} puts the agent or the target on a wall; see free_cells")
+            raise ValueError(f"states must lie in [0, {self.num_states}), got values in [{state.min()}, {state.max()}]")
+        flat, walls = state.reshape(-1).cpu().numpy(), self.walls.reshape(-1)
+        if (on_wall := walls[flat % self.num_cells] | (self.show_target & walls[flat // self.num_cells])).any():
+            raise ValueError(f"state {flat[on_wall][0]} puts the agent or the target on a wall; see free_cells")
         return state
 
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
-        state, action = self.check_states(state, free=True), check_actions(action)
+        state, action = self.check_states(state), check_actions(action)
         if state.shape != action.shape:
             raise ValueError(f"state and action must have the same shape, got {(*state.shape,)} and {(*action.shape,)}")
         cell = state % self.num_cells
         return state - cell + self.next_cell.to(state.device)[cell, action]
 
     def shortest_paths(self, cells=None) -> np.ndarray:
-        """BFS moves from ``cells`` (default: all) to every cell: (len(cells), N), -1 where unreachable."""
+        """Fewest moves (BFS) from ``cells`` (default: all) to every cell: (len(cells), N), -1 where unreachable."""
         n, table = self.num_cells, self.next_cell.numpy()
         graph = csr_matrix((np.ones(table.size), (np.repeat(np.arange(n), table.shape[1]), table.reshape(-1))), (n, n))
         moves = shortest_path(graph, unweighted=True, indices=cells if cells is None else self._cells(cells))
         return np.where(np.isinf(moves), -1, moves).astype(np.int64)
 
-    def bfs_from(self, cell: int) -> np.ndarray:
-        """Fewest moves from ``cell`` to every cell: (N,), -1 where unreachable (walls too, from a free cell)."""
-        return self.shortest_paths(int(self._cells(cell)))
+    bfs_from = shortest_paths  # from one cell: (N,), -1 where unreachable (walls too, from a free cell)
 
     def all_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every ordered (start, goal) pair of distinct free cells: two (P,) tensors; 600 on the open 5x5."""
@@ -558,7 +541,7 @@ class World:
 
     def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """Observations of states: (...,) -> (..., 1, H, W) float in [0, 1], on ``device`` (default: the states')."""
-        state = self.check_states(torch.as_tensor(state), free=True)
+        state = self.check_states(torch.as_tensor(state))
         flat, device = state.reshape(-1), torch.device(device) if device is not None else state.device
         on_demand = hasattr(self, "layouts") and self.num_states > 8192  # a large family paints on demand
         images = self._paint(flat, device) if on_demand else self.atlas(device).index_select(0, flat.to(device))
@@ -578,8 +561,7 @@ class World:
 
 
 class WorldFamily(World):
-    """Several layouts of one grid size as one world whose states are (layout k, cell) pairs: k * N + cell. Whatever
-    takes a World takes a family; its images are painted on demand, so it can hold tens of thousands of layouts."""
+    """Layouts of one size as one World (state k * N + cell of layout k), painted on demand: tens of thousands fit."""
 
     def __init__(self, layouts, image_size: int = 128):
         layouts = list(layouts) if isinstance(layouts, np.ndarray) and layouts.ndim == 3 else layouts
@@ -593,15 +575,12 @@ class WorldFamily(World):
         self.layouts = np.stack([layout_walls(w, G) for w in layouts])  # (K, G, G), validated
         super().__init__(G, image_size=image_size)
 
-    def __len__(self) -> int:
-        return len(self.layouts)
+    __len__ = lambda self: len(self.layouts)
+    __repr__ = lambda self: f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
     def member(self, k: int) -> World:
         """Layout k as a World of its own (its states are cells 0..N-1)."""
         return World(self.grid_size, walls=self.layouts[k], image_size=self.image_size)
-
-    def __repr__(self) -> str:
-        return f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
 
 def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
@@ -624,8 +603,7 @@ _HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each gr
 
 
 def layout_keys(walls: np.ndarray, symmetric: bool = True) -> list[bytes]:
-    """A key per layout of (K, G, G): its packed bits or, ``symmetric``, the least of its 8 images under the square's
-    symmetries (4 turns, each mirrored or not), so a layout's class - its turns and mirror images - shares one key."""
+    """A key per layout of (K, G, G): its bits or, ``symmetric``, the least over its turns and mirror images."""
     turns = np.stack([np.rot90(walls, k, axes=(1, 2)) for k in range(4 if symmetric else 1)], 1)  # (K, 4, G, G)
     images = np.concatenate([turns, turns.transpose(0, 1, 3, 2)], 1) if symmetric else turns  # (K, 8, G, G)
     bits = np.packbits(images.reshape(*images.shape[:2], walls.shape[-1] ** 2), axis=-1)  # (K, S, B): S images, B bytes
@@ -667,8 +645,7 @@ def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: np.ndar
 
 
 def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
-    """The first ``num`` layouts of the held-out stream: (num, G, G) bool; no two alike, none named, none trained on,
-    even turned or mirrored."""
+    """The first ``num`` held-out layouts, (num, G, G) bool: distinct, none named or trained on, even turned."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1, HELDOUT_RESERVED)
     if grid_size not in _HELDOUT:
         _HELDOUT[grid_size] = _draw_layouts(grid_size, HELDOUT_RESERVED, "test", 0)
@@ -679,10 +656,8 @@ def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int
     """``num`` distinct seeded layouts, (num, G, G) bool, connected, 1 to N/2 walls. split="train" skips the named
     layouts and the reserved held-out ones, turned or mirrored; split="test" is the held-out stream itself."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
-    if split not in LAYOUT_SPLITS:
-        raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
-    if split == "test" and seed != 0:
-        raise ValueError("the held-out stream has one seed (0): its layouts are reserved")
+    if split not in LAYOUT_SPLITS or (split == "test" and seed != 0):
+        raise ValueError(f"split must be 'train' or 'test' (the held-out stream: seed 0 only), got {split=}, {seed=}")
     if split == "test":
         return heldout_layouts(grid_size, num)
     check_memory(float(num) * grid_size**2 * 48, f"procedural_layouts(num={num:,})")
@@ -703,16 +678,11 @@ class Transitions:
     states: torch.Tensor  # (B, T) int16 (int32 for many states) state indices
     actions: torch.Tensor  # (B, T-1) uint8 actions
     nbytes = property(lambda self: self.states.nbytes + self.actions.nbytes)
-
-    def __len__(self) -> int:
-        return self.states.shape[0]
+    __len__ = lambda self: self.states.shape[0]
 
 
-def make_transitions(
-    world: World, num: int = 50_000, seq_len: int = 2, seed: int = 0, exclude_cells: tuple[int, ...] = ()
-) -> Transitions:
-    """``num`` seeded trajectories of ``seq_len`` frames: a uniform start over free cells, uniform actions.
-    ``exclude_cells``: cells the agent never visits (to ask where the model places a cell it never saw)."""
+def make_transitions(world: World, num: int = 50_000, seq_len: int = 2, seed: int = 0, exclude_cells=()) -> Transitions:
+    """``num`` seeded trajectories of ``seq_len`` frames: uniform free starts, uniform actions, no ``exclude_cells``."""
     check_int(num, "num", 1), check_int(seq_len, "seq_len", 2), check_int(seed, "seed")
     check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
     gen, free = torch.Generator().manual_seed(seed), torch.from_numpy(world.free_cells)
@@ -784,17 +754,13 @@ def paint_frames(
         return None
     frames = torch.empty(shape, dtype=torch.float32 if k > 1 else torch.uint8, device=device)  # filled, not joined
     chunks = list(enumerate(states.split(4096)))
-    if progress and len(chunks) > 4:
-        chunks = tqdm(chunks, desc="painting frames", mininterval=0.5)
-    for i, c in chunks:
+    for i, c in tqdm(chunks, desc="painting frames", mininterval=0.5, disable=not progress or len(chunks) <= 4):
         painted = F.avg_pool2d(world.render(c, device), k)[:, 0] if k > 1 else world._paint(c, device)
         frames[4096 * i : 4096 * i + len(c)] = painted[:, rows]
     return PaintedFrames(index.to(device), frames)
 
 
-def sample_batch(
-    world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None):
     """Trajectories ``idx`` on ``device``: obs (B, T, 1, H, W), actions (B, T-1) long; from ``painted`` if given."""
     actions = data.actions[idx].long().to(device)
     if painted is not None:
@@ -809,8 +775,7 @@ class TransitionDataset(torch.utils.data.Dataset):
     def __init__(self, world: World, data: Transitions):
         self.world, self.data = world, data
 
-    def __len__(self) -> int:
-        return len(self.data)
+    __len__ = lambda self: len(self.data)
 
     def __getitem__(self, i: int):
         obs = self.world.render(self.data.states[i, :2].long())  # (2, 1, H, W)
