@@ -2087,7 +2087,7 @@ def transition_explorer(world: World):
 def planning_player(world, policies, start=None, goal=None, max_steps=None, remember_bumps=False, remember_tried=False):
     """Widget: Play or step through a planner's episode: frame, map, predicted costs, choice (ipywidgets 7.7 and 8)."""
     import ipywidgets as W
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     check_flags(remember_bumps=remember_bumps, remember_tried=remember_tried)
     if not isinstance(world, World):
@@ -2125,10 +2125,9 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
         t = step.value
         cell, rec = int(res.paths[0, t]), res.trace[t] if t < len(res.trace) else {}
         _show_png(frame, [world.atlas()[cell].numpy()])
-        fig, ax = plt.subplots(figsize=(3, 3), layout="constrained")
-        show_grid(world, ax, res.paths[0, : t + 1].numpy(), goal_w.value, rec.get("imagined", [None])[0])
+        fig = Figure(figsize=(3, 3), layout="constrained")  # drawn to a PNG only: not pyplot's, nothing to close
+        show_grid(world, fig.subplots(), res.paths[0, : t + 1].numpy(), goal_w.value, rec.get("imagined", [None])[0])
         fig.savefig(buf := io.BytesIO(), format="png", dpi=80)
-        plt.close(fig)
         _show_png(board, png=buf.getvalue())
         solved = f"solved in {int(res.steps[0])}" if bool(res.success[0]) else "not solved"
         status = "reached the goal" if cell == goal_w.value else f"step {t}/{step.max}"
@@ -2159,71 +2158,24 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
 # ══ The main job: train, analyse, plan, report ════════════════════════════════════════════════════════════════════════
 
 
-def asked_once(policy: Policy) -> Policy:
-    """A planner deciding from (image, goal image) alone, asked about each (cell, goal) pair once and its answer kept:
-    runs with another memory or budget reuse every step they share."""
-    answers = {}  # (cell, goal) -> the policy's dict for that pair, row by row
-
-    def policy_once(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        pairs = list(zip(cells.tolist(), goals.tolist()))
-        if todo := list(dict.fromkeys(p for p in pairs if p not in answers)):
-            out = policy(*torch.tensor(todo).T)
-            answers.update({p: {k: v[i] for k, v in out.items()} for i, p in enumerate(todo)})
-        return {k: torch.stack([answers[p][k] for p in pairs]) for k in answers[pairs[0]]}
-
-    return policy_once
-
-
-def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
-    """A layouts model in layouts it never saw (``num_layouts`` held-out, and on 5x5 the named ones): next-state
-    accuracy; success and optimal share of imagination, the greedy probe, graph (privileged) and random, each alone
-    and with each memory (_memory: remember_bumps, _tried: remember_tried), and of BFS, within run_mpc's step budget
-    and (_3x) three times it. A 3x run plays its first budget's steps exactly as a run with the budget alone."""
-    calibrate_batchnorm(model, world)
-    seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
-    probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
-    sets = {"heldout": (heldout_layouts(world.grid_size, num_layouts), per_layout)}
-    if world.grid_size == 5:
-        sets["named"] = (np.stack([layout_walls(name) for name in LAYOUTS]), 100)
-    metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
-    memories = {"": {}, "_memory": {"remember_bumps": True}, "_tried": {"remember_tried": True}}
-    for name, (layouts, per) in sets.items():
-        family = WorldFamily(layouts, image_size=world.image_size)
-        N, acc = family.grid_size**2, layout_next_state_accuracy(model, family)
-        starts, goals = sample_pairs(family, per, 0)
-        metrics |= {f"{name}_next_state_accuracy": float(acc.mean()), f"{name}_pairs": len(starts)}
-        metrics[f"{name}_layouts_all_right"] = float((acc == 1).mean())
-        bfs = run_mpc(family, bfs_policy(family), starts, goals)  # the optimum, and each pair's BFS distance
-        budget, optimal = step_budget(family, bfs.optimal_steps), bfs.optimal_steps
-        # each planner built once, so every variant reads the same searches (imagine) and encodings (probe, graph);
-        # graph is privileged (it encodes every free cell of a layout first): layout by layout, with its pairs' budget
-        shared = {p: asked_once(make_policy(p, model, family, probe)) for p in ("imagine", "probe")}
-        graphs = [(family.member(i), starts // N == i) for i in range(len(family))]
-        graphs = [(m, asked_once(graph_policy(model, m)), k, step_budget(m, optimal[k])) for m, k in graphs]
-        runs = {"bfs": [(bfs, budget)]}  # planner -> [(a run at 3x a budget, that budget)]
-        for memory, flags in memories.items():
-            for p in ("imagine", "probe", "random"):
-                policy = shared.get(p) or random_policy()  # random: a fresh one, seeded as make_policy's
-                runs[p + memory] = [(run_mpc(family, policy, starts, goals, 3 * budget, **flags), budget)]
-            runs["graph" + memory] = [
-                (run_mpc(m, policy, starts[k] - i * N, goals[k] - i * N, 3 * b, **flags), b)
-                for i, (m, policy, k, b) in enumerate(graphs)
-            ]
-        for p, parts in runs.items():
-            steps, best = (torch.cat([getattr(r, k) for r, _ in parts]) for k in ("steps", "optimal_steps"))
-            for times, suffix in ((1, ""), (3, "_3x")):
-                solved = torch.cat([r.steps <= times * b for r, b in parts])  # (P,) within times x the budget
-                metrics[f"{name}_{p}{suffix}_success"] = float(solved.float().mean())
-                metrics[f"{name}_{p}{suffix}_optimal"] = float((solved & (steps == best)).float().mean())
-    return metrics
-
-
 def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_bumps=False, remember_tried=False):
     """Headline metrics of a trained model on its world: next-state accuracy, latent geometry, planning with
-    ``planner`` (and run_mpc's memories) and with the latent cost alone; a layouts model is run on unseen layouts."""
-    if isinstance(world, WorldFamily):
-        return evaluate_unseen(model, world, num_layouts=20 if cfg.profile == "smoke" else 200)
+    ``planner`` (and run_mpc's memories) and with the latent cost alone. A layouts model, in held-out layouts: its
+    next-state accuracy (and on training layouts), and on 10 seeded pairs per layout imagination search, alone and
+    remembering what it tried, beside BFS (bench/lab.py's evaluate_unseen adds every other planner and memory)."""
     calibrate_batchnorm(model, world)
+    if isinstance(world, WorldFamily):  # 10 seeded pairs in each held-out layout (200 of them; smoke: 20)
+        seen = WorldFamily(world.layouts[:200], world.image_size)
+        new = WorldFamily(heldout_layouts(world.grid_size, 20 if cfg.profile == "smoke" else 200), world.image_size)
+        acc, pairs = layout_next_state_accuracy(model, new), sample_pairs(new, 10)
+        metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
+        metrics |= {"heldout_next_state_accuracy": float(acc.mean()), "heldout_pairs": len(pairs[0])}
+        runs = {"bfs": bfs_policy(new), "imagine": imagination_policy(model, new)}
+        runs["imagine_tried"] = runs["imagine"]  # remembering what it tried, its searches reused
+        for name, policy in runs.items():
+            shares = run_mpc(new, policy, *pairs, remember_tried=name.endswith("tried"))._shares()
+            metrics |= {f"heldout_{name}_{k}": v for k, v in shares.items()}
+        return metrics
     geo, memory = geometry_report(model, world), {"remember_bumps": remember_bumps, "remember_tried": remember_tried}
     plan = run_mpc(world, make_policy(planner, model, world), **memory).summary()
     latent = run_mpc(world, latent_greedy_policy(model, world)).summary()
@@ -2261,18 +2213,18 @@ def main(argv: list[str] | None = None) -> dict:
         "--batch-size": ("batch_size", int, "batch size >= 1"),
     }
     p = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
-    p.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
-    p.add_argument("--layout", default=None, choices=sorted(LAYOUTS), help="default: open")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), help="default: open")
     p.add_argument("--layouts", help="'procedural' (the 'layouts' profile's generated layouts) or a number of them")
-    p.add_argument("--planner", default=None, choices=PLANNERS, help="default: probe")
+    p.add_argument("--planner", choices=PLANNERS, help="default: probe")
     p.add_argument("--remember-bumps", action="store_true", help="never repeat an action that left the image as it was")
     p.add_argument("--remember-tried", action="store_true", help="back at an image, take its least-tried action")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="train through torch.compile (CUDA graphs on a GPU)")
     for flag, (_, kind, text) in flags.items():
-        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: the profile's)")
-    p.add_argument("--out", help="checkpoint path ending in .pt; its run record is <stem>.json beside it (default: "
-                   "runs/<profile>_<layout>_seed<seed>_<hash of the training settings>.pt)")  # fmt: skip
+        p.add_argument(flag, type=kind, help=f"{text} (default: the profile's)")
+    out_help = "checkpoint path ending in .pt; its run record is <stem>.json beside it (default: runs/<profile>_"
+    p.add_argument("--out", help=out_help + "<layout>_seed<seed>_<hash of the training settings>.pt)")
     args = p.parse_args(argv)
     overrides = {"layout": args.layout or "open", "seed": args.seed} | ({"compile": True} if args.compile else {})
     if (layouts := args.layouts) is not None:
@@ -2291,23 +2243,21 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.num_layouts and (args.layout or args.planner or args.remember_bumps or args.remember_tried):
         single = "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs"
         p.error(f"{single}: a model of generated layouts is measured in held-out layouts with a fixed set of planners")
-    args.planner = args.planner or "probe"
     if args.out is not None and not args.out.strip():
         p.error("--out is empty: give a checkpoint path ending in .pt, or leave --out out for the default name")
     if (out := Path(args.out).expanduser() if args.out else default_out_path(cfg)).suffix != ".pt":
         stem = "; the name needs a stem before .pt" if out.name == ".pt" else ""
         p.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}{stem}")
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device, planner = torch.device("cuda:0" if torch.cuda.is_available() else "cpu"), args.planner or "probe"
     command = shlex.join(["python", "gridjepa_utils.py", *(sys.argv[1:] if argv is None else argv)])
     try:  # refusals: a message, exit status 1, nothing overwritten
         check_writable(out)
         with output_lock(out):
             record = read_record(out, cfg)  # refuses before any training
             result = train(cfg, ckpt_path=out, resume=True, device=device)
-            memories = args.remember_bumps, args.remember_tried
-            metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner, *memories)
-            evaluation = {"command": command, "planner": args.planner, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            evaluation |= {"device": describe_device(device), "metrics": metrics}
+            metrics = evaluate(result.model.cpu(), result.world, cfg, planner, args.remember_bumps, args.remember_tried)
+            stamp = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": describe_device(device)}
+            evaluation = {"command": command, "planner": planner} | stamp | {"metrics": metrics}
             if result.steps_trained:  # training metrics are written once, by the run that trained; evaluations append
                 metrics["train_seconds"] = seconds = result.total_train_seconds
                 save_checkpoint(out, result.model, cfg, None, cfg.num_steps, result.history, metrics, seconds)
@@ -2315,7 +2265,7 @@ def main(argv: list[str] | None = None) -> dict:
             elif record is None:  # a finished checkpoint whose record is gone: rebuilt from the checkpoint's metrics
                 record = {"command": None, "metrics": load_checkpoint(out, cfg).get("metrics") or {}, "evaluations": []}
             fresh = {"kind": RECORD_KIND, "checkpoint": out.name, "config": dataclasses.asdict(cfg)}
-            fresh |= {"train_seconds": result.total_train_seconds, "device": describe_device(device)}
+            fresh |= {"train_seconds": result.total_train_seconds, "device": stamp["device"]}
             record = fresh | record  # a rerun keeps what the record says of the training
             record["evaluations"].append(evaluation)
             write_record(out, record)
