@@ -875,8 +875,10 @@ class AdaLNZeroBlock(nn.Module):
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # x, cond: (B, T, W)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask=None, action=None) -> torch.Tensor:
+        """x, cond: (B, T, W); or cond the (A, W) embeddings of all actions and ``action`` (B, T): looked up after."""
+        mod = self.modulation(cond) if action is None else self.modulation(cond)[action]  # (B, T, 6W)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
         if x.shape[1] == 1:  # one frame: softmax over a single key is 1, so attention is its value path alone
             W = x.shape[-1]
@@ -906,8 +908,9 @@ class Predictor(nn.Module):
             raise ValueError(f"the predictor sees at most {self.max_len} frames, got {T}")
         x = self.in_proj(emb) + self.time_embed[:, :T]  # (B, T, Wp)
         mask = torch.ones(T, T, dtype=torch.bool, device=emb.device).triu(1)  # True = may not attend
+        table = not torch.is_grad_enabled()  # planning: each block's modulation of the 4 actions, then looked up
         for block in self.blocks:
-            x = block(x, self.action_embed(action), mask)
+            x = block(x, self.action_embed.weight, mask, action) if table else block(x, self.action_embed(action), mask)
         return self.out_proj(self.norm(x))  # (B, T, D)
 
 
@@ -1788,13 +1791,16 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
             tol[:, 0] = radius
         ctol, cu, own = (repeat(x, "f -> (f a)", a=A) for x in (radius, front_u, front_v))
         cfirst = step if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
-        chunks = [  # the nearest place this search has, never the parent itself, and its distance, 256 at a time
-            torch.cdist(p[:, None], nodes[c])[:, 0]
-            .masked_fill((slots >= count[c][:, None]) | (slots == o[:, None]), float("inf"))
-            .min(1)
-            for p, c, o in zip(pred.split(256), cu.split(256), own.split(256))
-        ]
-        nearest, place = torch.cat([c.values for c in chunks]), torch.cat([c.indices for c in chunks])
+        # the nearest place this search has, never the parent itself, and its distance: the candidates (sorted by
+        # search) against their own search's places, one batch row per search
+        searches, size = torch.unique_consecutive(cu, return_counts=True)
+        row = torch.repeat_interleave(torch.arange(len(searches), device=dev), size)  # (C,) the search's row
+        rank = torch.arange(len(cu), device=dev) - (size.cumsum(0) - size)[row]  # (C,) its place in that row
+        queries = pred.new_zeros(len(searches), int(size.max()), D)
+        queries[row, rank] = pred
+        gaps = torch.cdist(queries, nodes[searches])[row, rank]  # (C, V)
+        gaps = gaps.masked_fill((slots >= count[cu][:, None]) | (slots == own[:, None]), float("inf"))
+        nearest, place = gaps.min(1)
         # a real move joins the nearest place within the radius only if that place is one such move from the parent
         merging = (real & (nearest < ctol)).nonzero().squeeze(1)
         same = one_move(nodes[cu[merging], place[merging]], merging)
