@@ -616,6 +616,9 @@ def planners_section(fig: Figures) -> str:
         text = f"**{size}×{size}**, {ids(rs)}: held-out layouts {split}, {pairs} pairs per seed; "
         text += f"mean over seeds {seeds} (each seed's in brackets, in that order)" if len(rs) > 1 else f"seed {seeds}"
         text += "; trained before the held-out layouts became new up to symmetry" if before else ""
+        timed = [r for r in rs if (r.get("eval_seconds") or 0) >= 1]  # a shipped run's row reads its record: 0 s
+        seconds = ", ".join(f"{r['eval_seconds']:.0f} s (seed {r['seed']})" for r in timed)
+        text += f"; the whole evaluation (every planner below) took {seconds} on {timed[0]['device']}" if timed else ""
         head = ["planner", "solved", "optimal", "solved, 3× budget", "optimal, 3× budget"]
         head += ["solved, old set†", "optimal, old set†"] if any(old) else []
         text += ":\n\n" + table(head, out)
