@@ -967,7 +967,7 @@ def ensemble_policy(policies: list, combine: str) -> g.Policy:
     return policy
 
 
-def ensemble_study(size: int, members: list[int], profile: str = "layouts", save=None) -> list[dict]:
+def ensemble_study(size: int, members: list[int], profile: str = "layouts", steps=None, save=None) -> list[dict]:
     """An ensemble of the layouts study's models (the same checkpoints, one per seed in ``members``): the members'
     imagination searches joined (ensemble_policy) against each member alone, without memory and remembering all it
     tried, within the layouts study's step budget, on the same 10 seeded pairs per layout. First on 200 validation
@@ -975,7 +975,7 @@ def ensemble_study(size: int, members: list[int], profile: str = "layouts", save
     200 held-out layouts every reported figure uses. Each member is calibrated on its own training layouts."""
     shipped, rows, runs = shipped_layouts_runs(), [], []
     for seed in members:
-        cfg = layouts_config(profile, size, seed)
+        cfg = layouts_config(profile, size, seed, steps)
         run, record = layouts_run(cfg, shipped)
         g.calibrate_batchnorm(run.model, run.world)  # as the layouts study's evaluation does
         runs.append((cfg, run, record))
@@ -1140,7 +1140,9 @@ def main() -> None:
     elif args.study == "writeup-size":
         rows = writeup_size_study(args.seeds, args.only, save=save)
     elif args.study == "ensemble":
-        rows = ensemble_study(layout_sizes[0] if args.sizes != [5, 8, 12] else 8, args.seeds, args.profile, save=save)
+        rows = ensemble_study(
+            layout_sizes[0] if args.sizes != [5, 8, 12] else 8, args.seeds, args.profile, args.steps, save=save
+        )
     elif args.study == "budget":
         rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:
