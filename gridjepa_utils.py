@@ -124,9 +124,8 @@ CPU_PROFILE |= dict(eval_every=25, ckpt_every=100)
 # smoothness term, a larger batch (cheaper per example on a CPU) and more steps: learning the rules takes many
 LAYOUTS_PROFILE = CPU_PROFILE | dict(num_layouts=50_000, smooth_weight=0.0, idm_weight=1.0, batch_size=256)
 LAYOUTS_PROFILE |= dict(num_steps=7500, warmup_steps=100, log_every=50, eval_every=500, ckpt_every=500)
-# what the original write-up reports of its own 5x5 model (its objective: lam 10, no smoothness term), printed beside
-# this series' measurements in notebooks 03-04: a collapsed run's latent std at lam 0.1, the probe's R^2 fit and scored
-# on the same 25 cells, PC1 and PC2's shares of the variance, and, with a fixed target drawn, probe R^2 for each
+# the original write-up's own 5x5 results (lam 10, no smoothness term), shown beside ours in notebooks 03-04: latent std
+# collapsed at lam 0.1, probe R^2 fit on the 25 cells it scores, PC1/PC2 variance shares; target drawn: R^2 of each
 WRITEUP = dict(collapsed_latent_std=0.0007, probe_fit_r2=1.00, pc1=0.30, pc2=0.22, target_r2=0.99, agent_r2=0.08)
 PROFILES = {
     # the original write-up's encoder and schedule (128x128 input, a ViT-Tiny-like encoder, 200 epochs) for a GPU,
@@ -190,10 +189,8 @@ def memory_limit_bytes() -> int:
 def check_memory(estimate_bytes: float, what: str) -> None:
     """Refuse an allocation estimated above memory_limit_bytes(), naming what asked for it."""
     if estimate_bytes > (limit := memory_limit_bytes()):
-        raise ValueError(
-            f"{what} would need about {estimate_bytes / 2**30:.1f} GiB of memory, above the limit of "
-            f"{limit / 2**30:.1f} GiB; ask for less (or raise $GRIDJEPA_MEMORY_LIMIT_GB)"
-        )
+        gib = f"about {estimate_bytes / 2**30:.1f} GiB of memory, above the limit of {limit / 2**30:.1f} GiB"
+        raise ValueError(f"{what} would need {gib}; ask for less (or raise $GRIDJEPA_MEMORY_LIMIT_GB)")
 
 
 def num_patches(cfg: Config) -> int:
@@ -219,8 +216,7 @@ def estimate_parameters(cfg: Config) -> int:
 
 
 def validate_config(cfg: Config) -> Config:
-    """Check every field of ``cfg`` (type, finiteness, range, choice), their consistency, the model's size and a
-    training batch's memory: a ValueError (TypeError for a wrong type) names the field and its range. Returns cfg."""
+    """Check each field (type, finiteness, range, choice), their consistency, the model's size and a batch's memory."""
     if not isinstance(cfg, Config):
         raise TypeError(f"expected a Config, got {type(cfg).__name__}")
     for f in dataclasses.fields(cfg):
@@ -319,8 +315,7 @@ def check_actions(action) -> torch.Tensor:
 
 
 class SpriteSheet:
-    """The board and every cell's target, wall and agent sprites for one grid size, drawn once with numpy at 2x, then
-    pasted back to front with tensor ops on any device: opaque sprites in the painter's order draw each scene whole."""
+    """Every cell's sprites, drawn once at 2x with numpy, then pasted back to front (painter's order) on a device."""
 
     def __init__(self, grid_size: int, image_size: int = 128, device: torch.device | str = "cpu", supersample: int = 2):
         G, size = grid_size, image_size * supersample
@@ -330,11 +325,12 @@ class SpriteSheet:
         self.x0, self.y0, slab = size / 2, (size - G * th) / 2 + 0.35 * th, th * 0.45
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
         self.img = np.repeat(np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None], size, 1)  # a soft gradient
-        (lx, ly), (bx, by), (rx, ry) = (self._center(c, r) for c, r in ((0, G - 1), (G - 1, G - 1), (G - 1, 0)))
+        center = lambda col, row: (self.x0 + (col - row) * tw / 2, self.y0 + (col + row + 1) * th / 2)
+        (lx, ly), (bx, by), (rx, ry) = (center(c, r) for c, r in ((0, G - 1), (G - 1, G - 1), (G - 1, 0)))
         self._side_face(lx - tw / 2, bx, ly + slab, by + th / 2 + slab, slab, 0.30)  # the slab's two front faces
         self._side_face(bx, rx + tw / 2, by + th / 2 + slab, ry + slab, slab, 0.20)
         for row, col in np.ndindex(G, G):  # a checkered board, grout lines between its tiles
-            cx, cy = self._center(col, row)
+            cx, cy = center(col, row)
             self._blob(cx, cy, tw / 2, th / 2, 0.36, 1)
             self._blob(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64, 1)
         self.board = torch.from_numpy(self.img.copy()).to(device)
@@ -343,7 +339,7 @@ class SpriteSheet:
         self.sprites = []  # (kind: 0 wall, 1 agent, 2 target; cell; box; values; mask)
         for _, kind, c, r in order:
             self.img = np.full((size, size), np.nan, dtype=np.float32)
-            self._draw(kind, *self._center(c, r))
+            self._draw(kind, *center(c, r))
             if (drawn := ~np.isnan(self.img)).any():  # else a target too small for a single pixel
                 rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
                 box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
@@ -361,9 +357,6 @@ class SpriteSheet:
             yy, xx = np.mgrid[ys, xs]
             index = torch.from_numpy((yy - y0) * (x1 - x0) + xx - x0).to(device)[mask]
             self.pixels.append((kind, cell, index, value[mask]))
-
-    def _center(self, col: float, row: float) -> tuple[float, float]:
-        return self.x0 + (col - row) * self.tw / 2, self.y0 + (col + row + 1) * self.th / 2
 
     def _fill(self, x0, x1, y0, y1, value, inside: Callable) -> None:
         sl = (slice(max(int(y0) - 1, 0), int(y1) + 2), slice(max(int(x0) - 1, 0), int(x1) + 2))  # a box around it
@@ -406,9 +399,8 @@ class SpriteSheet:
         """(B, s*H, s*W) -> (B, H, W) uint8: the mean of each s x s block, summed in one order (same on any device)."""
         s = self.supersample
         blocks = img.unflatten(-1, (img.shape[-1] // s, s)).unflatten(-3, (img.shape[-2] // s, s))  # (B, H, s, W, s)
-        return torch.round(
-            (sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)).clamp(0, 1) * 255
-        ).to(torch.uint8)
+        mean = sum(blocks[..., i, :, j] for i in range(s) for j in range(s)) / (s * s)
+        return torch.round(mean.clamp(0, 1) * 255).to(torch.uint8)
 
     @torch.no_grad()
     def paint(self, walls: torch.Tensor, cells: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -453,8 +445,7 @@ def layouts_connected(walls: np.ndarray) -> np.ndarray:
 
 
 class World:
-    """The grid world: G x G cells, one agent, 4 actions; a move into a wall or off the board stays put. A state is a
-    cell (row * G + col); with ``show_target``, agent + N * target: a drawn target that never moves (lesson 01)."""
+    """The grid world: G x G cells, 4 actions, a bump stays put; a state is cell row * G + col (+ N * drawn target)."""
 
     def __init__(self, grid_size: int = 5, walls=None, show_target: bool = False, image_size=128, check_connected=True):
         if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
@@ -496,42 +487,34 @@ class World:
         return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
 
     num_states = property(lambda self: self.num_cells * (self.num_cells if self.show_target else 1))
+    is_wall = lambda self, cell: bool(self.walls.reshape(-1)[self._cells(cell)])
+    agent_cell = lambda self, state: state % self.num_cells
 
-    def is_wall(self, cell: int) -> bool:
-        return bool(self.walls.reshape(-1)[self._cells(cell)])
-
-    def agent_cell(self, state: torch.Tensor) -> torch.Tensor:
-        return state % self.num_cells
-
-    def check_states(self, state, free: bool = False) -> torch.Tensor:
-        """State indices as a long tensor in [0, num_states), with ``free`` none with the agent or target on a wall."""
+    def check_states(self, state) -> torch.Tensor:
+        """State indices as a long tensor in [0, num_states), none with the agent or the target on a wall."""
         if (state := check_int_tensor(state, "state")).numel() and (state.min() < 0 or state.max() >= self.num_states):
-            got = f"[{int(state.min())}, {int(state.max())}]"
-            raise ValueError(f"states must lie in [0, {self.num_states}), got values in {got}")
-        if free:
-            flat, walls = state.reshape(-1).cpu().numpy(), self.walls.reshape(-1)
-            if (on_wall := walls[flat % self.num_cells] | (self.show_target & walls[flat // self.num_cells])).any():
-                raise ValueError(f"state {flat[on_wall][0]} puts the agent or the target on a wall; see free_cells")
+            raise ValueError(f"states must lie in [0, {self.num_states}), got values in [{state.min()}, {state.max()}]")
+        flat, walls = state.reshape(-1).cpu().numpy(), self.walls.reshape(-1)
+        if (on_wall := walls[flat % self.num_cells] | (self.show_target & walls[flat // self.num_cells])).any():
+            raise ValueError(f"state {flat[on_wall][0]} puts the agent or the target on a wall; see free_cells")
         return state
 
     def step(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Next states after one action each: (B,), (B,) -> (B,). Validates its inputs."""
-        state, action = self.check_states(state, free=True), check_actions(action)
+        state, action = self.check_states(state), check_actions(action)
         if state.shape != action.shape:
             raise ValueError(f"state and action must have the same shape, got {(*state.shape,)} and {(*action.shape,)}")
         cell = state % self.num_cells
         return state - cell + self.next_cell.to(state.device)[cell, action]
 
     def shortest_paths(self, cells=None) -> np.ndarray:
-        """BFS moves from ``cells`` (default: all) to every cell: (len(cells), N), -1 where unreachable."""
+        """Fewest moves (BFS) from ``cells`` (default: all) to every cell: (len(cells), N), -1 where unreachable."""
         n, table = self.num_cells, self.next_cell.numpy()
         graph = csr_matrix((np.ones(table.size), (np.repeat(np.arange(n), table.shape[1]), table.reshape(-1))), (n, n))
         moves = shortest_path(graph, unweighted=True, indices=cells if cells is None else self._cells(cells))
         return np.where(np.isinf(moves), -1, moves).astype(np.int64)
 
-    def bfs_from(self, cell: int) -> np.ndarray:
-        """Fewest moves from ``cell`` to every cell: (N,), -1 where unreachable (walls too, from a free cell)."""
-        return self.shortest_paths(int(self._cells(cell)))
+    bfs_from = shortest_paths  # from one cell: (N,), -1 where unreachable (walls too, from a free cell)
 
     def all_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every ordered (start, goal) pair of distinct free cells: two (P,) tensors; 600 on the open 5x5."""
@@ -558,7 +541,7 @@ class World:
 
     def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
         """Observations of states: (...,) -> (..., 1, H, W) float in [0, 1], on ``device`` (default: the states')."""
-        state = self.check_states(torch.as_tensor(state), free=True)
+        state = self.check_states(torch.as_tensor(state))
         flat, device = state.reshape(-1), torch.device(device) if device is not None else state.device
         on_demand = hasattr(self, "layouts") and self.num_states > 8192  # a large family paints on demand
         images = self._paint(flat, device) if on_demand else self.atlas(device).index_select(0, flat.to(device))
@@ -578,8 +561,7 @@ class World:
 
 
 class WorldFamily(World):
-    """Several layouts of one grid size as one world whose states are (layout k, cell) pairs: k * N + cell. Whatever
-    takes a World takes a family; its images are painted on demand, so it can hold tens of thousands of layouts."""
+    """Layouts of one size as one World (state k * N + cell of layout k), painted on demand: tens of thousands fit."""
 
     def __init__(self, layouts, image_size: int = 128):
         layouts = list(layouts) if isinstance(layouts, np.ndarray) and layouts.ndim == 3 else layouts
@@ -593,15 +575,12 @@ class WorldFamily(World):
         self.layouts = np.stack([layout_walls(w, G) for w in layouts])  # (K, G, G), validated
         super().__init__(G, image_size=image_size)
 
-    def __len__(self) -> int:
-        return len(self.layouts)
+    __len__ = lambda self: len(self.layouts)
+    __repr__ = lambda self: f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
     def member(self, k: int) -> World:
         """Layout k as a World of its own (its states are cells 0..N-1)."""
         return World(self.grid_size, walls=self.layouts[k], image_size=self.image_size)
-
-    def __repr__(self) -> str:
-        return f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
 
 def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
@@ -624,8 +603,7 @@ _HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each gr
 
 
 def layout_keys(walls: np.ndarray, symmetric: bool = True) -> list[bytes]:
-    """A key per layout of (K, G, G): its packed bits or, ``symmetric``, the least of its 8 images under the square's
-    symmetries (4 turns, each mirrored or not), so a layout's class - its turns and mirror images - shares one key."""
+    """A key per layout of (K, G, G): its bits or, ``symmetric``, the least over its turns and mirror images."""
     turns = np.stack([np.rot90(walls, k, axes=(1, 2)) for k in range(4 if symmetric else 1)], 1)  # (K, 4, G, G)
     images = np.concatenate([turns, turns.transpose(0, 1, 3, 2)], 1) if symmetric else turns  # (K, 8, G, G)
     bits = np.packbits(images.reshape(*images.shape[:2], walls.shape[-1] ** 2), axis=-1)  # (K, S, B): S images, B bytes
@@ -667,8 +645,7 @@ def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: np.ndar
 
 
 def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
-    """The first ``num`` layouts of the held-out stream: (num, G, G) bool; no two alike, none named, none trained on,
-    even turned or mirrored."""
+    """The first ``num`` held-out layouts, (num, G, G) bool: distinct, none named or trained on, even turned."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1, HELDOUT_RESERVED)
     if grid_size not in _HELDOUT:
         _HELDOUT[grid_size] = _draw_layouts(grid_size, HELDOUT_RESERVED, "test", 0)
@@ -679,10 +656,8 @@ def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int
     """``num`` distinct seeded layouts, (num, G, G) bool, connected, 1 to N/2 walls. split="train" skips the named
     layouts and the reserved held-out ones, turned or mirrored; split="test" is the held-out stream itself."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
-    if split not in LAYOUT_SPLITS:
-        raise ValueError(f"split must be one of {sorted(LAYOUT_SPLITS)}, got {split!r}")
-    if split == "test" and seed != 0:
-        raise ValueError("the held-out stream has one seed (0): its layouts are reserved")
+    if split not in LAYOUT_SPLITS or (split == "test" and seed != 0):
+        raise ValueError(f"split must be 'train' or 'test' (the held-out stream: seed 0 only), got {split=}, {seed=}")
     if split == "test":
         return heldout_layouts(grid_size, num)
     check_memory(float(num) * grid_size**2 * 48, f"procedural_layouts(num={num:,})")
@@ -703,16 +678,11 @@ class Transitions:
     states: torch.Tensor  # (B, T) int16 (int32 for many states) state indices
     actions: torch.Tensor  # (B, T-1) uint8 actions
     nbytes = property(lambda self: self.states.nbytes + self.actions.nbytes)
-
-    def __len__(self) -> int:
-        return self.states.shape[0]
+    __len__ = lambda self: self.states.shape[0]
 
 
-def make_transitions(
-    world: World, num: int = 50_000, seq_len: int = 2, seed: int = 0, exclude_cells: tuple[int, ...] = ()
-) -> Transitions:
-    """``num`` seeded trajectories of ``seq_len`` frames: a uniform start over free cells, uniform actions.
-    ``exclude_cells``: cells the agent never visits (to ask where the model places a cell it never saw)."""
+def make_transitions(world: World, num: int = 50_000, seq_len: int = 2, seed: int = 0, exclude_cells=()) -> Transitions:
+    """``num`` seeded trajectories of ``seq_len`` frames: uniform free starts, uniform actions, no ``exclude_cells``."""
     check_int(num, "num", 1), check_int(seq_len, "seq_len", 2), check_int(seed, "seed")
     check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
     gen, free = torch.Generator().manual_seed(seed), torch.from_numpy(world.free_cells)
@@ -784,17 +754,13 @@ def paint_frames(
         return None
     frames = torch.empty(shape, dtype=torch.float32 if k > 1 else torch.uint8, device=device)  # filled, not joined
     chunks = list(enumerate(states.split(4096)))
-    if progress and len(chunks) > 4:
-        chunks = tqdm(chunks, desc="painting frames", mininterval=0.5)
-    for i, c in chunks:
+    for i, c in tqdm(chunks, desc="painting frames", mininterval=0.5, disable=not progress or len(chunks) <= 4):
         painted = F.avg_pool2d(world.render(c, device), k)[:, 0] if k > 1 else world._paint(c, device)
         frames[4096 * i : 4096 * i + len(c)] = painted[:, rows]
     return PaintedFrames(index.to(device), frames)
 
 
-def sample_batch(
-    world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None):
     """Trajectories ``idx`` on ``device``: obs (B, T, 1, H, W), actions (B, T-1) long; from ``painted`` if given."""
     actions = data.actions[idx].long().to(device)
     if painted is not None:
@@ -809,8 +775,7 @@ class TransitionDataset(torch.utils.data.Dataset):
     def __init__(self, world: World, data: Transitions):
         self.world, self.data = world, data
 
-    def __len__(self) -> int:
-        return len(self.data)
+    __len__ = lambda self: len(self.data)
 
     def __getitem__(self, i: int):
         obs = self.world.render(self.data.states[i, :2].long())  # (2, 1, H, W)
@@ -910,8 +875,10 @@ class AdaLNZeroBlock(nn.Module):
         nn.init.zeros_(self.modulation[1].weight)
         nn.init.zeros_(self.modulation[1].bias)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # x, cond: (B, T, W)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask=None, action=None) -> torch.Tensor:
+        """x, cond: (B, T, W); or cond the (A, W) embeddings of all actions and ``action`` (B, T): looked up after."""
+        mod = self.modulation(cond) if action is None else self.modulation(cond)[action]  # (B, T, 6W)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
         if x.shape[1] == 1:  # one frame: softmax over a single key is 1, so attention is its value path alone
             W = x.shape[-1]
@@ -941,8 +908,9 @@ class Predictor(nn.Module):
             raise ValueError(f"the predictor sees at most {self.max_len} frames, got {T}")
         x = self.in_proj(emb) + self.time_embed[:, :T]  # (B, T, Wp)
         mask = torch.ones(T, T, dtype=torch.bool, device=emb.device).triu(1)  # True = may not attend
+        table = not torch.is_grad_enabled()  # planning: each block's modulation of the 4 actions, then looked up
         for block in self.blocks:
-            x = block(x, self.action_embed(action), mask)
+            x = block(x, self.action_embed.weight, mask, action) if table else block(x, self.action_embed(action), mask)
         return self.out_proj(self.norm(x))  # (B, T, D)
 
 
@@ -1006,6 +974,7 @@ class JEPA(nn.Module):
             W, D = cfg.pred_width, cfg.latent_dim
             self.inverse = nn.Sequential(nn.Linear(2 * D, W), nn.GELU(), nn.Linear(W, len(ACTIONS)))
 
+    @torch.no_grad()
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W), finite floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
         size = self.encoder.image_size
@@ -1023,8 +992,7 @@ class JEPA(nn.Module):
         if lo < 0 or hi > 1:
             hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
             raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
-        with torch.no_grad():
-            return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
+        return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
 
     def _check(self, emb, actions, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents (B, D) in the predictor's dtype and actions (B,) or (B, H); anything else is refused by name."""
@@ -1100,9 +1068,8 @@ def effective_rank(emb: torch.Tensor) -> torch.Tensor:
 def jepa_loss(
     model: JEPA, sigreg: SIGReg, obs, actions, cfg: Config, step: int | None = None, measure: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Named loss terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss + lam * sigreg (the original
-    write-up's lam = 10) [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss]; with ``measure``, the
-    latents' health too (latent_std, eff_rank)."""
+    """Named terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss + lam * sigreg (the original write-up's
+    lam = 10) [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss]; ``measure``: latent_std, eff_rank."""
     out = model(obs, actions)
     emb = out["emb"]  # (B, T, D)
     terms = {"pred_loss": F.mse_loss(out["pred"], emb[:, 1:]), "sigreg": sigreg(emb.flatten(0, 1), step)}
@@ -1122,18 +1089,14 @@ def jepa_loss(
 
 def lr_at(step: int, cfg: Config) -> float:
     """Linear warmup, then cosine decay to 0 at cfg.num_steps. Annealing to 0 also settles BatchNorm."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step < cfg.warmup_steps:
+    if check_int(step, "step") < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.num_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-@torch.no_grad()
 def calibration_images(world: World, size: int, device) -> torch.Tensor:
-    """One image per free cell (with a target, per target too; a fixed sample of 2,048 in a large family), pooled to
-    the encoder's input ``size`` as the encoder would: (P, 1, size, size). Training renders them once."""
+    """One image per free cell (and target; 2,048 of a large family's), pooled to ``size``: (P, 1, size, size)."""
     states = torch.from_numpy(world.free_cells)
     if world.show_target:
         states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
@@ -1144,11 +1107,9 @@ def calibration_images(world: World, size: int, device) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate_batchnorm(model: JEPA, world: World, obs: torch.Tensor | None = None) -> None:
-    """Set BatchNorm's running statistics to those of one image per free cell (``obs``: calibration_images, when
-    already rendered): running averages lag a high lr."""
-    was_training = model.training
-    obs = calibration_images(world, model.encoder.input_size, model.eval().device) if obs is None else obs
-    model.eval()
+    """Set BatchNorm's running statistics from one image per free cell (``obs``: calibration_images): averages lag."""
+    was_training, model = model.training, model.eval()
+    obs = calibration_images(world, model.encoder.input_size, model.device) if obs is None else obs
     for bn in [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]:  # in order: later ones see new stats
         captured = []
         hook = bn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
@@ -1159,7 +1120,6 @@ def calibrate_batchnorm(model: JEPA, world: World, obs: torch.Tensor | None = No
     model.train(was_training)
 
 
-@torch.no_grad()
 def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
     """Render and encode cells, (P,) -> (P, D), each distinct cell once (in eval mode equal images, equal latents)."""
     unique, inverse = torch.unique(cells, return_inverse=True)
@@ -1167,7 +1127,6 @@ def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor
     return emb[inverse.to(model.device)]
 
 
-@torch.no_grad()
 def encode_states(model: JEPA, world: World, states=None) -> torch.Tensor:
     """Latents of states (default: every free cell) in eval mode, (P,) -> (P, D); the model's mode is restored."""
     was_training = model.training
@@ -1207,7 +1166,6 @@ def layout_next_state_accuracy(model: JEPA, family: WorldFamily) -> np.ndarray:
     return torch.zeros(K).index_add_(0, layout, right.sum(1)).div_(A * torch.bincount(layout, minlength=K)).numpy()
 
 
-@torch.no_grad()
 def next_state_accuracy(model: JEPA, world: World) -> float:
     """Share of (free cell, action) pairs whose predicted latent is nearest the true next cell's own (probe-free)."""
     if isinstance(world, WorldFamily):
@@ -1264,9 +1222,7 @@ def _atomic_write(path: Path, data: bytes | None) -> None:
         os.umask(umask := os.umask(0))
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
-            f.write(data or b"")
-            f.flush()
-            os.fsync(f.fileno())
+            f.write(data or b""), f.flush(), os.fsync(f.fileno())
         if data is not None:
             os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
     except OSError as e:
@@ -1301,6 +1257,16 @@ def config_from_dict(values: dict, source: str = "config") -> Config:
         raise ValueError(f"{source} holds an invalid config: {e}") from e
 
 
+def _config_diff(saved: Config, cfg: Config, where: str, same_run: bool = True) -> str:
+    """The model fields (``same_run``: every field but BOOKKEEPING) on which ``saved`` and ``cfg`` differ, named."""
+    models = saved.model_fields()
+    return ", ".join(
+        f"{'model' if k in models else 'training'} field {k}: {where}={v!r} vs config={getattr(cfg, k)!r}"
+        for k, v in dataclasses.asdict(saved).items()
+        if k not in BOOKKEEPING and (same_run or k in models) and getattr(cfg, k) != v
+    )
+
+
 def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, device="cpu", same_run=False) -> dict:
     """A checkpoint checked before any model is built, plus "cfg" and "model_obj"; ``cfg``: refuse other model fields
     (``same_run``: other training fields too)."""
@@ -1323,16 +1289,9 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
     saved, step = config_from_dict(ckpt["config"], f"checkpoint {path}"), ckpt.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= saved.num_steps:
         raise ValueError(f"checkpoint {path} has step {step!r}; expected an integer in [0, {saved.num_steps}]")
-    models = set(saved.model_fields())
-    if diff := [
-        f"{'model' if k in models else 'training'} field {k}: checkpoint={v!r} vs config={getattr(cfg, k)!r}"
-        for k, v in dataclasses.asdict(saved).items()
-        if cfg is not None and k not in BOOKKEEPING and (same_run or k in models) and getattr(cfg, k) != v
-    ]:
-        raise ValueError(
-            f"checkpoint {path} was made with another config ({', '.join(diff)}); build the model from the "
-            "checkpoint's config (load_run) or start a new run under another name"
-        )
+    if cfg is not None and (diff := _config_diff(saved, cfg, "checkpoint", same_run)):
+        hint = "build the model from the checkpoint's config (load_run) or start a new run under another name"
+        raise ValueError(f"checkpoint {path} was made with another config ({diff}); {hint}")
     with torch.device("meta"):  # the shapes alone, no memory
         expected = (model if model is not None else JEPA(saved)).state_dict()
     got, want = ({k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} for sd in (ckpt["model"], expected))
@@ -1341,9 +1300,8 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
         raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(diff[:4])})")
     model = model if model is not None else JEPA(saved).to(device)
     model.load_state_dict(ckpt["model"])
-    ckpt["cfg"], ckpt["model_obj"] = saved, model.eval()
     ckpt.setdefault("train_seconds", float(ckpt["metrics"].get("train_seconds", 0.0) or 0.0))
-    return ckpt
+    return ckpt | {"cfg": saved, "model_obj": model.eval()}
 
 
 def config_hash(cfg: Config) -> str:
@@ -1375,13 +1333,8 @@ def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None
             raise ValueError(f"it records checkpoint {record.get('checkpoint')!r}, not {Path(out).name!r}")
         if wrong := [k for k, kind in RECORD_FIELDS.items() if k in record and not isinstance(record[k], kind)]:
             raise ValueError(f"its fields {wrong} have the wrong type")
-        saved = dataclasses.asdict(config_from_dict(record.get("config"), "its config"))
-        if diff := [
-            f"{k}: record={v!r} vs config={getattr(cfg, k)!r}"
-            for k, v in saved.items()
-            if k not in BOOKKEEPING and getattr(cfg, k) != v
-        ]:
-            raise ValueError(f"it records a run with other training fields ({', '.join(diff)})")
+        if diff := _config_diff(config_from_dict(record.get("config"), "its config"), cfg, "record"):
+            raise ValueError(f"it records a run with other training fields ({diff})")
         return record
     except ValueError as e:
         if not warn:
@@ -1494,9 +1447,8 @@ def collapse_warning(latent_std: float, cfg: Config) -> str | None:
 def train(
     cfg, world=None, data=None, ckpt_path=None, resume=True, on_log=None, progress=True, device=None, stop_after=None
 ) -> TrainResult:
-    """Train a JEPA with cfg: MSE(predicted, next latent) + lam * SIGReg, AdamW, warmup + cosine. Batch k and SIGReg's
-    directions depend on (seed, k) alone, so a resumed run (``ckpt_path``, ``resume``) takes the same path.
-    ``stop_after``: leave early; ``on_log(history)``: at each log line."""
+    """Train a JEPA with cfg (jepa_loss, AdamW, warmup + cosine). Batch k and SIGReg's directions depend on (seed, k)
+    alone, so a resumed run (``ckpt_path``, ``resume``) takes the same path; ``stop_after``: leave early."""
     validate_config(cfg)
     stop_after = None if stop_after is None else check_int(stop_after, "stop_after")
     if on_log is not None and not callable(on_log):
@@ -1573,7 +1525,6 @@ def train(
                 save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
     seconds = time.perf_counter() - t0
     if handle is not None:  # a saved notebook then reads "450/450", not the "0/450" the bar was first shown with
-        bar.close()
         handle.update(bar.container)
     calibrate_batchnorm(model, world, calib)
     return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
@@ -1618,12 +1569,10 @@ def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, see
     """R^2 (mean over columns) of linear probes emb -> pos: on the cells they were fit on (proves little when D >> P),
     on held-out cells (``num_splits`` seeded ShuffleSplits), and the same with ridge (alpha by leave-one-out)."""
     emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
-    if emb.ndim != 2 or pos.ndim != 2 or len(pos) != (P := len(emb)):
-        raise ValueError(f"expected emb (P, D) and pos (P, k), got {emb.shape} and {pos.shape}")
+    if emb.ndim != 2 or pos.ndim != 2 or len(pos) != (P := len(emb)) or P < 4:
+        raise ValueError(f"expected emb (P, D) and pos (P, k) of at least 4 points, got {emb.shape} and {pos.shape}")
     if not (np.isfinite(emb).all() and np.isfinite(pos).all()):
         raise ValueError("emb and pos must be finite (no NaN or inf)")
-    if P < 4:
-        raise ValueError(f"probe_report needs at least 4 points (2 to fit, 2 to score), got {P}")
     holdout = max(2, round(P * 0.3)) if holdout is None else holdout
     if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)):
         raise TypeError(f"holdout must be a whole number of cells (or None), got {holdout!r}")
@@ -1658,19 +1607,18 @@ def geometry_report(model: JEPA, world: World, num_splits: int = 20) -> dict:
     """Is the latent space a map? Over the free cells: PCA, latent vs BFS distance, probe R^2, std, effective rank."""
     emb = encode_states(model, world).cpu().numpy()
     ratio, probes = pca(emb)[1], probe_report(emb, world.cell_pos(world.free_cells), num_splits=num_splits)
-    keys = ["heldout_mean", "heldout_std", "ridge_heldout_mean", "fit"]  # probe_report's, reported as probe_r2_*
-    values = [*ratio[:2], latent_vs_grid_distance(emb, world)["spearman"], *(probes[k] for k in keys)]
-    values += [emb.std(0).mean(), effective_rank(torch.from_numpy(emb))]
-    names = "pc1 pc2 spearman_l2_grid probe_r2_heldout probe_r2_heldout_std probe_r2_ridge_heldout probe_r2_fit".split()
-    return {k: float(v) for k, v in zip(names + ["latent_std", "effective_rank"], values)}
+    out = {"pc1": ratio[0], "pc2": ratio[1], "spearman_l2_grid": latent_vs_grid_distance(emb, world)["spearman"]}
+    out |= {"probe_r2_heldout": probes["heldout_mean"], "probe_r2_heldout_std": probes["heldout_std"]}
+    out |= {"probe_r2_ridge_heldout": probes["ridge_heldout_mean"], "probe_r2_fit": probes["fit"]}
+    out |= {"latent_std": emb.std(0).mean(), "effective_rank": effective_rank(torch.from_numpy(emb))}
+    return {k: float(v) for k, v in out.items()}
 
 
 def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -> JEPA:
     """Same architecture, seeded random weights, BatchNorm calibrated on ``world``: the baseline any claim must beat."""
-    validate_config(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = JEPA(cfg)
+        model = JEPA(validate_config(cfg))
     calibrate_batchnorm(model, world or build_world(cfg))
     return model.eval()
 
@@ -1706,11 +1654,8 @@ def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
     """The original write-up's planner: greedy, decoding the imagined latents with a linear probe."""
     if not isinstance(probe, LinearProbe):
         raise TypeError(f"probe must be a LinearProbe (fit_probe's), got {type(probe).__name__}")
-    if np.shape(probe.weight) != (model.cfg.latent_dim, 2):
-        raise ValueError(
-            f"probe maps latents to (col, row): its weight must be (latent_dim, 2) = ({model.cfg.latent_dim}, 2), "
-            f"got {np.shape(probe.weight)}; fit it on this model's latents"
-        )
+    if (got := np.shape(probe.weight)) != (D := model.cfg.latent_dim, 2):
+        raise ValueError(f"probe weight must be (latent_dim, 2) = ({D}, 2), got {got}; fit it on this model's latents")
     return latent_greedy_policy(model, world, lambda z: probe(z.float().cpu()))
 
 
@@ -1751,8 +1696,7 @@ def imagined_costs(model: JEPA, world: World, cells, goals, horizon: int, cost: 
     (start_u, start_inv), (goal_u, goal_inv) = (torch.unique(x, return_inverse=True) for x in (cells, goals))
     emb, goal_emb = encode_cells(model, world, start_u), encode_cells(model, world, goal_u)  # (U, D), (Ug, D)
     S, U = len(seqs), len(start_u)  # the rollouts depend on the start and the actions only: once per start cell
-    z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), repeat(seqs, "s h -> (u s) h", u=U).to(emb.device))
-    z = z.view(U, S, horizon, -1)  # (U, S, H, D)
+    z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), seqs.repeat(U, 1).to(emb.device)).view(U, S, horizon, -1)
     if cost == "final":
         return (torch.cdist(z[:, :, -1].flatten(0, 1), goal_emb).view(U, S, -1) ** 2).cpu()[start_inv, :, goal_inv]
     d = torch.cdist(z.flatten(0, 2), goal_emb).view(U, S, horizon, -1)  # (U, S, H, Ug)
@@ -1766,9 +1710,8 @@ def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "
     check_search(model, world, horizon, cost, "exhaustive_policy")
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        costs = imagined_costs(model, world, cells, goals, horizon, cost)  # (P, S): 4^(H-1) sequences per first action
-        scores = costs.reshape(len(cells), len(ACTIONS), -1).amin(2)  # (P, A) the best sequence from each action
-        return {"action": scores.argmin(1), "scores": scores}
+        scores = imagined_costs(model, world, cells, goals, horizon, cost).reshape(len(cells), len(ACTIONS), -1).amin(2)
+        return {"action": scores.argmin(1), "scores": scores}  # scores (P, A): the best sequence from each action
 
     return policy
 
@@ -1777,7 +1720,7 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
     """Cross-entropy method (LeWM's, made discrete): refit per-step categoricals to the elite sampled sequences."""
     check_search(model, world, horizon, cost, "cem_policy")
     check_int(samples, "samples", 1), check_int(iterations, "iterations", 1), check_int(seed, "seed")
-    if not 1 <= elites <= samples:
+    if not 1 <= check_int(elites, "elites") <= samples:
         raise ValueError(f"need 1 <= elites <= samples, got elites={elites}, samples={samples}")
     if not (isinstance(smoothing, (int, float)) and 0 <= smoothing <= 1):
         raise ValueError(f"smoothing must be a number in [0, 1], got {smoothing!r}")
@@ -1786,19 +1729,18 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
         P, table = len(cells), imagined_costs(model, world, cells, goals, horizon, cost)  # (P, 4^H)
-        probs, scores, best_per_iter = torch.full((P, horizon, A), 1 / A), torch.full((P, A), float("inf")), []
-        best_cost, best_seq = torch.full((P,), float("inf")), torch.zeros(P, horizon, dtype=torch.long)
+        probs, scores, best = torch.full((P, horizon, A), 1 / A), torch.full((P, A), float("inf")), []
+        action = torch.zeros(P, dtype=torch.long)  # the first action of the best sequence so far
         for _ in range(iterations):
             seqs = torch.multinomial(probs.flatten(0, 1), samples, replacement=True, generator=gen)
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
             costs = table.gather(1, (seqs * code).sum(-1))  # (P, S)
+            elite = seqs.gather(1, repeat(costs.argsort(1)[:, :elites], "p e -> p e h", h=horizon))  # (P, E, H)
+            action = torch.where(costs.amin(1) < scores.amin(1), elite[:, 0, 0], action)  # a new best: its first
             scores = scores.scatter_reduce(1, seqs[:, :, 0], costs, "amin")  # (P, A) the best sequence from each action
-            elite = torch.gather(seqs, 1, repeat(order := costs.argsort(1)[:, :elites], "p e -> p e h", h=horizon))
             probs = (1 - smoothing) * F.one_hot(elite, A).float().mean(1) + smoothing / A  # (P, H, A)
-            better = (top := costs.gather(1, order[:, :1])[:, 0]) < best_cost
-            best_cost, best_seq[better] = torch.where(better, top, best_cost), elite[better, 0]
-            best_per_iter.append(best_cost.clone())
-        return {"action": best_seq[:, 0], "scores": scores, "best_cost_per_iter": torch.stack(best_per_iter, 1)}
+            best.append(scores.amin(1))  # (P,) the best cost so far
+        return {"action": action, "scores": scores, "best_cost_per_iter": torch.stack(best, 1)}
 
     return policy
 
@@ -1849,13 +1791,16 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
             tol[:, 0] = radius
         ctol, cu, own = (repeat(x, "f -> (f a)", a=A) for x in (radius, front_u, front_v))
         cfirst = step if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
-        chunks = [  # the nearest place this search has, never the parent itself, and its distance, 256 at a time
-            torch.cdist(p[:, None], nodes[c])[:, 0]
-            .masked_fill((slots >= count[c][:, None]) | (slots == o[:, None]), float("inf"))
-            .min(1)
-            for p, c, o in zip(pred.split(256), cu.split(256), own.split(256))
-        ]
-        nearest, place = torch.cat([c.values for c in chunks]), torch.cat([c.indices for c in chunks])
+        # the nearest place this search has, never the parent itself, and its distance: the candidates (sorted by
+        # search) against their own search's places, one batch row per search
+        searches, size = torch.unique_consecutive(cu, return_counts=True)
+        row = torch.repeat_interleave(torch.arange(len(searches), device=dev), size)  # (C,) the search's row
+        rank = torch.arange(len(cu), device=dev) - (size.cumsum(0) - size)[row]  # (C,) its place in that row
+        queries = pred.new_zeros(len(searches), int(size.max()), D)
+        queries[row, rank] = pred
+        gaps = torch.cdist(queries, nodes[searches])[row, rank]  # (C, V)
+        gaps = gaps.masked_fill((slots >= count[cu][:, None]) | (slots == own[:, None]), float("inf"))
+        nearest, place = gaps.min(1)
         # a real move joins the nearest place within the radius only if that place is one such move from the parent
         merging = (real & (nearest < ctol)).nonzero().squeeze(1)
         same = one_move(nodes[cu[merging], place[merging]], merging)
@@ -1995,10 +1940,9 @@ def run_mpc(
             raise TypeError("a policy must return a dict with an 'action' tensor")
         if (action := check_actions(out["action"]).cpu()).shape != here.shape:
             raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {len(here)} pairs")
-        if (scores := out.get("scores")) is not None:  # one score per action: (n, A) numbers
-            if not isinstance(scores, (torch.Tensor, np.ndarray)) or tuple(scores.shape) != (len(here), A):
-                got = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
-                raise ValueError(f"the policy returned 'scores' of shape {got}; expected ({len(here)}, {A}) numbers")
+        if (scores := out.get("scores")) is not None and tuple(getattr(scores, "shape", ())) != (len(here), A):
+            got = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
+            raise ValueError(f"the policy returned 'scores' of shape {got}; expected ({len(here)}, {A}) numbers")
         if remember:  # remember_tried counts every action taken from an image, remember_bumps the wall bumps
             past = taken[episodes, here % N]  # (n, A)
             allowed = past == past.amin(1, keepdim=True) if remember_tried else past == 0
@@ -2149,7 +2093,7 @@ def transition_explorer(world: World):
 def planning_player(world, policies, start=None, goal=None, max_steps=None, remember_bumps=False, remember_tried=False):
     """Widget: Play or step through a planner's episode: frame, map, predicted costs, choice (ipywidgets 7.7 and 8)."""
     import ipywidgets as W
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     check_flags(remember_bumps=remember_bumps, remember_tried=remember_tried)
     if not isinstance(world, World):
@@ -2187,10 +2131,9 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
         t = step.value
         cell, rec = int(res.paths[0, t]), res.trace[t] if t < len(res.trace) else {}
         _show_png(frame, [world.atlas()[cell].numpy()])
-        fig, ax = plt.subplots(figsize=(3, 3), layout="constrained")
-        show_grid(world, ax, res.paths[0, : t + 1].numpy(), goal_w.value, rec.get("imagined", [None])[0])
+        fig = Figure(figsize=(3, 3), layout="constrained")  # drawn to a PNG only: not pyplot's, nothing to close
+        show_grid(world, fig.subplots(), res.paths[0, : t + 1].numpy(), goal_w.value, rec.get("imagined", [None])[0])
         fig.savefig(buf := io.BytesIO(), format="png", dpi=80)
-        plt.close(fig)
         _show_png(board, png=buf.getvalue())
         solved = f"solved in {int(res.steps[0])}" if bool(res.success[0]) else "not solved"
         status = "reached the goal" if cell == goal_w.value else f"step {t}/{step.max}"
@@ -2221,71 +2164,24 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
 # ══ The main job: train, analyse, plan, report ════════════════════════════════════════════════════════════════════════
 
 
-def asked_once(policy: Policy) -> Policy:
-    """A planner deciding from (image, goal image) alone, asked about each (cell, goal) pair once and its answer kept:
-    runs with another memory or budget reuse every step they share."""
-    answers = {}  # (cell, goal) -> the policy's dict for that pair, row by row
-
-    def policy_once(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        pairs = list(zip(cells.tolist(), goals.tolist()))
-        if todo := list(dict.fromkeys(p for p in pairs if p not in answers)):
-            out = policy(*torch.tensor(todo).T)
-            answers.update({p: {k: v[i] for k, v in out.items()} for i, p in enumerate(todo)})
-        return {k: torch.stack([answers[p][k] for p in pairs]) for k in answers[pairs[0]]}
-
-    return policy_once
-
-
-def evaluate_unseen(model: JEPA, world: WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
-    """A layouts model in layouts it never saw (``num_layouts`` held-out, and on 5x5 the named ones): next-state
-    accuracy; success and optimal share of imagination, the greedy probe, graph (privileged) and random, each alone
-    and with each memory (_memory: remember_bumps, _tried: remember_tried), and of BFS, within run_mpc's step budget
-    and (_3x) three times it. A 3x run plays its first budget's steps exactly as a run with the budget alone."""
-    calibrate_batchnorm(model, world)
-    seen = WorldFamily(world.layouts[:200], image_size=world.image_size)
-    probe = fit_probe(encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
-    sets = {"heldout": (heldout_layouts(world.grid_size, num_layouts), per_layout)}
-    if world.grid_size == 5:
-        sets["named"] = (np.stack([layout_walls(name) for name in LAYOUTS]), 100)
-    metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
-    memories = {"": {}, "_memory": {"remember_bumps": True}, "_tried": {"remember_tried": True}}
-    for name, (layouts, per) in sets.items():
-        family = WorldFamily(layouts, image_size=world.image_size)
-        N, acc = family.grid_size**2, layout_next_state_accuracy(model, family)
-        starts, goals = sample_pairs(family, per, 0)
-        metrics |= {f"{name}_next_state_accuracy": float(acc.mean()), f"{name}_pairs": len(starts)}
-        metrics[f"{name}_layouts_all_right"] = float((acc == 1).mean())
-        bfs = run_mpc(family, bfs_policy(family), starts, goals)  # the optimum, and each pair's BFS distance
-        budget, optimal = step_budget(family, bfs.optimal_steps), bfs.optimal_steps
-        # each planner built once, so every variant reads the same searches (imagine) and encodings (probe, graph);
-        # graph is privileged (it encodes every free cell of a layout first): layout by layout, with its pairs' budget
-        shared = {p: asked_once(make_policy(p, model, family, probe)) for p in ("imagine", "probe")}
-        graphs = [(family.member(i), starts // N == i) for i in range(len(family))]
-        graphs = [(m, asked_once(graph_policy(model, m)), k, step_budget(m, optimal[k])) for m, k in graphs]
-        runs = {"bfs": [(bfs, budget)]}  # planner -> [(a run at 3x a budget, that budget)]
-        for memory, flags in memories.items():
-            for p in ("imagine", "probe", "random"):
-                policy = shared.get(p) or random_policy()  # random: a fresh one, seeded as make_policy's
-                runs[p + memory] = [(run_mpc(family, policy, starts, goals, 3 * budget, **flags), budget)]
-            runs["graph" + memory] = [
-                (run_mpc(m, policy, starts[k] - i * N, goals[k] - i * N, 3 * b, **flags), b)
-                for i, (m, policy, k, b) in enumerate(graphs)
-            ]
-        for p, parts in runs.items():
-            steps, best = (torch.cat([getattr(r, k) for r, _ in parts]) for k in ("steps", "optimal_steps"))
-            for times, suffix in ((1, ""), (3, "_3x")):
-                solved = torch.cat([r.steps <= times * b for r, b in parts])  # (P,) within times x the budget
-                metrics[f"{name}_{p}{suffix}_success"] = float(solved.float().mean())
-                metrics[f"{name}_{p}{suffix}_optimal"] = float((solved & (steps == best)).float().mean())
-    return metrics
-
-
 def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_bumps=False, remember_tried=False):
     """Headline metrics of a trained model on its world: next-state accuracy, latent geometry, planning with
-    ``planner`` (and run_mpc's memories) and with the latent cost alone; a layouts model is run on unseen layouts."""
-    if isinstance(world, WorldFamily):
-        return evaluate_unseen(model, world, num_layouts=20 if cfg.profile == "smoke" else 200)
+    ``planner`` (and run_mpc's memories) and with the latent cost alone. A layouts model, in held-out layouts: its
+    next-state accuracy (and on training layouts), and on 10 seeded pairs per layout imagination search, alone and
+    remembering what it tried, beside BFS (bench/lab.py's evaluate_unseen adds every other planner and memory)."""
     calibrate_batchnorm(model, world)
+    if isinstance(world, WorldFamily):  # 10 seeded pairs in each held-out layout (200 of them; smoke: 20)
+        seen = WorldFamily(world.layouts[:200], world.image_size)
+        new = WorldFamily(heldout_layouts(world.grid_size, 20 if cfg.profile == "smoke" else 200), world.image_size)
+        acc, pairs = layout_next_state_accuracy(model, new), sample_pairs(new, 10)
+        metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
+        metrics |= {"heldout_next_state_accuracy": float(acc.mean()), "heldout_pairs": len(pairs[0])}
+        runs = {"bfs": bfs_policy(new), "imagine": imagination_policy(model, new)}
+        runs["imagine_tried"] = runs["imagine"]  # remembering what it tried, its searches reused
+        for name, policy in runs.items():
+            shares = run_mpc(new, policy, *pairs, remember_tried=name.endswith("tried"))._shares()
+            metrics |= {f"heldout_{name}_{k}": v for k, v in shares.items()}
+        return metrics
     geo, memory = geometry_report(model, world), {"remember_bumps": remember_bumps, "remember_tried": remember_tried}
     plan = run_mpc(world, make_policy(planner, model, world), **memory).summary()
     latent = run_mpc(world, latent_greedy_policy(model, world)).summary()
@@ -2323,18 +2219,18 @@ def main(argv: list[str] | None = None) -> dict:
         "--batch-size": ("batch_size", int, "batch size >= 1"),
     }
     p = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
-    p.add_argument("--profile", default=None, choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
-    p.add_argument("--layout", default=None, choices=sorted(LAYOUTS), help="default: open")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
+    p.add_argument("--layout", choices=sorted(LAYOUTS), help="default: open")
     p.add_argument("--layouts", help="'procedural' (the 'layouts' profile's generated layouts) or a number of them")
-    p.add_argument("--planner", default=None, choices=PLANNERS, help="default: probe")
+    p.add_argument("--planner", choices=PLANNERS, help="default: probe")
     p.add_argument("--remember-bumps", action="store_true", help="never repeat an action that left the image as it was")
     p.add_argument("--remember-tried", action="store_true", help="back at an image, take its least-tried action")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="train through torch.compile (CUDA graphs on a GPU)")
     for flag, (_, kind, text) in flags.items():
-        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: the profile's)")
-    p.add_argument("--out", help="checkpoint path ending in .pt; its run record is <stem>.json beside it (default: "
-                   "runs/<profile>_<layout>_seed<seed>_<hash of the training settings>.pt)")  # fmt: skip
+        p.add_argument(flag, type=kind, help=f"{text} (default: the profile's)")
+    out_help = "checkpoint path ending in .pt; its run record is <stem>.json beside it (default: runs/<profile>_"
+    p.add_argument("--out", help=out_help + "<layout>_seed<seed>_<hash of the training settings>.pt)")
     args = p.parse_args(argv)
     overrides = {"layout": args.layout or "open", "seed": args.seed} | ({"compile": True} if args.compile else {})
     if (layouts := args.layouts) is not None:
@@ -2353,23 +2249,21 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.num_layouts and (args.layout or args.planner or args.remember_bumps or args.remember_tried):
         single = "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs"
         p.error(f"{single}: a model of generated layouts is measured in held-out layouts with a fixed set of planners")
-    args.planner = args.planner or "probe"
     if args.out is not None and not args.out.strip():
         p.error("--out is empty: give a checkpoint path ending in .pt, or leave --out out for the default name")
     if (out := Path(args.out).expanduser() if args.out else default_out_path(cfg)).suffix != ".pt":
         stem = "; the name needs a stem before .pt" if out.name == ".pt" else ""
         p.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}{stem}")
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device, planner = torch.device("cuda:0" if torch.cuda.is_available() else "cpu"), args.planner or "probe"
     command = shlex.join(["python", "gridjepa_utils.py", *(sys.argv[1:] if argv is None else argv)])
     try:  # refusals: a message, exit status 1, nothing overwritten
         check_writable(out)
         with output_lock(out):
             record = read_record(out, cfg)  # refuses before any training
             result = train(cfg, ckpt_path=out, resume=True, device=device)
-            memories = args.remember_bumps, args.remember_tried
-            metrics = evaluate(result.model.cpu(), result.world, cfg, args.planner, *memories)
-            evaluation = {"command": command, "planner": args.planner, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-            evaluation |= {"device": describe_device(device), "metrics": metrics}
+            metrics = evaluate(result.model.cpu(), result.world, cfg, planner, args.remember_bumps, args.remember_tried)
+            stamp = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": describe_device(device)}
+            evaluation = {"command": command, "planner": planner} | stamp | {"metrics": metrics}
             if result.steps_trained:  # training metrics are written once, by the run that trained; evaluations append
                 metrics["train_seconds"] = seconds = result.total_train_seconds
                 save_checkpoint(out, result.model, cfg, None, cfg.num_steps, result.history, metrics, seconds)
@@ -2377,7 +2271,7 @@ def main(argv: list[str] | None = None) -> dict:
             elif record is None:  # a finished checkpoint whose record is gone: rebuilt from the checkpoint's metrics
                 record = {"command": None, "metrics": load_checkpoint(out, cfg).get("metrics") or {}, "evaluations": []}
             fresh = {"kind": RECORD_KIND, "checkpoint": out.name, "config": dataclasses.asdict(cfg)}
-            fresh |= {"train_seconds": result.total_train_seconds, "device": describe_device(device)}
+            fresh |= {"train_seconds": result.total_train_seconds, "device": stamp["device"]}
             record = fresh | record  # a rerun keeps what the record says of the training
             record["evaluations"].append(evaluation)
             write_record(out, record)

@@ -1,5 +1,6 @@
 """The layouts recipe (worlds never seen, notebook 05) trained on a GPU for a wall-clock budget, then evaluated on
-the held-out layouts exactly as ``python gridjepa_utils.py --layouts procedural`` does.
+the held-out layouts by ``python gridjepa_utils.py --layouts procedural`` and by lab.evaluate_unseen (every planner
+and memory, as the layouts study scores a model), whose figures the run record gets as a later evaluation.
 
     python bench/gpu_layouts.py --seconds 400 --out runs/gridjepa_layouts_gpu.pt
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -93,8 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     argv_run = ["--layouts", "procedural", "--profile", "layouts_gpu", "--steps", str(steps)]
     argv_run += ["--batch-size", str(args.batch_size)]
     metrics = g.main([*argv_run, "--out", args.out])
+    model, cfg, _ = g.load_run(args.out)  # on the CPU, as the command line evaluates
+    table = lab.evaluate_unseen(model, g.build_world(cfg))
+    with g.output_lock(args.out):
+        record = g.read_record(args.out, cfg)
+        command = shlex.join(["python", "bench/gpu_layouts.py", *(sys.argv[1:] if argv is None else argv)])
+        evaluation = {"command": command, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record["evaluations"].append(evaluation | {"device": g.describe_device(torch.device("cpu")), "metrics": table})
+        g.write_record(args.out, record)
     print(f"done in {time.perf_counter() - t0:.0f} s")
-    return metrics
+    return metrics | table
 
 
 if __name__ == "__main__":

@@ -91,6 +91,66 @@ def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None =
     }
 
 
+def asked_once(policy: g.Policy) -> g.Policy:
+    """A planner deciding from (image, goal image) alone, asked about each (cell, goal) pair once and its answer kept:
+    runs with another memory or budget reuse every step they share."""
+    answers = {}  # (cell, goal) -> the policy's dict for that pair, row by row
+
+    def policy_once(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        pairs = list(zip(cells.tolist(), goals.tolist()))
+        if todo := list(dict.fromkeys(p for p in pairs if p not in answers)):
+            out = policy(*torch.tensor(todo).T)
+            answers.update({p: {k: v[i] for k, v in out.items()} for i, p in enumerate(todo)})
+        return {k: torch.stack([answers[p][k] for p in pairs]) for k in answers[pairs[0]]}
+
+    return policy_once
+
+
+def evaluate_unseen(model: g.JEPA, world: g.WorldFamily, num_layouts: int = 200, per_layout: int = 10) -> dict:
+    """A layouts model in layouts it never saw (``num_layouts`` held-out, and on 5x5 the named ones): next-state
+    accuracy; success and optimal share of imagination, the greedy probe, graph (privileged) and random, each alone
+    and with each memory (_memory: remember_bumps, _tried: remember_tried), and of BFS, within run_mpc's step budget
+    and (_3x) three times it. A 3x run plays its first budget's steps exactly as a run with the budget alone. The
+    layouts study's rows; the command line's g.evaluate reports a few of these figures, with the same values."""
+    g.calibrate_batchnorm(model, world)
+    seen = g.WorldFamily(world.layouts[:200], image_size=world.image_size)
+    probe = g.fit_probe(g.encode_states(model, seen).cpu().numpy(), seen.cell_pos(seen.free_cells))
+    sets = {"heldout": (g.heldout_layouts(world.grid_size, num_layouts), per_layout)}
+    if world.grid_size == 5:
+        sets["named"] = (np.stack([g.layout_walls(name) for name in g.LAYOUTS]), 100)
+    metrics = {"training_layouts_next_state_accuracy": g.next_state_accuracy(model, seen)}
+    memories = {"": {}, "_memory": {"remember_bumps": True}, "_tried": {"remember_tried": True}}
+    for name, (layouts, per) in sets.items():
+        family = g.WorldFamily(layouts, image_size=world.image_size)
+        N, acc = family.grid_size**2, g.layout_next_state_accuracy(model, family)
+        starts, goals = g.sample_pairs(family, per, 0)
+        metrics |= {f"{name}_next_state_accuracy": float(acc.mean()), f"{name}_pairs": len(starts)}
+        metrics[f"{name}_layouts_all_right"] = float((acc == 1).mean())
+        bfs = g.run_mpc(family, g.bfs_policy(family), starts, goals)  # the optimum, and each pair's BFS distance
+        budget, optimal = step_budget(family, bfs.optimal_steps), bfs.optimal_steps
+        # each planner built once, so every variant reads the same searches (imagine) and encodings (probe, graph);
+        # graph is privileged (it encodes every free cell of a layout first): layout by layout, with its pairs' budget
+        shared = {p: asked_once(g.make_policy(p, model, family, probe)) for p in ("imagine", "probe")}
+        graphs = [(family.member(i), starts // N == i) for i in range(len(family))]
+        graphs = [(m, asked_once(g.graph_policy(model, m)), k, step_budget(m, optimal[k])) for m, k in graphs]
+        runs = {"bfs": [(bfs, budget)]}  # planner -> [(a run at 3x a budget, that budget)]
+        for memory, flags in memories.items():
+            for p in ("imagine", "probe", "random"):
+                policy = shared.get(p) or g.random_policy()  # random: a fresh one, seeded as make_policy's
+                runs[p + memory] = [(g.run_mpc(family, policy, starts, goals, 3 * budget, **flags), budget)]
+            runs["graph" + memory] = [
+                (g.run_mpc(m, policy, starts[k] - i * N, goals[k] - i * N, 3 * b, **flags), b)
+                for i, (m, policy, k, b) in enumerate(graphs)
+            ]
+        for p, parts in runs.items():
+            steps, best = (torch.cat([getattr(r, k) for r, _ in parts]) for k in ("steps", "optimal_steps"))
+            for times, suffix in ((1, ""), (3, "_3x")):
+                solved = torch.cat([r.steps <= times * b for r, b in parts])  # (P,) within times x the budget
+                metrics[f"{name}_{p}{suffix}_success"] = float(solved.float().mean())
+                metrics[f"{name}_{p}{suffix}_optimal"] = float((solved & (steps == best)).float().mean())
+    return metrics
+
+
 def estimate_train_time(cfg: g.Config, device=None, timed_steps: int = 5, world: g.World | None = None) -> dict:
     """How long g.train(cfg) takes here: one step's FLOPs, ``timed_steps`` timed steps after warm-up ones (timed
     apart: with cfg.compile they include the compilation), and the painting of the frames (bench/gpu_check.py,

@@ -1,5 +1,5 @@
 """Ship a layouts-study model: its finished checkpoint from runs/ into assets/, weights only (no optimiser state),
-with a run record whose metrics are the study row's (the same weights, scored by g.evaluate_unseen).
+with a run record whose metrics are the study row's (the same weights, scored by lab.evaluate_unseen).
 
     python bench/ship_layouts.py layouts-g8-nunlimited-steps20000-t500k-in64-p16-crop-flat-s0-sym \
         --out assets/gridjepa_layouts_8x8.pt

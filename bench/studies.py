@@ -464,7 +464,7 @@ def layouts_study(
     sizes: list[int], seeds: list[int], counts=LAYOUT_COUNTS, save=None, profile="layouts", steps=None, over=None
 ) -> list[dict]:
     """Worlds never seen: train the `layouts` profile on K procedurally generated layouts (K = 20 ... unlimited),
-    then measure (g.evaluate_unseen) next-state accuracy and planning on the 200 held-out layouts (10 seeded pairs
+    then measure (L.evaluate_unseen) next-state accuracy and planning on the 200 held-out layouts (10 seeded pairs
     each: 2,000 pairs) and on the four named 5x5 layouts, with the agent-only planner (imagine) beside the
     privileged graph planner, the greedy probe planner (probe fitted on training layouts) and a random policy. BFS is
     the optimum. Checkpoints go to runs/ under the CLI's names, so a finished `--layouts procedural` run is reused
@@ -478,8 +478,11 @@ def layouts_study(
             for seed in seeds:
                 cfg = layouts_config(profile, size, seed, steps, num_layouts=K, over=fields)
                 run, record = layouts_run(cfg, shipped)
-                t0 = time.perf_counter()  # a shipped run: its latest evaluation, by the same function (the CLI's)
-                metrics = record["evaluations"][-1]["metrics"] if record else g.evaluate_unseen(run.model, run.world)
+                t0 = time.perf_counter()
+                # a shipped run: its latest evaluation by evaluate_unseen (the command line's own has no graph planner)
+                evaluations = [e["metrics"] for e in (record or {}).get("evaluations", [])]
+                scored = [m for m in evaluations if "heldout_graph_success" in m]
+                metrics = scored[-1] if scored else L.evaluate_unseen(run.model, run.world)
                 row = {"grid_size": size, "layouts": count, "distinct_layouts": K, "seed": seed, "overrides": fields}
                 row |= {"profile": profile, "batch_size": cfg.batch_size, "num_steps": cfg.num_steps}
                 gpu = g.default_out_path(cfg).with_suffix(".gpu.json")  # trained on a GPU by bench/gpu_layouts.py
@@ -493,7 +496,7 @@ def layouts_study(
                 row |= {"train_seconds": run.total_train_seconds, **metrics}
                 # the search's settings as planned (None: a shipped run's evaluation from before they were recorded)
                 row |= {k: metrics.get(k) for k in IMAGINE_SETTINGS}
-                row |= split_fields(record, metrics if record else None)
+                row |= split_fields(record, metrics if scored else None)
                 row["eval_seconds"] = time.perf_counter() - t0
                 row = stamp("layouts", row, cfg, row["trained_on"])
                 rows.append(row)
@@ -525,7 +528,7 @@ def imagine_maps_study(seeds: list[int], profile: str = "layouts", steps: int | 
     for seed in seeds:
         cfg = layouts_config(profile, 5, seed, steps)
         run, record = layouts_run(cfg, shipped)
-        g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does before the layouts study's figures
+        g.calibrate_batchnorm(run.model, run.world)  # as L.evaluate_unseen does before the layouts study's figures
         for name, layouts in sets.items():
             t0 = time.perf_counter()
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
@@ -564,16 +567,16 @@ def budget_study(
         for seed in seeds:
             cfg = layouts_config(profile, size, seed, steps, over=fields)
             run, record = layouts_run(cfg, shipped)
-            g.calibrate_batchnorm(run.model, run.world)  # as g.evaluate_unseen does
+            g.calibrate_batchnorm(run.model, run.world)  # as L.evaluate_unseen does
             family = g.WorldFamily(layouts, image_size=run.model.encoder.image_size)
-            starts, goals = g.sample_pairs(family, 10, 0)  # g.evaluate_unseen's pairs
+            starts, goals = g.sample_pairs(family, 10, 0)  # L.evaluate_unseen's pairs
             budget = L.step_budget(family, L.shortest_distances(family, starts, goals))  # run_mpc's default
             row = {"grid_size": size, "seed": seed, "profile": profile, "num_steps": cfg.num_steps, "overrides": fields}
             row |= {"pairs": len(starts), "budget": budget, "max_steps": times * budget, **IMAGINE_SETTINGS}
             row |= split_fields(record)
             t0 = time.perf_counter()
             for name in BUDGET_PLANNERS:
-                policy = g.make_policy(name.removesuffix("_tried"), run.model, family)  # as g.evaluate_unseen
+                policy = g.make_policy(name.removesuffix("_tried"), run.model, family)  # as L.evaluate_unseen
                 with torch.no_grad():
                     result = g.run_mpc(
                         family, policy, starts, goals, max_steps=times * budget, remember_tried=name.endswith("_tried")
@@ -672,7 +675,7 @@ def transition_errors_study(
 ) -> list[dict]:
     """transition_errors on the 200 held-out layouts for the layouts study's unlimited-layouts models (the same
     checkpoints: shipped, or in runs/, trained if missing), BatchNorm calibrated on the training layouts as
-    g.evaluate_unseen does. ``readers``: instead, the readers study's 8x8 models of these READER_ROWS (its
+    L.evaluate_unseen does. ``readers``: instead, the readers study's 8x8 models of these READER_ROWS (its
     checkpoints in runs/, each with the step count its readers_study.json row records, or ``steps``; trained if
     missing)."""
     if readers:

@@ -1,9 +1,14 @@
 """Planning: run_mpc with the reference planners, why the u_trap matters, model planners end to end."""
 
+import sys
+
 import pytest
 import torch
 
 import gridjepa_utils as gj
+
+sys.path.insert(0, str(gj.REPO_ROOT / "bench"))
+import lab  # noqa: E402  (study-only code: bench/lab.py)
 
 
 def manhattan_greedy_policy(world):
@@ -94,7 +99,7 @@ def test_asked_once_asks_each_pair_once_and_plans_the_same():
         asked.extend(zip(cells.tolist(), goals.tolist()))
         return greedy(cells, goals)
 
-    once = gj.asked_once(counting)
+    once = lab.asked_once(counting)
     for flags in ({}, {"remember_bumps": True}, {"remember_tried": True}):
         for max_steps in (None, 60):
             kept, fresh = (gj.run_mpc(world, p, max_steps=max_steps, record=True, **flags) for p in (once, greedy))

@@ -458,34 +458,39 @@ def test_inverse_dynamics_term():
 
 
 def test_cli_trains_on_generated_layouts_and_scores_unseen_ones(tmp_path):
-    """--layouts N trains on N generated layouts and reports next-state accuracy and planning on the held-out and
-    named layouts (smoke profile: numbers in range, not quality)."""
+    """--layouts N trains on N generated layouts and reports next-state accuracy, and imagination search alone and
+    remembering what it tried beside BFS, on held-out layouts; lab.evaluate_unseen's planner table of the same model
+    (every planner and memory, the named layouts too) gives those figures the same values (smoke profile: numbers
+    in range, not quality)."""
     out = tmp_path / "layouts.pt"
     metrics = gj.main(["--profile", "smoke", "--steps", "2", "--layouts", "30", "--out", str(out)])
-    for key in (
-        "heldout_next_state_accuracy",
-        "heldout_imagine_success",
-        "heldout_imagine_memory_success",
-        "heldout_imagine_tried_success",
-        "heldout_graph_success",
-        "named_random_success",
-    ):
-        assert 0 <= metrics[key] <= 1, key
     assert metrics["heldout_pairs"] == 200  # smoke: 20 held-out layouts x 10 pairs
+    assert metrics["heldout_bfs_success"] == metrics["heldout_bfs_optimal"] == 1  # the optimum
+    for key in ("training_layouts_next_state_accuracy", "heldout_next_state_accuracy"):
+        assert 0 <= metrics[key] <= 1, key
+    for one in ("heldout_imagine", "heldout_imagine_tried"):
+        assert 0 <= metrics[f"{one}_optimal"] <= metrics[f"{one}_success"] <= 1
+    assert metrics["heldout_imagine_tried_success"] >= metrics["heldout_imagine_success"]  # memory only breaks loops
+    assert metrics["heldout_imagine_tried_optimal"] == metrics["heldout_imagine_optimal"]
+    model, cfg, _ = gj.load_run(out)
+    table = lab.evaluate_unseen(model, gj.build_world(cfg), num_layouts=20)
+    shared = {k: v for k, v in metrics.items() if k != "train_seconds"}
+    assert {k: table[k] for k in shared} == shared
+    for key in ("heldout_imagine_memory_success", "heldout_graph_success", "named_random_success"):
+        assert 0 <= table[key] <= 1, key
     for where in ("heldout", "named"):
-        assert metrics[f"{where}_bfs_success"] == metrics[f"{where}_bfs_3x_optimal"] == 1  # the optimum
+        assert table[f"{where}_bfs_success"] == table[f"{where}_bfs_3x_optimal"] == 1  # the optimum
         for planner in ("imagine", "probe", "graph", "random"):
             for memory in ("", "_memory", "_tried"):
                 one, three = (f"{where}_{planner}{memory}{budget}" for budget in ("", "_3x"))
-                assert 0 <= metrics[f"{one}_optimal"] <= metrics[f"{one}_success"] <= metrics[f"{three}_success"] <= 1
-                assert metrics[f"{three}_optimal"] == metrics[f"{one}_optimal"]  # an optimal path fits in the budget
+                assert 0 <= table[f"{one}_optimal"] <= table[f"{one}_success"] <= table[f"{three}_success"] <= 1
+                assert table[f"{three}_optimal"] == table[f"{one}_optimal"]  # an optimal path fits in the budget
                 # a planner deciding from (image, goal image) alone succeeds only where it never repeats an image:
                 # memory changes only episodes that would repeat a bump or a loop forever (random: its draws move)
                 if memory and planner != "random":
-                    assert metrics[f"{one}_success"] >= metrics[f"{where}_{planner}_success"]
-                    assert metrics[f"{one}_optimal"] == metrics[f"{where}_{planner}_optimal"]
-    saved = gj.load_run(out)[1]
-    assert saved.num_layouts == 30
+                    assert table[f"{one}_success"] >= table[f"{where}_{planner}_success"]
+                    assert table[f"{one}_optimal"] == table[f"{where}_{planner}_optimal"]
+    assert cfg.num_layouts == 30
     with pytest.raises(SystemExit):
         gj.main(["--profile", "smoke", "--layouts", "many", "--out", str(tmp_path / "x.pt")])
 
