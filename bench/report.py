@@ -772,6 +772,25 @@ def imagine_maps_section(fig: Figures) -> str:
     return text + "\n\n" + fig.save(f, "imagine_maps") + "\n\n" + provenance(rows)
 
 
+def ensemble_section(fig: Figures) -> str:
+    rows = rows_of("ensemble_study")
+    name = lambda r: f"seed {r['members'][0]} alone" if len(r["members"]) == 1 else f"joined ({r['combine']})"  # noqa: E731
+    keys = ("imagine_success", "imagine_optimal", "imagine_tried_success")
+    out = [[f"`{r['id']}`", r["layouts"], name(r), r["pairs"], *(pct(r[k]) for k in keys)] for r in rows]
+    text = table(["id", "layouts", "planner", "pairs", "imagine", "optimal", "remembering all it tried"], out)
+    best = []  # the join chosen on the validation layouts for each memory, then its held-out figure
+    for key in ("imagine_success", "imagine_tried_success"):
+        joined = [r for r in rows if len(r["members"]) > 1]
+        pick = max((r for r in joined if r["layouts"] == "validation"), key=lambda r: r[key])
+        held = next(r for r in joined if r["layouts"] == "heldout" and r["combine"] == pick["combine"])
+        alone = [r[key] for r in rows if r["layouts"] == "heldout" and len(r["members"]) == 1]
+        best.append(
+            f"{key.removesuffix('_success').replace('_', ' ')}: the validation layouts choose {pick['combine']!r};"
+            f" on the held-out layouts it solves {pct(held[key])} against {' / '.join(pct(a) for a in alone)} alone"
+        )
+    return text + "\n\n" + "<br>".join(best) + "\n\n" + provenance(rows)
+
+
 def imagine_tuning_section(fig: Figures) -> str:
     rows = rows_of("imagine_tuning")
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -897,6 +916,11 @@ STUDIES = [  # heading, what it measures, section
     ("Long runs (8×8)", "The leading readers trained long: their training curves.", long_runs_section),
     ("Transition errors", "What a layouts model gets wrong on the held-out layouts.", transition_errors_section),
     ("Imagined maps", "What the imagination search imagines, against the true layouts.", imagine_maps_section),
+    (
+        "Ensembles (8×8)",
+        "Two layouts models of different seeds planning as one: their imagination searches joined.",
+        ensemble_section,
+    ),
     ("Imagination tuning", "The search's settings, chosen on validation layouts.", imagine_tuning_section),
     ("Recipe tuning", "The cpu recipe's schedule, chosen on validation layouts.", recipe_tuning_section),
 ]

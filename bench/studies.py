@@ -143,6 +143,9 @@ def row_id(study: str, row: dict) -> str:
         return f"transition-errors{'-readers' if 'readers_row' in row else ''}-{model_tag(row)}{sym}"
     if study == "readers":
         return f"readers-g8-{over}-budget{row['budget_seconds']:g}-s{seed}"
+    if study == "ensemble":
+        members = "+".join(f"s{s}" for s in row["members"])
+        return f"ensemble-g{row['grid_size']}-steps{row['num_steps']}-{members}-{row['combine']}-{row['layouts']}{sym}"
     if study == "long-runs":
         return f"long-runs-g8-{over}-steps{row['num_steps']}-s{seed}"
     if study == "recipe-tuning":
@@ -950,6 +953,67 @@ def long_runs_study(only: list[str] | None = None, saved: list[dict] | None = No
     return runs
 
 
+ENSEMBLE_COMBINES = ("min", "sum")  # how the members' imagined path lengths per first action are joined
+
+
+def ensemble_policy(policies: list, combine: str) -> g.Policy:
+    """Several models plan as one: each member's imagination search scores the 4 first actions by the length of the
+    shortest imagined path through it; "min" takes the best of the members' scores (a path any member imagines
+    counts: a move one model reads as a wall bump another may read right), "sum" adds them (every member must
+    agree). The action with the best joined score is taken; run_mpc's memories read the joined scores."""
+
+    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
+        scores = torch.stack([p(cells, goals)["scores"].float() for p in policies])  # (M, P, A)
+        joined = scores.amin(0) if combine == "min" else scores.sum(0)  # (P, A)
+        return {"action": joined.argmin(1), "scores": joined}
+
+    return policy
+
+
+def ensemble_study(size: int, members: list[int], profile: str = "layouts", steps=None, save=None) -> list[dict]:
+    """An ensemble of the layouts study's models (the same checkpoints, one per seed in ``members``): the members'
+    imagination searches joined (ensemble_policy) against each member alone, without memory and remembering all it
+    tried, within the layouts study's step budget, on the same 10 seeded pairs per layout. First on 200 validation
+    layouts (lab.validation_layouts: never trained on, never reported elsewhere) to choose how to join, then on the
+    200 held-out layouts every reported figure uses. Each member is calibrated on its own training layouts."""
+    shipped, rows, runs = shipped_layouts_runs(), [], []
+    for seed in members:
+        cfg = layouts_config(profile, size, seed, steps)
+        run, record = layouts_run(cfg, shipped)
+        g.calibrate_batchnorm(run.model, run.world)  # as the layouts study's evaluation does
+        runs.append((cfg, run, record))
+    for name, layouts in (("validation", L.validation_layouts(size, 200)), ("heldout", g.heldout_layouts(size, 200))):
+        family = g.WorldFamily(layouts, image_size=runs[0][1].model.encoder.image_size)
+        starts, goals = g.sample_pairs(family, 10, 0)
+        budget = L.step_budget(family, L.shortest_distances(family, starts, goals))
+        alone = [L.asked_once(g.imagination_policy(run.model, family)) for _, run, _ in runs]  # each search once
+        planners = {f"s{seed}": [policy] for seed, policy in zip(members, alone)}
+        planners |= {combine: alone for combine in ENSEMBLE_COMBINES}
+        for combine, policies in planners.items():
+            t0 = time.perf_counter()
+            policy = policies[0] if len(policies) == 1 else ensemble_policy(policies, combine)
+            row = {"grid_size": size, "layouts": name, "pairs": len(starts), "budget": budget, "combine": combine}
+            row |= {"members": members if len(policies) > 1 else [int(combine[1:])], "profile": profile}
+            row |= {"num_steps": runs[0][0].num_steps, "overrides": size_overrides(size), **IMAGINE_SETTINGS}
+            for memory in ("", "_tried"):
+                result = g.run_mpc(family, policy, starts, goals, budget, remember_tried=memory == "_tried")
+                row[f"imagine{memory}_success"] = float(result.success.float().mean())
+                row[f"imagine{memory}_optimal"] = float(result.optimal.float().mean())
+            row |= split_fields(runs[0][2]) | {"seconds": time.perf_counter() - t0}
+            cfg = runs[members.index(row["members"][0])][0]
+            row = stamp("ensemble", row, cfg)
+            rows.append(row)
+            if save is not None:
+                save([row])
+            print(
+                f"{size}x{size} {name}, {combine}: imagine {row['imagine_success']:.4f}"
+                f" (optimal {row['imagine_optimal']:.4f}), remembering what it tried {row['imagine_tried_success']:.4f}"
+                f" | {row['seconds']:.0f} s",
+                flush=True,
+            )
+    return rows
+
+
 STUDIES = {  # name -> its file in assets/ (bench/results.py writes it; a row redone replaces the row of its id)
     "recipe-tuning": "recipe_tuning.json",
     "probes": "probe_study.json",
@@ -963,6 +1027,7 @@ STUDIES = {  # name -> its file in assets/ (bench/results.py writes it; a row re
     "long-runs": "long_runs.json",
     "transition-errors": "transition_errors.json",
     "budget": "budget_study.json",
+    "ensemble": "ensemble_study.json",
     "writeup-size": "writeup_size.json",
 }
 
@@ -1077,6 +1142,10 @@ def main() -> None:
         rows = long_runs_study(args.only)
     elif args.study == "writeup-size":
         rows = writeup_size_study(args.seeds, args.only, save=save)
+    elif args.study == "ensemble":
+        rows = ensemble_study(
+            layout_sizes[0] if args.sizes != [5, 8, 12] else 8, args.seeds, args.profile, args.steps, save=save
+        )
     elif args.study == "budget":
         rows = budget_study(layout_sizes, args.seeds, args.profile, args.steps, save=save, over=args.overrides)
     else:
