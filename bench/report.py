@@ -785,7 +785,8 @@ def ensemble_section(fig: Figures) -> str:
         held = next(r for r in joined if r["layouts"] == "heldout" and r["combine"] == pick["combine"])
         alone = [r[key] for r in rows if r["layouts"] == "heldout" and len(r["members"]) == 1]
         best.append(
-            f"{key.removesuffix('_success').replace('_', ' ')}: the validation layouts choose {pick['combine']!r};"
+            f"{'alone' if key == 'imagine_success' else 'remembering all it tried'}: the validation layouts choose"
+            f" {pick['combine']!r};"
             f" on the held-out layouts it solves {pct(held[key])} against {' / '.join(pct(a) for a in alone)} alone"
         )
     return text + "\n\n" + "<br>".join(best) + "\n\n" + provenance(rows)
