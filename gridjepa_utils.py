@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import sys
-import tempfile
 import textwrap
 import time
 import warnings
@@ -1188,13 +1187,13 @@ def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, s
     return {"h": list(range(1, horizon + 1)), "relative_mse": mse.tolist(), "accuracy": right.float().mean(0).tolist()}
 
 
-# ── checkpoints and run records: checked before they are trusted, written atomically ──
-CHECKPOINT_FORMAT = 2  # 2: a "format" key and a checksum; 1 (the shipped files): a checksum and no "format" key
-CHECKPOINT_KEYS = ("model", "optimizer", "config", "history", "metrics")  # the dicts beside the step
+# ── checkpoints, run records and output locks: checked before they are trusted, written atomically ──
+CHECKPOINT_FORMAT, CHECKPOINT_KEYS = 2, ("model", "optimizer", "config", "history", "metrics")  # dicts, beside a step
 RETIRED_FIELDS = {"stem": "patch", "spatial": False, "rollout_frames": 0, "rollout_weight": 0.0}  # at their old values
 BOOKKEEPING = ("log_every", "eval_every", "ckpt_every", "profile", "compile")  # not in a run's name
 RECORD_KIND = "gridjepa run record"
-RECORD_FIELDS = {"command": str, "train_seconds": (int, float), "device": str, "metrics": dict, "evaluations": list}
+RECORD_FIELDS = dict(command=str | None, train_seconds=int | float, metrics=dict, evaluations=list, config=dict)
+_LOCKS: dict[str, filelock.FileLock] = {}  # one per output: this process may take it again (train inside main)
 
 
 def checkpoint_checksum(state: dict, h=None) -> str:
@@ -1206,35 +1205,27 @@ def checkpoint_checksum(state: dict, h=None) -> str:
     elif not isinstance(obj, (dict, list, tuple)):
         h.update(f"S{obj!r}".encode())
     else:
-        h.update(f"{'D' if isinstance(obj, dict) else 'L'}{len(obj)}".encode())
-        for k in sorted(obj, key=repr) if isinstance(obj, dict) else range(len(obj)):
-            h.update(repr(k).encode() if isinstance(obj, dict) else b"")
-            checkpoint_checksum(obj[k], h)
+        h.update(f"{'D' if (is_dict := isinstance(obj, dict)) else 'L'}{len(obj)}".encode())
+        for k in sorted(obj, key=repr) if is_dict else range(len(obj)):
+            h.update(repr(k).encode() if is_dict else b""), checkpoint_checksum(obj[k], h)
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes | None) -> None:
-    """Write ``data`` via a fresh temporary file (fsync, rename; None: only try one); an OSError names ``path``."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # never follows a link
-        os.umask(umask := os.umask(0))
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data or b""), f.flush(), os.fsync(f.fileno())
-        if data is not None:
-            os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
+def _atomic_write(path: Path, data: bytes) -> None:
+    """A fresh file beside ``path``, synced, then renamed over it (a link there is replaced, never followed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # "x": a new file, never an existing one or a link; the mode open() gives, not mkstemp's 0600
+        with open(tmp := path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp", "xb") as f:
+            f.write(data), f.flush(), os.fsync(f.fileno())
+        os.replace(tmp, path)
     except OSError as e:
         raise OSError(e.errno, f"{(e.strerror or str(e)).lower()} writing {path}") from e
     finally:
-        with contextlib.suppress(OSError, TypeError):
-            os.unlink(tmp)  # gone after the rename
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # gone after the rename
 
 
-def save_checkpoint(
-    path, model: JEPA, cfg: Config, opt=None, step: int = 0, history=None, metrics=None, train_seconds: float = 0.0
-) -> None:
+def save_checkpoint(path, model: JEPA, cfg: Config, opt=None, step=0, history=None, metrics=None, train_seconds=0.0):
     """Everything a run needs in one checksummed file, serialised in memory first (a full disk is our OSError)."""
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": step, "config": dataclasses.asdict(cfg)}
     state |= {"optimizer": opt.state_dict() if opt is not None else {}, "history": history or {}}
@@ -1243,65 +1234,51 @@ def save_checkpoint(
     _atomic_write(Path(path), buffer.getvalue())
 
 
-def config_from_dict(values: dict, source: str = "config") -> Config:
-    """A validated Config from a saved dict; retired fields only at their old values; unknown fields refused."""
-    if not isinstance(values, dict):
-        raise ValueError(f"{source}: the config must be a dict, got {type(values).__name__}")
+def config_from_dict(values: dict, source: str = "config", cfg: Config | None = None, same_run: bool = True) -> Config:
+    """A validated Config from a saved dict; ``cfg``: refused if a model (``same_run``: any) field differs from it."""
     names = {f.name for f in dataclasses.fields(Config)}
     bad = [f"{k}={v!r}" for k, v in values.items() if k in RETIRED_FIELDS and v != RETIRED_FIELDS[k]]
     if bad := bad + sorted(set(values) - names - set(RETIRED_FIELDS)):
         raise ValueError(f"{source} describes a model this module does not build ({', '.join(bad)})")
     try:
-        return validate_config(Config(**{k: v for k, v in values.items() if k in names}))
+        saved = validate_config(Config(**{k: v for k, v in values.items() if k in names}))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source} holds an invalid config: {e}") from e
-
-
-def _config_diff(saved: Config, cfg: Config, where: str, same_run: bool = True) -> str:
-    """The model fields (``same_run``: every field but BOOKKEEPING) on which ``saved`` and ``cfg`` differ, named."""
-    models = saved.model_fields()
-    return ", ".join(
+    models, where = saved.model_fields(), source.split()[0]  # where: "checkpoint" or "record"
+    if diff := [
         f"{'model' if k in models else 'training'} field {k}: {where}={v!r} vs config={getattr(cfg, k)!r}"
         for k, v in dataclasses.asdict(saved).items()
-        if k not in BOOKKEEPING and (same_run or k in models) and getattr(cfg, k) != v
-    )
+        if cfg is not None and k not in BOOKKEEPING and (same_run or k in models) and getattr(cfg, k) != v
+    ]:
+        raise ValueError(f"{source} was made with another config ({', '.join(diff)}): use its own, or another name")
+    return saved
 
 
 def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, device="cpu", same_run=False) -> dict:
-    """A checkpoint checked before any model is built, plus "cfg" and "model_obj"; ``cfg``: refuse other model fields
-    (``same_run``: other training fields too)."""
+    """A checkpoint checked before it is used, plus "cfg" and "model_obj"; ``cfg``: see config_from_dict."""
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} is not available here (no CUDA GPU); load {path} with device='cpu'")
+    data = Path(path).read_bytes()  # a missing file is a FileNotFoundError
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
+        ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read (corrupt, truncated or not a checkpoint): {e}") from e
     if not isinstance(ckpt, dict) or any(not isinstance(ckpt.get(k), dict) for k in CHECKPOINT_KEYS):
         raise ValueError(f"{path} is not a GridJEPA checkpoint (it needs dicts {list(CHECKPOINT_KEYS)} and a step)")
-    if ckpt.get("format", 1) not in (1, CHECKPOINT_FORMAT):
+    if ckpt.get("format", 1) not in (1, CHECKPOINT_FORMAT):  # 1: most shipped files, a checksum and no "format" key
         raise ValueError(f"checkpoint {path} has format {ckpt['format']!r}; this module reads formats 1 and 2")
-    if "checksum" not in ckpt and "format" not in ckpt:
-        raise ValueError(f"checkpoint {path} was written by an older version without a checksum: retrain or re-save it")
-    if checkpoint_checksum(ckpt) != ckpt.get("checksum"):
-        raise ValueError(f"checkpoint {path} fails its integrity check (sha256): corrupted or edited; do not use it")
-    saved, step = config_from_dict(ckpt["config"], f"checkpoint {path}"), ckpt.get("step")
+    if checkpoint_checksum(ckpt) != ckpt.get("checksum"):  # a missing one too: format 1 and 2 both have it
+        raise ValueError(f"checkpoint {path} fails its integrity check: edited, corrupted or pre-checksum; retrain it")
+    saved, step = config_from_dict(ckpt["config"], f"checkpoint {path}", cfg, same_run), ckpt.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= saved.num_steps:
         raise ValueError(f"checkpoint {path} has step {step!r}; expected an integer in [0, {saved.num_steps}]")
-    if cfg is not None and (diff := _config_diff(saved, cfg, "checkpoint", same_run)):
-        hint = "build the model from the checkpoint's config (load_run) or start a new run under another name"
-        raise ValueError(f"checkpoint {path} was made with another config ({diff}); {hint}")
-    with torch.device("meta"):  # the shapes alone, no memory
-        expected = (model if model is not None else JEPA(saved)).state_dict()
-    got, want = ({k: tuple(getattr(v, "shape", ())) for k, v in sd.items()} for sd in (ckpt["model"], expected))
-    diff = [f"{k}: {got.get(k)} in the file, {want.get(k)} by config" for k in got | want if got.get(k) != want.get(k)]
-    if diff:
-        raise ValueError(f"checkpoint {path}: its weights do not fit its config ({'; '.join(diff[:4])})")
     model = model if model is not None else JEPA(saved).to(device)
-    model.load_state_dict(ckpt["model"])
-    ckpt.setdefault("train_seconds", float(ckpt["metrics"].get("train_seconds", 0.0) or 0.0))
-    return ckpt | {"cfg": saved, "model_obj": model.eval()}
+    try:
+        model.load_state_dict(ckpt["model"])  # its message names each tensor that does not fit
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: its weights do not fit its config ({' '.join(str(e).split())})") from e
+    seconds = float(ckpt["metrics"].get("train_seconds") or 0.0)  # format 1 kept it in the metrics
+    return {"train_seconds": seconds} | ckpt | {"cfg": saved, "model_obj": model.eval()}
 
 
 def config_hash(cfg: Config) -> str:
@@ -1320,26 +1297,20 @@ def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None
     """The record <stem>.json beside ``out`` (or None); another file there: FileExistsError, or with warn None."""
     if not os.path.lexists(path := Path(out).with_suffix(".json")):
         return None
-    try:
-        if path.is_symlink() or not path.is_file():
-            raise ValueError("it is a link or not a regular file")
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-            raise ValueError(f"it is not a run record ({e})") from None
-        if not isinstance(record, dict) or record.get("kind") != RECORD_KIND or "command" not in record:
-            raise ValueError("it is not a run record written by gridjepa_utils.py")
+    try:  # OSError, or ValueError: not JSON, not UTF-8
+        record = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+        if not isinstance(record, dict) or record.get("kind") != RECORD_KIND or {"command", "config"} - record.keys():
+            raise ValueError("it is a link, a folder or a file not written by gridjepa_utils.py")
         if record.get("checkpoint") != Path(out).name:
             raise ValueError(f"it records checkpoint {record.get('checkpoint')!r}, not {Path(out).name!r}")
         if wrong := [k for k, kind in RECORD_FIELDS.items() if k in record and not isinstance(record[k], kind)]:
             raise ValueError(f"its fields {wrong} have the wrong type")
-        if diff := _config_diff(config_from_dict(record.get("config"), "its config"), cfg, "record"):
-            raise ValueError(f"it records a run with other training fields ({diff})")
+        config_from_dict(record["config"], "record", cfg)
         return record
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         if not warn:
-            raise FileExistsError(f"refusing to overwrite {path}: {e}") from None
-        warnings.warn(f"ignoring the run record {path}: {e}", stacklevel=3)
+            raise FileExistsError(f"refusing to overwrite {path}, not this run's record: {e}") from None
+        warnings.warn(f"ignoring {path}, not this run's record: {e}", stacklevel=3)
 
 
 def write_record(out: str | Path, record: dict) -> None:
@@ -1349,51 +1320,31 @@ def write_record(out: str | Path, record: dict) -> None:
 
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA, Config, dict]:
     """A checkpoint's model and config, and info: path, step, metrics, history, and command etc. from its record."""
-    ckpt = load_checkpoint(path, device=device)
-    record = read_record(path, ckpt["cfg"], warn=True) or {}
-    info = {"path": str(path), "step": ckpt["step"], "metrics": dict(ckpt["metrics"]) | record.get("metrics", {})}
-    info |= {"history": ckpt["history"], "command": None}
+    record = read_record(path, (ckpt := load_checkpoint(path, device=device))["cfg"], warn=True) or {}
+    info = {"path": str(path), "step": ckpt["step"], "history": ckpt["history"], "command": None}
     info |= {k: record[k] for k in ("command", "train_seconds", "device", "evaluations") if k in record}
-    return ckpt["model_obj"], ckpt["cfg"], info
+    return ckpt["model_obj"], ckpt["cfg"], info | {"metrics": dict(ckpt["metrics"]) | record.get("metrics", {})}
 
 
-# ── output files: one OS lock per output, a writable folder checked before training ──
-_LOCKS: dict[str, filelock.FileLock] = {}  # one per output: this process may take it again (train inside main)
+def check_writable(path: str | Path) -> None:
+    """Fail now, naming ``path``, if no file can be made beside it (its lock file), rather than after training."""
+    try:
+        (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path} (its lock file {path}.lock: {e.strerror or e})") from e
 
 
 @contextlib.contextmanager
 def output_lock(path: str | Path):
-    """An OS lock on ``<path>.lock`` (never stale) while a run writes ``path``; another process is refused by pid."""
-    lock_path, pid_path = Path(f"{path}.lock"), Path(f"{path}.lock.pid")
-    lock = _LOCKS.setdefault(str(lock_path.resolve()), filelock.FileLock(str(lock_path.resolve())))
-    first, holder = not lock.is_locked, "another process"
-    try:  # a lock file that cannot be opened (a folder, a read-only place) is an error, not a busy lock
-        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))
-        lock.acquire(timeout=0)
-    except filelock.Timeout:  # before OSError, of which it is one
-        with contextlib.suppress(OSError, ValueError):
-            holder = f"process {int(pid_path.read_text())}"
-        raise RuntimeError(f"{path} is being written by {holder} ({lock_path}): wait, or use another path") from None
-    except OSError as e:
-        raise OSError(e.errno, f"cannot create the lock file {lock_path}: {e.strerror or e}") from e
+    """An OS lock on ``<path>.lock`` while a run writes ``path`` (it goes with its process: never stale)."""
+    check_writable(path)  # a lock file that cannot be made is an error, not a busy lock
+    lock = _LOCKS.setdefault(lock_path := str(Path(f"{path}.lock").resolve()), filelock.FileLock(lock_path))
     try:
-        if first:
-            pid_path.write_text(str(os.getpid()))
-        yield lock_path
-    finally:
-        if first:
-            pid_path.unlink(missing_ok=True)
-        lock.release()
-
-
-def check_writable(path: str | Path) -> None:
-    """Fail now, naming ``path``, if a file cannot be created next to it (rather than after training)."""
-    try:
-        _atomic_write(path := Path(path), None)
-    except OSError as e:
-        raise OSError(f"cannot write {path}: its folder {path.parent} is not writable ({e.strerror or e})") from e
-    if path.exists() and (path.is_dir() or not os.access(path, os.R_OK)):
-        raise OSError(f"cannot use {path} as an output: it is a folder or unreadable")
+        with lock.acquire(timeout=0):  # released on leaving, whatever happens
+            yield lock_path
+    except filelock.Timeout:  # from acquire: a run takes no other file lock
+        raise RuntimeError(f"{path} is being written by another process: wait, or use another path") from None
 
 
 # ── the training loop ──

@@ -91,12 +91,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert gj.load_checkpoint(out)["step"] >= 15  # the smoke profile's first checkpoint
 
 
-@pytest.mark.parametrize("kind", ["lock", "lock.pid"])
-def test_lock_paths_that_are_folders(capsys, tmp_path, kind):
-    """A folder where the lock (or its pid file) goes is named as the cause, not taken for a running process."""
-    (tmp_path / f"r.pt.{kind}").mkdir()
+@pytest.mark.parametrize("name", ["r.pt.lock", "r.json"])
+def test_lock_paths_that_are_folders(capsys, tmp_path, name):
+    """A folder where the lock (or the run record) goes is named as the cause, not taken for a running process."""
+    (tmp_path / name).mkdir()
     code, err = cli_error(capsys, "--profile", "smoke", "--steps", "2", "--out", str(tmp_path / "r.pt"))
-    assert code == 1 and f"r.pt.{kind}" in err and "being written by" not in err
+    assert code == 1 and name in err and "being written by" not in err
 
 
 # ── settings ──
@@ -248,6 +248,6 @@ def test_load_on_a_missing_gpu_is_not_called_corrupt(tmp_path, smoke_cfg, model)
 
 def test_output_lock_in_a_place_that_cannot_hold_it():
     """A lock file that cannot be created was reported as 'being written by another process'."""
-    with pytest.raises(OSError, match=r"cannot create the lock file /proc/x\.pt\.lock"):
+    with pytest.raises(OSError, match=r"cannot write /proc/x\.pt \(its lock file /proc/x\.pt\.lock"):
         with gj.output_lock(Path("/proc/x.pt")):
             pass

@@ -27,7 +27,7 @@ def test_record_command_is_shell_quoted(tmp_path):
 
 def test_lost_record_never_takes_an_evaluation_for_training(tmp_path):
     """A finished run whose record was deleted, rerun with another planner, keeps the checkpoint's training metrics
-    and records the new planner's figures as an evaluation only."""
+    and records the new planner's figures as an evaluation only; the rebuilt record (no command) takes later reruns."""
     out = tmp_path / "r.pt"
     assert run_cli("--out", out) == 0
     trained = torch.load(out, weights_only=True)["metrics"]
@@ -36,4 +36,9 @@ def test_lost_record_never_takes_an_evaluation_for_training(tmp_path):
     assert torch.load(out, weights_only=True)["metrics"] == trained
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["metrics"]["planner"] == "probe" and record["metrics"]["plan_success"] == trained["plan_success"]
-    assert [e["planner"] for e in record["evaluations"]] == ["random"]
+    assert [e["planner"] for e in record["evaluations"]] == ["random"] and record["command"] is None
+    assert run_cli("--out", out, "--planner", "nearest") == 0
+    assert [e["planner"] for e in json.loads(out.with_suffix(".json").read_text())["evaluations"]] == [
+        "random",
+        "nearest",
+    ]

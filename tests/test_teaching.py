@@ -31,8 +31,8 @@ def test_load_run_reads_a_notebook_checkpoint_without_json(tmp_path, smoke_run, 
 @pytest.mark.parametrize(
     "text, reason",
     [
-        ("{not json", "not a run record"),
-        ('{"step": 99999}', "not a run record written by"),
+        ("{not json", "not this run's record: Expecting property name"),
+        ('{"step": 99999}', "not written by gridjepa_utils.py"),
         ('{"kind": "gridjepa run record", "command": "x", "checkpoint": "other.pt", "config": {}}', "other.pt"),
         ('{"kind": "gridjepa run record", "command": "x", "checkpoint": "r.pt", "config": {"seed": 7}}', "seed"),
         ('{"kind": "gridjepa run record", "command": 3, "checkpoint": "r.pt", "config": {}}', "wrong type"),
