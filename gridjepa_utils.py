@@ -1333,6 +1333,8 @@ def check_writable(path: str | Path) -> None:
         os.close(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path} (its lock file {path}.lock: {e.strerror or e})") from e
+    if path.is_dir():  # found now, not at the first checkpoint after training
+        raise IsADirectoryError(f"cannot write {path}: it is a folder; give a checkpoint path ending in .pt")
 
 
 @contextlib.contextmanager

@@ -379,3 +379,10 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "b.pt")
     with pytest.raises(ValueError, match=r"not a GridJEPA checkpoint"):
         gj.load_checkpoint(tmp_path / "b.pt")
+
+
+def test_a_folder_at_the_checkpoint_path_is_refused_before_training(tmp_path, smoke_cfg, monkeypatch):
+    (tmp_path / "x.pt").mkdir()
+    monkeypatch.setattr(gj, "make_transitions", lambda *a, **k: pytest.fail("trained before refusing the folder"))
+    with pytest.raises(IsADirectoryError, match="it is a folder"):
+        gj.train(smoke_cfg, ckpt_path=tmp_path / "x.pt", resume=False, progress=False)
