@@ -143,6 +143,8 @@ def row_id(study: str, row: dict) -> str:
         return f"transition-errors{'-readers' if 'readers_row' in row else ''}-{model_tag(row)}{sym}"
     if study == "readers":
         return f"readers-g8-{over}-budget{row['budget_seconds']:g}-s{seed}"
+    if study == "wall-data":
+        return f"wall-data-g{row['grid_size']}-bias{row['wall_bias']:g}-steps{row['num_steps']}-s{seed}{sym}"
     if study == "ensemble":
         members = "+".join(f"s{s}" for s in row["members"])
         return f"ensemble-g{row['grid_size']}-steps{row['num_steps']}-{members}-{row['combine']}-{row['layouts']}{sym}"
@@ -953,6 +955,74 @@ def long_runs_study(only: list[str] | None = None, saved: list[dict] | None = No
     return runs
 
 
+WALL_BIAS = 2.0  # a start cell's weight in the wall-biased data: 1 + WALL_BIAS x the walls among its 4 neighbours
+
+
+def wall_biased_transitions(world: g.WorldFamily, num: int, seed: int, bias: float = WALL_BIAS) -> g.Transitions:
+    """One-step transitions whose starts favour walls: a free cell is drawn with weight 1 + bias x the walls among
+    its 4 neighbours (the board's edge is no wall), so a cell in a corridor or by a door is drawn up to 1 + 3 x bias
+    times as often as an open one; actions stay uniform, so both the bumps and the moves beside walls grow."""
+    w = np.pad(world.layouts, ((0, 0), (1, 1), (1, 1)))  # (K, G + 2, G + 2)
+    adjacent = w[:, :-2, 1:-1].astype(int) + w[:, 2:, 1:-1] + w[:, 1:-1, :-2] + w[:, 1:-1, 2:]  # (K, G, G)
+    weight = torch.from_numpy(1 + bias * adjacent.reshape(-1)[world.free_cells].astype(np.float64))
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.from_numpy(world.free_cells)[torch.multinomial(weight, num, replacement=True, generator=gen)]
+    actions = torch.randint(len(g.ACTIONS), (num, 1), generator=gen)
+    states = torch.stack([starts, world.next_cell[starts, actions[:, 0]]], 1)  # (num, 2)
+    return g.Transitions(states.to(torch.int32), actions.to(torch.uint8))
+
+
+def data_card(world: g.WorldFamily, data: g.Transitions) -> dict:
+    """What a dataset visits: the mean number of walls next to its start cells, and the share of moves that bump."""
+    w = np.pad(world.layouts, ((0, 0), (1, 1), (1, 1)))
+    adjacent = (w[:, :-2, 1:-1].astype(int) + w[:, 2:, 1:-1] + w[:, 1:-1, :-2] + w[:, 1:-1, 2:]).reshape(-1)
+    starts = data.states[:, 0].long().numpy()
+    return {"start_walls_adjacent": float(adjacent[starts].mean()), **g.dataset_stats(world, data)}
+
+
+def wall_data_study(seeds: list[int], steps: int = 20_000, bias: float = WALL_BIAS, save=None) -> list[dict]:
+    """The 8x8 layouts recipe trained on wall-biased data (wall_biased_transitions: the same number of one-step
+    transitions of the same layouts, starts favouring cells beside walls) in place of uniform starts. Each model is
+    scored on 200 validation layouts (imagination search alone and remembering what it tried, 10 seeded pairs each;
+    next-state accuracy) and with lab.evaluate_unseen on the 200 held-out layouts. The data card of both datasets is
+    in the row; today's recipe (uniform starts) is the layouts study's row of the same seed."""
+    rows = []
+    for seed in seeds:
+        cfg = layouts_config("layouts", 8, seed, steps)
+        world = g.build_world(cfg)
+        data = wall_biased_transitions(world, cfg.num_transitions, cfg.data_seed, bias)
+        uniform = g.make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)  # today's data
+        card = {f"biased_{k}": v for k, v in data_card(world, data).items() if isinstance(v, float)}
+        card |= {f"uniform_{k}": v for k, v in data_card(world, uniform).items() if isinstance(v, float)}
+        default = g.default_out_path(cfg)
+        run = g.train(cfg, world, data, ckpt_path=default.with_name(f"walls{bias:g}_{default.name}"), progress=False)
+        t0 = time.perf_counter()
+        metrics = L.evaluate_unseen(run.model, run.world)  # calibrates BatchNorm on the training layouts
+        family = g.WorldFamily(L.validation_layouts(8, 200), image_size=run.model.encoder.image_size)
+        starts, goals = g.sample_pairs(family, 10, 0)
+        policy = L.asked_once(g.imagination_policy(run.model, family))
+        row = {"grid_size": 8, "seed": seed, "num_steps": cfg.num_steps, "wall_bias": bias, "profile": cfg.profile}
+        row |= {"overrides": size_overrides(8), "train_seconds": run.total_train_seconds, **card}
+        row["validation_next_state_accuracy"] = g.next_state_accuracy(run.model, family)
+        for memory in ("", "_tried"):
+            result = g.run_mpc(family, policy, starts, goals, remember_tried=memory == "_tried")
+            row[f"validation_imagine{memory}_success"] = float(result.success.float().mean())
+            row[f"validation_imagine{memory}_optimal"] = float(result.optimal.float().mean())
+        row |= metrics | split_fields(None) | {"eval_seconds": time.perf_counter() - t0}
+        row = stamp("wall-data", row, cfg)
+        rows.append(row)
+        if save is not None:
+            save([row])
+        print(
+            f"8x8 wall-biased data (bias {bias:g}), seed {seed}: validation imagine"
+            f" {row['validation_imagine_success']:.4f}, tried {row['validation_imagine_tried_success']:.4f}, next-state"
+            f" {row['validation_next_state_accuracy']:.4f} | held-out imagine {metrics['heldout_imagine_success']:.4f}"
+            f" | {run.total_train_seconds:.0f} s",
+            flush=True,
+        )
+    return rows
+
+
 ENSEMBLE_COMBINES = ("min", "sum")  # how the members' imagined path lengths per first action are joined
 
 
@@ -1028,6 +1098,7 @@ STUDIES = {  # name -> its file in assets/ (bench/results.py writes it; a row re
     "transition-errors": "transition_errors.json",
     "budget": "budget_study.json",
     "ensemble": "ensemble_study.json",
+    "wall-data": "wall_data_study.json",
     "writeup-size": "writeup_size.json",
 }
 
@@ -1142,6 +1213,8 @@ def main() -> None:
         rows = long_runs_study(args.only)
     elif args.study == "writeup-size":
         rows = writeup_size_study(args.seeds, args.only, save=save)
+    elif args.study == "wall-data":
+        rows = wall_data_study(args.seeds, args.steps or 20_000, save=save)
     elif args.study == "ensemble":
         rows = ensemble_study(
             layout_sizes[0] if args.sizes != [5, 8, 12] else 8, args.seeds, args.profile, args.steps, save=save
