@@ -772,6 +772,36 @@ def imagine_maps_section(fig: Figures) -> str:
     return text + "\n\n" + fig.save(f, "imagine_maps") + "\n\n" + provenance(rows)
 
 
+def wall_data_section(fig: Figures) -> str:
+    rows = rows_of("wall_data_study")
+    layouts = {r["id"]: r for r in rows_of("layouts_study")}
+    alone = {(r["members"][0], r["layouts"]): r for r in rows_of("ensemble_study") if len(r["members"]) == 1}
+    head = ["id", "data", "walls beside a start", "bumps", "validation: next-state", "imagine", "remembering all"]
+    head += ["held-out: next-state", "imagine", "optimal", "remembering all", "train s"]
+    out, shown = [], list(rows)
+    for r in rows:
+        base = layouts.get(f"layouts-g8-nunlimited-steps{r['num_steps']}-t500k-in64-p16-crop-flat-s{r['seed']}-sym")
+        val = alone.get((r["seed"], "validation"), {})
+        for name, row, v, data in (("uniform starts (today's)", base, val, "uniform"), ("wall-biased", r, r, "biased")):
+            if row is None:
+                continue
+            v = {k.removeprefix("validation_"): x for k, x in v.items()}
+            out.append(
+                [f"`{row['id']}`", name, num(r[f"{data}_start_walls_adjacent"], 2), pct(r[f"{data}_wall_hit_share"])]
+                + [
+                    num(v.get("next_state_accuracy")),
+                    pct(v.get("imagine_success")),
+                    pct(v.get("imagine_tried_success")),
+                ]
+                + [num(row["heldout_next_state_accuracy"])]
+                + [pct(row[f"heldout_imagine{k}"]) for k in ("_success", "_optimal", "_tried_success")]
+                + [f"{row['train_seconds']:,.0f}"]
+            )
+        shown += [x for x in (base,) if x]
+    note = "Validation figures of today's recipe: the ensemble study's rows of that model alone (same pairs)."
+    return table(head, out) + "\n\n" + note + "\n\n" + provenance(shown)
+
+
 def ensemble_section(fig: Figures) -> str:
     rows = rows_of("ensemble_study")
     name = lambda r: f"seed {r['members'][0]} alone" if len(r["members"]) == 1 else f"joined ({r['combine']})"  # noqa: E731
@@ -917,6 +947,11 @@ STUDIES = [  # heading, what it measures, section
     ("Long runs (8×8)", "The leading readers trained long: their training curves.", long_runs_section),
     ("Transition errors", "What a layouts model gets wrong on the held-out layouts.", transition_errors_section),
     ("Imagined maps", "What the imagination search imagines, against the true layouts.", imagine_maps_section),
+    (
+        "Wall-biased data (8×8)",
+        "The 8×8 recipe trained on data whose start cells favour walls, beside today's uniform starts.",
+        wall_data_section,
+    ),
     (
         "Ensembles (8×8)",
         "Two layouts models of different seeds planning as one: their imagination searches joined.",
