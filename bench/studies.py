@@ -13,6 +13,8 @@
     python bench/studies.py transition-errors --sizes 8 --steps 20000  # what a layouts model gets wrong (05)
     python bench/studies.py budget --sizes 8 --steps 20000 --seeds 0 1  # steps the agent needs, 3x the budget (05)
     python bench/studies.py writeup-size   # the original write-up's architecture (full) on this CPU, both objectives
+    python bench/studies.py ensemble --sizes 8 --steps 20000 --seeds 0 1  # two layouts models planning as one
+    python bench/studies.py wall-data --seeds 0  # 8x8: the layouts recipe on data whose starts favour walls
     python bench/studies.py transition-errors --only "64x64 input, patch 8, 1 block (the earlier 8x8 recipe)" ...
                                       # the same for the readers study's models
 
