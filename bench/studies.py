@@ -960,13 +960,19 @@ def long_runs_study(only: list[str] | None = None, saved: list[dict] | None = No
 WALL_BIAS = 2.0  # a start cell's weight in the wall-biased data: 1 + WALL_BIAS x the walls among its 4 neighbours
 
 
+def walls_beside(layouts: np.ndarray) -> np.ndarray:
+    """(K, G, G) bool -> (K, G, G) int: the walls among each cell's 4 neighbours (the board's edge is no wall), as
+    walls_near's first count, for many layouts at once."""
+    w = np.pad(layouts, ((0, 0), (1, 1), (1, 1)))  # (K, G + 2, G + 2)
+    return w[:, :-2, 1:-1].astype(int) + w[:, 2:, 1:-1] + w[:, 1:-1, :-2] + w[:, 1:-1, 2:]
+
+
 def wall_biased_transitions(world: g.WorldFamily, num: int, seed: int, bias: float = WALL_BIAS) -> g.Transitions:
     """One-step transitions whose starts favour walls: a free cell is drawn with weight 1 + bias x the walls among
     its 4 neighbours (the board's edge is no wall), so a cell in a corridor or by a door is drawn up to 1 + 3 x bias
     times as often as an open one; actions stay uniform, so both the bumps and the moves beside walls grow."""
-    w = np.pad(world.layouts, ((0, 0), (1, 1), (1, 1)))  # (K, G + 2, G + 2)
-    adjacent = w[:, :-2, 1:-1].astype(int) + w[:, 2:, 1:-1] + w[:, 1:-1, :-2] + w[:, 1:-1, 2:]  # (K, G, G)
-    weight = torch.from_numpy(1 + bias * adjacent.reshape(-1)[world.free_cells].astype(np.float64))
+    adjacent = walls_beside(world.layouts).reshape(-1)  # (K * N,)
+    weight = torch.from_numpy(1 + bias * adjacent[world.free_cells].astype(np.float64))
     gen = torch.Generator().manual_seed(seed)
     starts = torch.from_numpy(world.free_cells)[torch.multinomial(weight, num, replacement=True, generator=gen)]
     actions = torch.randint(len(g.ACTIONS), (num, 1), generator=gen)
@@ -976,8 +982,7 @@ def wall_biased_transitions(world: g.WorldFamily, num: int, seed: int, bias: flo
 
 def data_card(world: g.WorldFamily, data: g.Transitions) -> dict:
     """What a dataset visits: the mean number of walls next to its start cells, and the share of moves that bump."""
-    w = np.pad(world.layouts, ((0, 0), (1, 1), (1, 1)))
-    adjacent = (w[:, :-2, 1:-1].astype(int) + w[:, 2:, 1:-1] + w[:, 1:-1, :-2] + w[:, 1:-1, 2:]).reshape(-1)
+    adjacent = walls_beside(world.layouts).reshape(-1)
     starts = data.states[:, 0].long().numpy()
     return {"start_walls_adjacent": float(adjacent[starts].mean()), **g.dataset_stats(world, data)}
 
