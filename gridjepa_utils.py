@@ -205,10 +205,9 @@ def flat_channels(cfg: Config) -> int:
 
 def estimate_parameters(cfg: Config) -> int:
     """The JEPA's parameter count from its config alone (without building it): what a model would allocate."""
-    W, Wp, P, flat = cfg.width, cfg.pred_width, num_patches(cfg), cfg.pool == "flat"
-    encoder = W * cfg.patch_size**2 + W + (P + 2) * W + cfg.depth * (12 * W * W + 13 * W) + 2 * W
-    encoder += (W + 1) * flat_channels(cfg) if flat else 0  # the tokens' shared projection
-    features = P * flat_channels(cfg) if flat else W
+    W, Wp, P, C = cfg.width, cfg.pred_width, num_patches(cfg), flat_channels(cfg)
+    shared, features = ((W + 1) * C, P * C) if cfg.pool == "flat" else (0, W)  # the flat tokens' shared projection
+    encoder = W * cfg.patch_size**2 + W + (P + 2) * W + cfg.depth * (12 * W * W + 13 * W) + 2 * W + shared
     projector = features * cfg.proj_hidden + 3 * cfg.proj_hidden + cfg.proj_hidden * cfg.latent_dim + cfg.latent_dim
     predictor = (cfg.latent_dim + 1) * Wp + 16 * Wp + 4 * Wp + cfg.pred_depth * (18 * Wp * Wp + 15 * Wp)
     return int(encoder + projector + predictor + 2 * Wp + (Wp + 1) * cfg.latent_dim)
@@ -233,13 +232,11 @@ def validate_config(cfg: Config) -> Config:
         if value not in CONFIG_CHOICES.get(f.name, (value,)):
             raise ValueError(f"{name} must be one of {list(CONFIG_CHOICES[f.name])}, got {value!r}")
     size, patch, n = cfg.input_size, cfg.patch_size, len(LAYOUTS[cfg.layout])
-    got, divide = f"got input_size={size}, patch_size={patch}", "Config.input_size must divide the 128-pixel image"
     if cfg.layout != "open" and cfg.grid_size != n:
         raise ValueError(f"Config.layout {cfg.layout!r} is {n}x{n}, but Config.grid_size={cfg.grid_size}")
-    if 128 % size or size % patch:
-        raise ValueError(f"{divide} and Config.patch_size must divide it, {got}")
-    if cfg.crop and size % (2 * patch):
-        raise ValueError(f"Config.crop keeps half the rows, so 2 x Config.patch_size must divide input_size, {got}")
+    if 128 % size or size % (patch * (1 + cfg.crop)):  # Config.crop keeps half the rows: two patches must divide it
+        got = f"{'2 x ' if cfg.crop else ''}Config.patch_size must divide it, got input_size={size}, patch_size={patch}"
+        raise ValueError(f"Config.input_size must divide the 128-pixel image and {got}, crop={cfg.crop}")
     for w, h in (("width", "heads"), ("pred_width", "pred_heads")):
         if getattr(cfg, w) % getattr(cfg, h):
             raise ValueError(f"Config.{w} ({getattr(cfg, w)}) must be divisible by Config.{h} ({getattr(cfg, h)})")
@@ -292,10 +289,9 @@ def check_int(value, name: str, lo: int = 0, hi: float = math.inf) -> int:
 
 def check_int_tensor(x, name: str) -> torch.Tensor:
     """``x`` as a long tensor; a TypeError unless it is a tensor of integers."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x).__name__}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integers (torch.long), got dtype {x.dtype}")
+    if not isinstance(x, torch.Tensor) or x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{name} must hold integers (a torch.Tensor of integers, torch.long), got {got}")
     return x.long()
 
 
@@ -317,11 +313,10 @@ class SpriteSheet:
     """Every cell's sprites, drawn once at 2x with numpy, then pasted back to front (painter's order) on a device."""
 
     def __init__(self, grid_size: int, image_size: int = 128, device: torch.device | str = "cpu", supersample: int = 2):
-        G, size = grid_size, image_size * supersample
+        G, size, s = grid_size, image_size * supersample, supersample
         self.grid_size, self.image_size, self.supersample = G, image_size, supersample
-        self.tw = tw = 0.86 * size / G  # an iso tile's width and height, the board's centre x and top y
-        self.th = th = tw / 2
-        self.x0, self.y0, slab = size / 2, (size - G * th) / 2 + 0.35 * th, th * 0.45
+        self.tw, self.th = tw, th = 0.86 * size / G, 0.43 * size / G  # an iso tile's width and height (tw / 2)
+        self.x0, self.y0, slab = size / 2, (size - G * th) / 2 + 0.35 * th, th * 0.45  # the board's centre x, top y
         self.yy, self.xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
         self.img = np.repeat(np.linspace(0.02, 0.12, size, dtype=np.float32)[:, None], size, 1)  # a soft gradient
         center = lambda col, row: (self.x0 + (col - row) * tw / 2, self.y0 + (col + row + 1) * th / 2)
@@ -333,29 +328,26 @@ class SpriteSheet:
             self._blob(cx, cy, tw / 2, th / 2, 0.36, 1)
             self._blob(cx, cy, tw / 2 * 0.9, th / 2 * 0.9, 0.56 if (col + row) % 2 == 0 else 0.64, 1)
         self.board = torch.from_numpy(self.img.copy()).to(device)
-        order = [(-1, 2, c, r) for r in range(G) for c in range(G)]  # targets lie on the board, under everything
-        order += sorted((c + r, kind, c, r) for r in range(G) for c in range(G) for kind in (0, 1))  # far ones first
+        # targets first (they lie on the board, under everything), then walls and agents from far to near
+        order = sorted((c + r if kind < 2 else -1, kind, c, r) for r, c in np.ndindex(G, G) for kind in (0, 1, 2))
         self.sprites = []  # (kind: 0 wall, 1 agent, 2 target; cell; box; values; mask)
         for _, kind, c, r in order:
             self.img = np.full((size, size), np.nan, dtype=np.float32)
             self._draw(kind, *center(c, r))
             if (drawn := ~np.isnan(self.img)).any():  # else a target too small for a single pixel
-                rows, cols = np.flatnonzero(drawn.any(1)), np.flatnonzero(drawn.any(0))
-                box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+                box = tuple(slice(i.min(), i.max() + 1) for i in np.nonzero(drawn))
                 value, mask = (torch.from_numpy(x).to(device) for x in (np.nan_to_num(self.img[box]), drawn[box]))
                 self.sprites.append((kind, r * G + c, box, value, mask))
         # painting touches only the crop that sprites reach (aligned to the supersampling); each sprite becomes its
         # opaque pixels' flat indices into that crop, so one scatter paints it into every image of a batch
         boxes = [box for _, _, box, _, _ in self.sprites]
-        y0, x0 = (min(box[i].start for box in boxes) // supersample * supersample for i in (0, 1))
-        y1, x1 = (-(-max(box[i].stop for box in boxes) // supersample) * supersample for i in (0, 1))
-        self.crop, self.crop_at = self.board[y0:y1, x0:x1], [v // supersample for v in (y0, y1, x0, x1)]
+        y0, x0 = (min(box[i].start for box in boxes) // s * s for i in (0, 1))
+        y1, x1 = (-(-max(box[i].stop for box in boxes) // s) * s for i in (0, 1))
+        self.crop, self.crop_at = self.board[y0:y1, x0:x1], [v // s for v in (y0, y1, x0, x1)]
         self.plain = self._downsample(self.board[None])[0]  # the board alone, (H, W) uint8
-        self.pixels = []  # (kind, cell, flat indices into the crop, values)
-        for kind, cell, (ys, xs), value, mask in self.sprites:
-            yy, xx = np.mgrid[ys, xs]
-            index = torch.from_numpy((yy - y0) * (x1 - x0) + xx - x0).to(device)[mask]
-            self.pixels.append((kind, cell, index, value[mask]))
+        index = torch.zeros(size, size, dtype=torch.long, device=device)  # each pixel's flat index into the crop
+        index[y0:y1, x0:x1] = torch.arange((y1 - y0) * (x1 - x0), device=device).view(y1 - y0, x1 - x0)
+        self.pixels = [(kind, cell, index[box][mask], value[mask]) for kind, cell, box, value, mask in self.sprites]
 
     def _fill(self, x0, x1, y0, y1, value, inside: Callable) -> None:
         sl = (slice(max(int(y0) - 1, 0), int(y1) + 2), slice(max(int(x0) - 1, 0), int(x1) + 2))  # a box around it
@@ -419,38 +411,32 @@ class SpriteSheet:
 
 def transition_tables(walls: np.ndarray) -> np.ndarray:
     """The rules of K layouts at once: walls (K, G, G) bool -> (K, N, A) the cell after each action (a bump stays)."""
-    K, G = walls.shape[0], walls.shape[1]
-    row, col = np.divmod(np.arange(G * G), G)
-    table = np.empty((K, G * G, len(ACTIONS)), dtype=np.int64)
-    for a, (dc, dr) in enumerate(ACTION_DELTAS):
-        c, r = col + dc, row + dr
-        target = np.clip(r, 0, G - 1) * G + np.clip(c, 0, G - 1)
-        blocked = ~((c >= 0) & (c < G) & (r >= 0) & (r < G))[None] | walls.reshape(K, G * G)[:, target]
-        table[:, :, a] = np.where(blocked, np.arange(G * G)[None], target[None])
-    return table
+    K, G = walls.shape[:2]
+    (row, col), (dc, dr) = np.divmod(np.arange(G * G), G), np.array(ACTION_DELTAS).T
+    c, r = col[:, None] + dc, row[:, None] + dr  # (N, A) where each action leads, maybe off the board
+    target = np.clip(r, 0, G - 1) * G + np.clip(c, 0, G - 1)  # (N, A)
+    blocked = (c < 0) | (c >= G) | (r < 0) | (r >= G) | walls.reshape(K, G * G)[:, target]  # (K, N, A)
+    return np.where(blocked, np.arange(G * G)[:, None], target)
 
 
 def layouts_connected(walls: np.ndarray) -> np.ndarray:
     """(K, G, G) bool -> (K,) bool: whether every free cell of each layout reaches every other (one flood fill)."""
-    K, G = walls.shape[0], walls.shape[1]
+    K, G = walls.shape[:2]
     free, table = ~walls.reshape(K, G * G), transition_tables(walls).reshape(K, -1)
-    reach, first = np.zeros_like(free), free.argmax(1)
-    reach[np.arange(K), first] = free[np.arange(K), first]
-    while True:  # moves are symmetric: a free cell is reached when one of its 4 neighbours is
-        grown = reach | (np.take_along_axis(reach, table, 1).reshape(K, G * G, len(ACTIONS)).any(2) & free)
-        if (grown == reach).all():
-            return (reach == free).all(1) & free.any(1)
+    reach = (np.arange(G * G) == free.argmax(1)[:, None]) & free  # (K, N) from the first free cell
+    # moves are symmetric: a free cell is reached when one of its 4 neighbours is
+    grow = lambda reach: reach | (np.take_along_axis(reach, table, 1).reshape(K, G * G, len(ACTIONS)).any(2) & free)
+    while not np.array_equal(reach, grown := grow(reach)):
         reach = grown
+    return (reach == free).all(1) & free.any(1)
 
 
 class World:
     """The grid world: G x G cells, 4 actions, a bump stays put; a state is cell row * G + col (+ N * drawn target)."""
 
     def __init__(self, grid_size: int = 5, walls=None, show_target: bool = False, image_size=128, check_connected=True):
-        if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size < 2:
-            raise ValueError(f"grid_size must be an integer >= 2, got {grid_size!r}")
-        if grid_size > 16:
-            raise ValueError(f"grid_size must be <= 16 to fit a readable 128x128 image, got {grid_size}")
+        if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or not 2 <= grid_size <= 16:
+            raise ValueError(f"grid_size must be an integer >= 2 and <= 16 (a readable image), got {grid_size!r}")
         check_flags(show_target=show_target, check_connected=check_connected)
         self.show_target, self.grid_size = show_target, (G := int(grid_size))
         layouts = self.layouts if hasattr(self, "layouts") else layout_walls(walls, G)[None]  # a family set its own
@@ -460,17 +446,15 @@ class World:
             raise ValueError(f"{'this layout' if K == 1 else f'layout {bad[0]}'} {why}")
         self.image_size = check_int(image_size, "image_size", 32, 1024)  # smaller ones lose a 16x16 board's sprites
         self.num_cells, self.walls = K * G * G, layouts.reshape(K * G, G)  # flat index k * N + cell
-        self.free_cells = np.flatnonzero(~layouts.reshape(-1))
-        tables = transition_tables(layouts) + G * G * np.arange(K)[:, None, None]  # (K, N, A) -> (K * N, A)
-        self.next_cell = torch.from_numpy(tables.reshape(K * G * G, -1))  # the cell after each action
+        self.free_cells, tables = np.flatnonzero(~layouts.reshape(-1)), transition_tables(layouts)  # (K, N, A)
+        self.next_cell = torch.from_numpy((tables + G * G * np.arange(K)[:, None, None]).reshape(K * G * G, -1))
         self._atlas = {}  # every state's image, per device
 
     def cell_index(self, col: int, row: int) -> int:
         """Index of cell (col, row); raises ValueError off the grid."""
-        G = self.grid_size
         if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in (col, row)):
             raise TypeError(f"a position is two integers (col, row), got ({col!r}, {row!r})")
-        if not (0 <= col < G and 0 <= row < G):
+        if max(col, row) >= (G := self.grid_size) or min(col, row) < 0:
             raise ValueError(f"position (col={col}, row={row}) is off the {G}x{G} grid; expected 0 <= col, row < {G}")
         return row * G + col
 
@@ -482,8 +466,7 @@ class World:
 
     def cell_pos(self, cell: int | np.ndarray | torch.Tensor) -> np.ndarray:
         """(col, row) of cell indices in [0, num_cells): (...,) -> (..., 2) int array (in a family, of any layout)."""
-        cell = self._cells(cell) % self.grid_size**2
-        return np.stack([cell % self.grid_size, cell // self.grid_size], axis=-1)
+        return np.stack(np.divmod(self._cells(cell) % self.grid_size**2, self.grid_size)[::-1], axis=-1)
 
     num_states = property(lambda self: self.num_cells * (self.num_cells if self.show_target else 1))
     is_wall = lambda self, cell: bool(self.walls.reshape(-1)[self._cells(cell)])
@@ -503,8 +486,7 @@ class World:
         state, action = self.check_states(state), check_actions(action)
         if state.shape != action.shape:
             raise ValueError(f"state and action must have the same shape, got {(*state.shape,)} and {(*action.shape,)}")
-        cell = state % self.num_cells
-        return state - cell + self.next_cell.to(state.device)[cell, action]
+        return self.next_cell.to(state.device)[state % self.num_cells, action] + state - state % self.num_cells
 
     def shortest_paths(self, cells=None) -> np.ndarray:
         """Fewest moves (BFS) from ``cells`` (default: all) to every cell: (len(cells), N), -1 where unreachable."""
@@ -521,21 +503,19 @@ class World:
         return starts[starts != goals], goals[starts != goals]
 
     def _paint(self, states: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        """(B,) states -> (B, H, W) uint8 painted on ``device``, 512 at a time."""
+        """States (B,), k * N + cell on layout k or cell + N * target -> (B, H, W) uint8 on ``device``, 512 at once."""
         N, t, key = self.grid_size**2, self.show_target, (self.grid_size, self.image_size, str(device))
         sheet = _SHEETS.get(key) or _SHEETS.setdefault(key, SpriteSheet(*key))
         walls, chunks = torch.from_numpy(self.walls.reshape(-1, N)).to(device), states.to(device).split(512)  # (K, N)
-        # a state is k * N + cell, on layout k's walls; or cell + N * target
         return torch.cat([sheet.paint(walls[0 * s if t else s // N], s % N, s // N if t else None) for s in chunks])
 
     def atlas(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Every state's image, painted once: (num_states, H, W) uint8 on ``device`` (no agent on a wall cell)."""
         if self.num_cells > 100_000:  # a large family: its images are painted on demand
             raise ValueError(f"an atlas of {self.num_cells:,} images is too large; use render(states)")
-        if "cpu" not in self._atlas:
-            self._atlas["cpu"] = self._paint(torch.arange(self.num_states), "cpu")
-        if str(device) not in self._atlas:
-            self._atlas[str(device)] = self._atlas["cpu"].to(device)
+        if str(device) not in self._atlas:  # painted once on the CPU, then copied to each device
+            cpu = self._atlas["cpu"] if "cpu" in self._atlas else self._paint(torch.arange(self.num_states), "cpu")
+            self._atlas |= {"cpu": cpu, str(device): cpu.to(device)}
         return self._atlas[str(device)]
 
     def render(self, state: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -552,8 +532,8 @@ class World:
             raise ValueError(f"(col={col}, row={row}) is a wall cell; the agent cannot stand there")
         if self.show_target and target is None:
             raise ValueError("this world draws a target: pass target=(col, row)")
-        target = self.num_cells * self.cell_index(*target) if self.show_target else 0
-        return self.render(torch.tensor([cell + target]))
+        target = self.cell_index(*target) if self.show_target else 0
+        return self.render(torch.tensor([cell + self.num_cells * target]))
 
     def __repr__(self) -> str:
         return f"World(grid_size={self.grid_size}, walls={int(self.walls.sum())}, show_target={self.show_target})"
@@ -564,22 +544,16 @@ class WorldFamily(World):
 
     def __init__(self, layouts, image_size: int = 128):
         layouts = list(layouts) if isinstance(layouts, np.ndarray) and layouts.ndim == 3 else layouts
-        if not isinstance(layouts, (list, tuple)) or not layouts:
-            raise ValueError("a WorldFamily needs a non-empty list of (G, G) bool layouts (or a (K, G, G) array)")
-        if any(isinstance(w, str) for w in layouts):
+        if isinstance(layouts, (list, tuple)) and any(isinstance(w, str) for w in layouts):
             raise TypeError("a WorldFamily takes (G, G) bool arrays, not layout names: pass [layout_walls(name), ...]")
-        G = len(layouts[0])
-        if any(np.shape(w) != (G, G) for w in layouts) or not 2 <= G <= 16:
-            raise ValueError(f"all layouts of a family must have the same grid size, in [2, 16]; the first is {G}")
+        G = len(layouts[0]) if isinstance(layouts, (list, tuple)) and layouts else 0
+        if not G or any(np.shape(w) != (G, G) for w in layouts):
+            raise ValueError("a WorldFamily takes a non-empty list of (G, G) bool layouts, all the same grid size")
         self.layouts = np.stack([layout_walls(w, G) for w in layouts])  # (K, G, G), validated
         super().__init__(G, image_size=image_size)
 
     __len__ = lambda self: len(self.layouts)
     __repr__ = lambda self: f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
-
-    def member(self, k: int) -> World:
-        """Layout k as a World of its own (its states are cells 0..N-1)."""
-        return World(self.grid_size, walls=self.layouts[k], image_size=self.image_size)
 
 
 def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
@@ -596,8 +570,7 @@ def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max
     raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
 
 
-LAYOUT_SPLITS = {"train": 0, "test": 1}  # two random streams; training skips every reserved test layout's class
-HELDOUT_RESERVED = 1000  # the first 1,000 test layouts of each grid size are never trained on, turned or mirrored
+HELDOUT_RESERVED = 1000  # the first 1,000 layouts of the test stream (per grid size): never trained on, even turned
 _HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each grid size, drawn once
 
 
@@ -619,24 +592,21 @@ def generate_layout(grid_size: int, rng: np.random.Generator) -> np.ndarray:
     elif kind == 2:  # a cup: three sides of a box, open on a random side
         h, w = rng.integers(3, G + 1), rng.integers(3, G + 1)
         r0, c0 = rng.integers(0, G - h + 1), rng.integers(0, G - w + 1)
-        cup = np.zeros((h, w), dtype=bool)
-        cup[0], cup[:, 0], cup[:, -1] = True, True, True
+        cup = np.pad(np.zeros((h - 1, w - 2), dtype=bool), ((1, 0), (1, 1)), constant_values=True)  # top, sides
         walls[r0 : r0 + h, c0 : c0 + w] = np.rot90(cup, rng.integers(4)) if h == w else cup[:: rng.choice([1, -1])]
     density = rng.uniform(0.0, 0.3 if kind == 0 else 0.12)  # drawn first: the seeded streams depend on the order
     return walls | (rng.random((G, G)) < density)
 
 
 def _draw_layouts(grid_size: int, num: int, split: str, seed: int, skip: np.ndarray | None = None) -> np.ndarray:
-    """``num`` layouts of one random stream: connected, 1 to N/2 walls, none in a named layout's class or one of
-    ``skip``'s (layout_keys); distinct up to symmetry in the test stream, exactly in the training one."""
+    """``num`` layouts of a stream as procedural_layouts describes, none in a class (layout_keys) of ``skip``'s."""
     G, N, seen, kept = grid_size, grid_size * grid_size, set(), []
     banned = [layout_walls(name) for name in LAYOUTS] if G == 5 else []
     banned = set(layout_keys(np.array([*banned, *(() if skip is None else skip)], dtype=bool).reshape(-1, G, G)))
-    rng = np.random.default_rng([G, LAYOUT_SPLITS[split], seed])
+    rng = np.random.default_rng([G, int(split == "test"), seed])  # two streams: train 0, test 1
     while len(kept) < num:
         batch = np.stack([generate_layout(G, rng) for _ in range(2 * (num - len(kept)) + 16)])
-        count = batch.reshape(len(batch), N).sum(1)
-        batch = batch[layouts_connected(batch) & (count >= 1) & (count <= N // 2)]
+        batch = batch[layouts_connected(batch) & np.isin(batch.sum((1, 2)), np.arange(1, N // 2 + 1))]  # 1..N/2 walls
         for walls, key, own in zip(batch, layout_keys(batch), layout_keys(batch, symmetric=split == "test")):
             if key not in banned and own not in seen and len(kept) < num:
                 seen.add(own), kept.append(walls)
@@ -652,10 +622,10 @@ def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
 
 
 def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
-    """``num`` distinct seeded layouts, (num, G, G) bool, connected, 1 to N/2 walls. split="train" skips the named
-    layouts and the reserved held-out ones, turned or mirrored; split="test" is the held-out stream itself."""
+    """``num`` distinct seeded layouts (num, G, G), connected, 1 to N/2 walls, none a named or (train) held-out one
+    turned or mirrored; split="test" is the held-out stream itself (distinct up to symmetry there)."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
-    if split not in LAYOUT_SPLITS or (split == "test" and seed != 0):
+    if split not in ("train", "test") or (split == "test" and seed != 0):
         raise ValueError(f"split must be 'train' or 'test' (the held-out stream: seed 0 only), got {split=}, {seed=}")
     if split == "test":
         return heldout_layouts(grid_size, num)
@@ -684,12 +654,11 @@ def make_transitions(world: World, num: int = 50_000, seq_len: int = 2, seed: in
     """``num`` seeded trajectories of ``seq_len`` frames: uniform free starts, uniform actions, no ``exclude_cells``."""
     check_int(num, "num", 1), check_int(seq_len, "seq_len", 2), check_int(seed, "seed")
     check_memory(8.0 * 6 * (2 * num + 64) * seq_len, f"make_transitions(num={num:,}, seq_len={seq_len})")
-    gen, free = torch.Generator().manual_seed(seed), torch.from_numpy(world.free_cells)
+    gen, free, num_cells = torch.Generator().manual_seed(seed), torch.from_numpy(world.free_cells), world.num_cells
     try:
         excluded = world._cells(np.asarray(exclude_cells, dtype=np.int64).reshape(-1))
     except (TypeError, ValueError):
-        what = f"cell indices in [0, {world.num_cells})"
-        raise ValueError(f"exclude_cells must be {what}, got {exclude_cells!r}") from None
+        raise ValueError(f"exclude_cells must be cell indices in [0, {num_cells}), got {exclude_cells!r}") from None
     if not len(allowed := torch.from_numpy(np.setdiff1d(world.free_cells, excluded))):
         raise ValueError(f"exclude_cells {exclude_cells} leaves no free cell to start from; exclude fewer cells")
     kept_states, kept_actions, have, barren = [], [], 0, 0
@@ -703,7 +672,7 @@ def make_transitions(world: World, num: int = 50_000, seq_len: int = 2, seed: in
             cells.append(world.next_cell[cells[-1], actions[:, t]])
         states, ok = torch.stack(cells, 1), torch.isin(torch.stack(cells, 1), allowed).all(1)  # (batch, T), (batch,)
         if world.show_target:  # the target sits on a random free cell and never moves
-            states = states + world.num_cells * free[torch.randint(len(free), (batch, 1), generator=gen)]
+            states = states + num_cells * free[torch.randint(len(free), (batch, 1), generator=gen)]
         kept_states.append(states[ok]), kept_actions.append(actions[ok])
         have, barren = have + int(ok.sum()), 0 if ok.any() else barren + 1
     dtype = torch.int16 if world.num_states < 2**15 else torch.int32
@@ -731,20 +700,16 @@ class PaintedFrames:
     frames: torch.Tensor  # (U, H, W) uint8, or (U, size, size) float32 pooled; half the rows when cropped
 
 
-def paint_frames(
-    world: World, data: Transitions, device, progress: bool = False, size: int | None = None, crop: bool = False
-) -> PaintedFrames | None:
+def paint_frames(world: World, data: Transitions, device, progress: bool = False, size: int | None = None, crop=False):
     """Every distinct state of ``data`` painted once on ``device`` as the encoder reads it (pooled to ``size``, with
     ``crop`` the middle half of the rows); None for one layout (its atlas is one gather) or above the memory limit."""
     if not isinstance(world, WorldFamily):
         return None
-    image = world.image_size
-    bad_size = isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1 or image % size
-    if size is not None and bad_size:
+    image, side = world.image_size, world.image_size if size is None else size
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1 or image % side:
         raise ValueError(f"size must be a positive integer that divides the image size {image}, got {size!r}")
     states, index = torch.unique(data.states.long(), return_inverse=True)
-    k = image // size if size else 1  # pooled k x k, as the encoder pools its input
-    side, device = image // k, torch.device(device)
+    k, device = image // side, torch.device(device)  # pooled k x k, as the encoder pools its input
     rows = slice(side // 4, 3 * side // 4) if crop else slice(None)  # the middle half, as the encoder crops
     shape = (len(states), side // 2 if crop else side, side)
     if (need := math.prod(shape) * (4 if k > 1 else 1)) > (limit := memory_limit_bytes()):

@@ -43,6 +43,11 @@ def search_settings(world: g.World, max_depth, merge) -> tuple[int, int]:
     return g.check_int(2 * G if max_depth is None else max_depth, "max_depth", 1), 2 * G**2 + 1
 
 
+def member(family: g.WorldFamily, k: int) -> g.World:
+    """Layout k of a family as a World of its own (its states are cells 0..N-1)."""
+    return g.World(family.grid_size, walls=family.layouts[k], image_size=family.image_size)
+
+
 def shortest_distances(world: g.World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
     """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start, as run_mpc's."""
     unique, inverse = torch.unique(starts, return_inverse=True)
@@ -68,14 +73,15 @@ def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None =
     was_training = model.training
     model.eval()  # as the planner runs it
     try:
-        for member in map(world.member, range(len(world))) if isinstance(world, g.WorldFamily) else [world]:
-            free = torch.from_numpy(member.free_cells)
-            frames = g.encode_cells(model, member, free)  # the searches start from these, and are read by them
+        family = isinstance(world, g.WorldFamily)
+        for single in (member(world, k) for k in range(len(world))) if family else [world]:
+            free = torch.from_numpy(single.free_cells)
+            frames = g.encode_cells(model, single, free)  # the searches start from these, and are read by them
             found = g.imagine_map(model, frames, max_depth, max_nodes, merge)
             for u, cell in enumerate(free.tolist()):
                 n = int(found["count"][u])
                 place = free[torch.cdist(found["nodes"][u, :n], frames).argmin(1).cpu()].numpy()  # (n,) as cells
-                depth, true = found["depth"][u, :n].cpu().numpy(), member.bfs_from(cell)
+                depth, true = found["depth"][u, :n].cpu().numpy(), single.bfs_from(cell)
                 found_at_true = {int(c) for c, k in zip(place, depth) if true[c] == k}  # cells found at their distance
                 complete.append([all(f in found_at_true for f in free.tolist() if true[f] <= d) for d in depths])
                 right = true[place] == depth  # (n,) each place at its cell's true distance
@@ -131,7 +137,7 @@ def evaluate_unseen(model: g.JEPA, world: g.WorldFamily, num_layouts: int = 200,
         # each planner built once, so every variant reads the same searches (imagine) and encodings (probe, graph);
         # graph is privileged (it encodes every free cell of a layout first): layout by layout, with its pairs' budget
         shared = {p: asked_once(g.make_policy(p, model, family, probe)) for p in ("imagine", "probe")}
-        graphs = [(family.member(i), starts // N == i) for i in range(len(family))]
+        graphs = [(member(family, i), starts // N == i) for i in range(len(family))]
         graphs = [(m, asked_once(g.graph_policy(model, m)), k, step_budget(m, optimal[k])) for m, k in graphs]
         runs = {"bfs": [(bfs, budget)]}  # planner -> [(a run at 3x a budget, that budget)]
         for memory, flags in memories.items():

@@ -90,7 +90,7 @@ def test_grid_size_too_small(bad):
 
 def test_grid_size_too_large():
     """grid_size above 16 is refused (the 128x128 image would be unreadable)."""
-    with pytest.raises(ValueError, match=r"grid_size must be <= 16"):
+    with pytest.raises(ValueError, match=r"grid_size must be an integer >= 2 and <= 16"):
         gj.World(17)
 
 
