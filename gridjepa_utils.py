@@ -746,8 +746,7 @@ class TransitionDataset(torch.utils.data.Dataset):
         return obs[0], int(self.data.actions[i, 0]), obs[1]
 
 
-# ══ 2. Model (notebook 02) ════════════════════════════════════════════════════════════════════════════════════════════
-# ── the networks: encoder, predictor, SIGReg, the JEPA ──
+# ══ 2. Model (notebook 02): encoder, predictor, SIGReg, the JEPA ══════════════════════════════════════════════════════
 class Projector(nn.Module):
     """Features -> latent: Linear -> BatchNorm (or LayerNorm) -> GELU -> Linear; BatchNorm here helps SIGReg (LeWM)."""
 
@@ -763,11 +762,9 @@ class Projector(nn.Module):
 
 
 def cls_attention(attn: nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
-    """The CLS token's attention over h (B, N, E) -> (B, E), without a key and a value for every token: the query
-    moves through W_k instead (the key bias adds one constant to all scores, which softmax ignores) and the tokens
-    are mixed before W_v (the weights sum to 1, so the value bias is added once). The same weights as attn's."""
-    B, N, E = h.shape
-    H, d = attn.num_heads, E // attn.num_heads
+    """attn's output for the CLS token alone, h (B, N, E) -> (B, E), with no key or value per token: the query goes
+    through W_k (the key bias shifts all scores alike) and the tokens are mixed before W_v (the weights sum to 1)."""
+    (B, _, E), H, d = h.shape, attn.num_heads, attn.head_dim
     (w_q, w_k, w_v), (b_q, _, b_v) = attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)
     q = F.linear(h[:, 0], w_q, b_q).view(B, H, d) * d**-0.5  # (B, H, d)
     a = torch.einsum("bhe,bne->bhn", torch.einsum("bhd,hde->bhe", q, w_k.view(H, d, E)), h).softmax(-1)  # (B, H, N)
@@ -775,30 +772,21 @@ def cls_attention(attn: nn.MultiheadAttention, h: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(out.reshape(B, E))
 
 
-def cls_output(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
-    """A norm-first layer's output at the CLS token alone, (B, N, W) -> (B, W): no other token's output is read."""
-    cls = x[:, 0] + layer.dropout1(cls_attention(layer.self_attn, layer.norm1(x)))
-    return cls + layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm2(cls))))))
-
-
 class Encoder(nn.Module):
-    """ViT-Tiny-style encoder: image (B, 1, H, W) -> latent (B, D) via patches, a CLS token and a projector; pool="flat"
-    feeds every patch token (through one shared Linear) in board order instead; crop keeps the board's middle rows."""
+    """ViT-Tiny-style encoder, image (B, 1, H, W) -> latent (B, D): patches, CLS token (or pool="flat"), projector."""
 
     def __init__(self, cfg: Config, image_size: int = 128):
         super().__init__()
         if image_size % cfg.input_size or cfg.input_size % cfg.patch_size:
             raise ValueError("input_size must divide the image size and patch_size must divide input_size")
-        self.image_size, self.input_size, self.crop = image_size, cfg.input_size, cfg.crop
-        self.patch_embed = nn.Conv2d(1, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches(cfg) + 1, cfg.width) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, 0.0, "gelu", batch_first=True)
-        layer.norm_first = True  # pre-norm, as ViT
-        self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(cfg.width)
-        self.flat = nn.Linear(cfg.width, flat_channels(cfg)) if cfg.pool == "flat" else None
-        features = num_patches(cfg) * flat_channels(cfg) if cfg.pool == "flat" else cfg.width
+        W, self.image_size, self.input_size, self.crop = cfg.width, image_size, cfg.input_size, cfg.crop
+        self.patch_embed = nn.Conv2d(1, W, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, W))
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches(cfg) + 1, W) * 0.02)
+        layer = nn.TransformerEncoderLayer(W, cfg.heads, 4 * W, 0.0, "gelu", batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)  # pre-norm, as ViT
+        self.norm, self.flat = nn.LayerNorm(W), nn.Linear(W, flat_channels(cfg)) if cfg.pool == "flat" else None
+        features = num_patches(cfg) * flat_channels(cfg) if cfg.pool == "flat" else W
         self.projector = Projector(features, cfg.proj_hidden, cfg.latent_dim, cfg.projector_norm)
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
@@ -813,9 +801,11 @@ class Encoder(nn.Module):
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
         if self.flat is not None:
             return self.flat(self.norm(self.blocks(x))[:, 1:]).flatten(1)  # (B, N * channels), board order
-        for layer in self.blocks.layers[:-1]:
+        *first, last = self.blocks.layers
+        for layer in first:
             x = layer(x)
-        return self.norm(cls_output(self.blocks.layers[-1], x))  # (B, W) = self.norm(self.blocks(x))[:, 0]
+        cls = x[:, 0] + cls_attention(last.self_attn, last.norm1(x))  # the last block, for CLS alone (dropout is 0)
+        return self.norm(cls + last.linear2(last.activation(last.linear1(last.norm2(cls)))))  # = norm(blocks(x))[:, 0]
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.projector(self.features(obs))  # (B, D)
@@ -864,8 +854,7 @@ class Predictor(nn.Module):
         self.time_embed = nn.Parameter(torch.randn(1, self.max_len, cfg.pred_width) * 0.02)
         self.action_embed = nn.Embedding(len(ACTIONS), cfg.pred_width)
         self.blocks = nn.ModuleList(AdaLNZeroBlock(cfg.pred_width, cfg.pred_heads) for _ in range(cfg.pred_depth))
-        self.norm = nn.LayerNorm(cfg.pred_width)
-        self.out_proj = nn.Linear(cfg.pred_width, cfg.latent_dim)
+        self.norm, self.out_proj = nn.LayerNorm(cfg.pred_width), nn.Linear(cfg.pred_width, cfg.latent_dim)
 
     def forward(self, emb: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         if (T := emb.shape[1]) > self.max_len:
@@ -883,8 +872,7 @@ class _CharacteristicSums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, t):
-        xt = x.unsqueeze(-1) * t  # (N, M, K)
-        cos, sin = torch.cos(xt), torch.sin(xt)
+        cos, sin = torch.cos(xt := x.unsqueeze(-1) * t), torch.sin(xt)  # (N, M, K) each
         ctx.save_for_backward(cos, sin, t)
         return cos.sum(0), sin.sum(0)
 
@@ -898,25 +886,22 @@ characteristic_sums = _CharacteristicSums.apply  # N x the empirical characteris
 
 
 class SIGReg(nn.Module):
-    """Sketched Isotropic Gaussian Regulariser (LeJEPA, LeWM): how far latents are from N(0, I). On M random unit
-    directions, the Epps-Pulley statistic N * integral exp(-t^2/2) |phi_hat(t) - exp(-t^2/2)|^2 dt (trapezoid rule on
-    [0, 3], doubled: the integrand is even), averaged; Cramer-Wold: every projection Gaussian <=> N(0, I)."""
+    """Sketched Isotropic Gaussian Regulariser (LeJEPA, LeWM): how far latents are from N(0, I), as the mean over M
+    random unit directions of the Epps-Pulley statistic N * integral exp(-t^2/2) |phi_hat(t) - exp(-t^2/2)|^2 dt."""
 
     def __init__(self, num_dirs: int = 256, num_knots: int = 17, t_max: float = 3.0, seed: int = 0):
         super().__init__()
-        self.num_dirs, self.seed = num_dirs, seed
-        t = torch.linspace(0, t_max, num_knots)
+        self.num_dirs, self.seed, t = num_dirs, seed, torch.linspace(0, t_max, num_knots)
         trapezoid = torch.full_like(t, t_max / (num_knots - 1))
         trapezoid[[0, -1]] /= 2
         self.register_buffer("t", t)
         self.register_buffer("phi_target", torch.exp(-0.5 * t**2))  # characteristic function of N(0, 1)
-        self.register_buffer("weights", 2 * trapezoid * torch.exp(-0.5 * t**2))
+        self.register_buffer("weights", 2 * trapezoid * torch.exp(-0.5 * t**2))  # doubled: the integrand is even
 
     def directions(self, dim: int, step: int | None, device) -> torch.Tensor:
         """(D, M) random unit vectors: fresh each call, or a function of ``step`` (a resumed run draws the same)."""
         gen = None if step is None else torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        dirs = torch.randn(dim, self.num_dirs, generator=gen)
-        return (dirs / dirs.norm(dim=0, keepdim=True)).to(device)
+        return F.normalize(torch.randn(dim, self.num_dirs, generator=gen), dim=0).to(device)
 
     def forward(self, emb: torch.Tensor, step: int | None = None) -> torch.Tensor:
         n, proj = emb.shape[0], (emb.float() @ self.directions(emb.shape[1], step, emb.device)).float()  # (B, M)
@@ -926,8 +911,7 @@ class SIGReg(nn.Module):
 
 
 class JEPA(nn.Module):
-    """Encoder + predictor: encode(obs) -> (B, D), predict(emb, action) -> (B, D), rollout(emb, actions) -> (B, H, D);
-    one encoder for every frame, no EMA, no stop-gradient: SIGReg alone keeps the latents apart (LeWM)."""
+    """Encoder + predictor; one encoder for every frame, no EMA, no stop-gradient: SIGReg alone keeps latents apart."""
 
     device = property(lambda self: next(self.parameters()).device)
 
@@ -941,32 +925,23 @@ class JEPA(nn.Module):
     @torch.no_grad()
     def encode(self, obs: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, H, W), finite floats in [0, 1] -> latents (B, D); inference only (training uses forward)."""
-        size = self.encoder.image_size
-        if not isinstance(obs, torch.Tensor):
-            raise TypeError(f"obs must be a float tensor (torch.Tensor) in [0, 1], got {type(obs).__name__}")
-        if not obs.dtype.is_floating_point:
-            raise TypeError(f"obs must be a float tensor in [0, 1], got {obs.dtype}")
-        if obs.ndim != 4 or obs.shape[1:] != (1, size, size):
-            raise ValueError(f"obs must have shape (B, 1, {size}, {size}), got {tuple(obs.shape)}")
-        if obs.shape[0] == 0:
-            raise ValueError("obs is an empty batch (B = 0); pass at least one image")
-        if not torch.isfinite(obs).all():
-            raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
-        lo, hi = float(obs.min()), float(obs.max())
-        if lo < 0 or hi > 1:
+        size, tensor = self.encoder.image_size, isinstance(obs, torch.Tensor)
+        if not tensor or not obs.dtype.is_floating_point:
+            raise TypeError(f"obs must be a float tensor in [0, 1], got {obs.dtype if tensor else type(obs).__name__}")
+        if obs.ndim != 4 or obs.shape[1:] != (1, size, size) or not len(obs):
+            raise ValueError(f"obs must have shape (B, 1, {size}, {size}) with B >= 1, got {tuple(obs.shape)}")
+        lo, hi = float(obs.min()), float(obs.max())  # NaN if any value is NaN
+        if not 0 <= lo <= hi <= 1:
             hint = "; it looks like 0..255 pixels: divide by 255" if lo >= 0 and hi <= 255 else ""
-            raise ValueError(f"obs values must lie in [0, 1], got [{lo:g}, {hi:g}]{hint}")
+            raise ValueError(f"obs values must lie in [0, 1] (no NaN or inf), got [{lo:g}, {hi:g}]{hint}")
         return self.encoder(obs.to(self.device, next(self.parameters()).dtype))
 
     def _check(self, emb, actions, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents (B, D) in the predictor's dtype and actions (B,) or (B, H); anything else is refused by name."""
         if not isinstance(emb, torch.Tensor) or not emb.dtype.is_floating_point:
             raise TypeError(f"emb must be a float tensor of latents, got {getattr(emb, 'dtype', type(emb).__name__)}")
-        if emb.shape[-1] != self.cfg.latent_dim:
-            raise ValueError(f"emb must have latent_dim = {self.cfg.latent_dim} columns, got {emb.shape[-1]}")
-        actions = check_actions(actions).to(emb.device)
-        if emb.ndim != 2 or actions.ndim != ndim or len(actions) != len(emb):
-            want = "action (B,)" if ndim == 1 else "actions (B, H)"
+        actions, D = check_actions(actions).to(emb.device), self.cfg.latent_dim
+        if emb.ndim != 2 or emb.shape[1] != D or actions.ndim != ndim or len(actions) != len(emb):
+            want = ("action (B,)" if ndim == 1 else "actions (B, H)") + f" with D = latent_dim = {D}"
             raise ValueError(f"expected emb (B, D) and {want}, got {tuple(emb.shape)} and {tuple(actions.shape)}")
         if not torch.isfinite(emb).all():
             raise ValueError("emb holds NaN or inf values; latents must be finite")
@@ -979,10 +954,9 @@ class JEPA(nn.Module):
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
         """Training: obs (B, T, 1, H, W), actions (B, T-1) -> emb (B, T, D), pred (B, T-1, D); one BatchNorm batch."""
-        B, T = obs.shape[:2]
         if not torch.isfinite(obs.sum()):  # a NaN would poison BatchNorm's statistics; one sum is a cheap check
             raise ValueError("obs holds NaN or inf values; images must be finite floats in [0, 1]")
-        emb = self.encoder(obs.flatten(0, 1)).float().view(B, T, -1)  # (B, T, D)
+        emb = self.encoder(obs.flatten(0, 1)).float().unflatten(0, obs.shape[:2])  # (B, T, D)
         out = {"emb": emb, "pred": self.predictor(emb[:, :-1], actions).float()}  # (B, T-1, D)
         if hasattr(self, "inverse"):
             out["action_logits"] = self.inverse(torch.cat([emb[:, :-1], emb[:, 1:]], -1)).float()  # (B, T-1, A)
@@ -992,9 +966,8 @@ class JEPA(nn.Module):
         """Open-loop imagination (B, D), (B, H) -> (B, H, D), seeing the last seq_len - 1 frames, as in training."""
         emb, actions = self._check(emb, actions, 2)
         history, context = emb[:, None], max(1, self.cfg.seq_len - 1)  # (B, 1, D)
-        for h in range(actions.shape[1]):
-            seen = history[:, -context:]
-            nxt = self.predictor(seen, actions[:, h + 1 - seen.shape[1] : h + 1])[:, -1]
+        for h in range(actions.shape[1]):  # the last `context` frames and the actions taken from them
+            nxt = self.predictor(history[:, -context:], actions[:, max(0, h + 1 - context) : h + 1])[:, -1]
             history = torch.cat([history, nxt[:, None]], dim=1)
         return history[:, 1:]
 
@@ -1029,9 +1002,7 @@ def effective_rank(emb: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
 
 
-def jepa_loss(
-    model: JEPA, sigreg: SIGReg, obs, actions, cfg: Config, step: int | None = None, measure: bool = True
-) -> dict[str, torch.Tensor]:
+def jepa_loss(model: JEPA, sigreg: SIGReg, obs, actions, cfg: Config, step: int | None = None, measure=True) -> dict:
     """Named terms for obs (B, T, 1, H, W), actions (B, T-1): loss = pred_loss + lam * sigreg (the original write-up's
     lam = 10) [+ smooth_weight_at(step) * smooth_loss] [+ idm_weight * idm_loss]; ``measure``: latent_std, eff_rank."""
     out = model(obs, actions)
@@ -1061,9 +1032,8 @@ def lr_at(step: int, cfg: Config) -> float:
 
 def calibration_images(world: World, size: int, device) -> torch.Tensor:
     """One image per free cell (and target; 2,048 of a large family's), pooled to ``size``: (P, 1, size, size)."""
-    states = torch.from_numpy(world.free_cells)
-    if world.show_target:
-        states = (states[:, None] + world.num_cells * states[None, :]).reshape(-1)
+    free = torch.from_numpy(world.free_cells)  # (F,); with a target, every (agent, target) pair: (F * F,)
+    states = (free[:, None] + world.num_cells * free).reshape(-1) if world.show_target else free
     if len(states) > 2048:  # a large family: a fixed uniform sample of its free cells
         states = states[torch.randperm(len(states), generator=torch.Generator().manual_seed(0))[:2048]]
     return F.avg_pool2d(world.render(states, device), world.image_size // size)
@@ -1072,44 +1042,37 @@ def calibration_images(world: World, size: int, device) -> torch.Tensor:
 @torch.no_grad()
 def calibrate_batchnorm(model: JEPA, world: World, obs: torch.Tensor | None = None) -> None:
     """Set BatchNorm's running statistics from one image per free cell (``obs``: calibration_images): averages lag."""
-    was_training, model = model.training, model.eval()
-    obs = calibration_images(world, model.encoder.input_size, model.device) if obs is None else obs
-    for bn in [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]:  # in order: later ones see new stats
-        captured = []
-        hook = bn.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].float()))
-        model.encoder(obs)
-        hook.remove()
-        bn.running_mean.copy_(captured[0].mean(0))  # captured[0]: (P, C), this BatchNorm's input
-        bn.running_var.copy_(captured[0].var(0) if len(obs) > 1 else torch.ones_like(bn.running_var))
+    (linear, bn), was_training, model = model.encoder.projector.net[:2], model.training, model.eval()
+    if isinstance(bn, nn.BatchNorm1d):  # the model's only BatchNorm
+        obs = calibration_images(world, model.encoder.input_size, model.device) if obs is None else obs
+        x = linear(model.encoder.features(obs)).float()  # (P, C): the BatchNorm's input
+        bn.running_mean.copy_(x.mean(0))
+        bn.running_var.copy_(x.var(0) if len(obs) > 1 else torch.ones_like(bn.running_var))
     model.train(was_training)
 
 
-def encode_cells(model: JEPA, world: World, cells: torch.Tensor) -> torch.Tensor:
-    """Render and encode cells, (P,) -> (P, D), each distinct cell once (in eval mode equal images, equal latents)."""
-    unique, inverse = torch.unique(cells, return_inverse=True)
-    emb = torch.cat([model.encode(world.render(chunk, model.device)) for chunk in unique.split(2048)])
+def encode_states(model: JEPA, world: World, states=None) -> torch.Tensor:
+    """Latents of states (default: every free cell), (P,) -> (P, D), in eval mode, each distinct state encoded once."""
+    states, was_training = torch.as_tensor(world.free_cells if states is None else states).long(), model.training
+    unique, inverse = torch.unique(states, return_inverse=True)
+    try:
+        emb = torch.cat([model.eval().encode(world.render(chunk, model.device)) for chunk in unique.split(2048)])
+    finally:
+        model.train(was_training)
     return emb[inverse.to(model.device)]
 
 
-def encode_states(model: JEPA, world: World, states=None) -> torch.Tensor:
-    """Latents of states (default: every free cell) in eval mode, (P,) -> (P, D); the model's mode is restored."""
-    was_training = model.training
-    try:
-        return encode_cells(model.eval(), world, torch.as_tensor(world.free_cells if states is None else states).long())
-    finally:
-        model.train(was_training)
+encode_cells = encode_states  # the planners' name for it: cells (P,) -> latents (P, D)
 
 
 @torch.no_grad()
 def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
     """Per (free cell, action) pair (P,): cell, action, next, predicted (nearest cell), bump; latents (P, D), CPU."""
-    emb = encode_states(model, world)  # (N, D)
-    free = torch.from_numpy(world.free_cells)
-    cells, actions = repeat(free, "n -> (n a)", a=len(ACTIONS)), torch.arange(len(ACTIONS)).repeat(len(free))
-    latent = repeat(emb, "n d -> (n a) d", a=len(ACTIONS))
-    pred, nxt = model.predict(latent, actions.to(model.device)), world.next_cell[cells, actions]
-    nearest = free[torch.cdist(pred, emb).argmin(1).cpu()]
-    next_latent = emb[torch.searchsorted(free, nxt).to(emb.device)]
+    emb, free, A = encode_states(model, world), torch.from_numpy(world.free_cells), len(ACTIONS)  # (F, D), (F,)
+    cells, actions = repeat(free, "f -> (f a)", a=A), torch.arange(A).repeat(len(free))  # (F * A,): every pair
+    latent, nxt = repeat(emb, "f d -> (f a) d", a=A), world.next_cell[cells, actions]
+    pred = model.predict(latent, actions.to(model.device))  # (F * A, D)
+    nearest, next_latent = free[torch.cdist(pred, emb).argmin(1).cpu()], emb[torch.searchsorted(free, nxt)]
     table = {"cell": cells, "action": actions, "next": nxt, "predicted": nearest, "bump": nxt == cells}
     return table | {"latent": latent.cpu(), "predicted_latent": pred.cpu(), "next_latent": next_latent.cpu()}
 
@@ -1118,11 +1081,9 @@ def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
 def layout_next_state_accuracy(model: JEPA, family: WorldFamily) -> np.ndarray:
     """Next-state accuracy of each layout of a family, (K,), nearest latents sought within each layout."""
     K, N, A = len(family), family.grid_size**2, len(ACTIONS)
-    free = torch.from_numpy(family.free_cells)
-    emb = encode_states(model, family)  # (F, D), free cells of every layout in order
+    free, emb = torch.from_numpy(family.free_cells), encode_states(model, family)  # (F,), (F, D): all layouts
     pred = model.predict(repeat(emb, "f d -> (f a) d", a=A), torch.arange(A, device=emb.device).repeat(len(free)))
-    table = torch.full((K * N, emb.shape[1]), float("nan"), device=emb.device)
-    table[free.to(emb.device)] = emb
+    table = torch.full((K * N, emb.shape[1]), float("nan"), device=emb.device).index_copy_(0, free.to(emb.device), emb)
     layout = free // N
     gaps = torch.cdist(pred.view(len(free), A, -1), table.view(K, N, -1)[layout.to(emb.device)])  # (F, A, N)
     nearest = gaps.nan_to_num(float("inf")).argmin(-1).cpu() + (layout * N)[:, None]
@@ -1141,8 +1102,7 @@ def next_state_accuracy(model: JEPA, world: World) -> float:
 @torch.no_grad()
 def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, seed: int = 12345) -> dict:
     """Open-loop imagination from frame 0 at h = 1..H: MSE over the latents' variance, and nearest-cell accuracy."""
-    check_int(horizon, "horizon", 1), check_int(num, "num", 1)
-    data = make_transitions(world, num, horizon + 1, seed)
+    data = make_transitions(world, num, check_int(horizon, "horizon", 1) + 1, seed)  # it checks num
     states = data.states.long()  # (B, H+1)
     emb = encode_states(model, world, states.reshape(-1)).view(num, horizon + 1, -1)  # (B, H+1, D)
     pred = model.rollout(emb[:, 0], data.actions.long())  # (B, H, D)

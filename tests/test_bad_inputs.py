@@ -149,7 +149,7 @@ def test_render_rejects_out_of_range_states(open_world):
 def test_encode_wrong_shape(model, shape):
     """JEPA.encode names the expected (B, 1, 128, 128) and the shape it got."""
     got = rf"\({', '.join(map(str, shape))}\)"
-    with pytest.raises(ValueError, match=r"obs must have shape \(B, 1, 128, 128\), got " + got):
+    with pytest.raises(ValueError, match=r"obs must have shape \(B, 1, 128, 128\) with B >= 1, got " + got):
         model.encode(torch.zeros(shape))
 
 

@@ -136,7 +136,7 @@ def test_random_layout_wall_fraction_type():
 
 
 def test_encode_names_a_numpy_image(model):
-    with pytest.raises(TypeError, match=r"obs must be a float tensor \(torch\.Tensor\) in \[0, 1\], got ndarray"):
+    with pytest.raises(TypeError, match=r"obs must be a float tensor in \[0, 1\], got ndarray"):
         model.encode(np.zeros((1, 1, 128, 128), np.float32))
 
 

@@ -152,7 +152,7 @@ def test_encode_in_eval_mode_is_per_image(model, open_world):
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_encoder_computes_the_cls_output_alone_in_its_last_block(depth):
-    """The encoder runs its last block for the CLS token only (cls_output): the latents and every weight's
+    """The encoder runs its last block for the CLS token only (Encoder.features): the latents and every weight's
     gradient equal those of running all tokens through all blocks and reading the CLS token, in both modes."""
     cfg = gj.make_config("smoke", depth=depth)
     torch.manual_seed(0)
