@@ -1146,8 +1146,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except OSError as e:
         raise OSError(e.errno, f"{(e.strerror or str(e)).lower()} writing {path}") from e
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # gone after the rename
+        tmp.unlink(missing_ok=True)  # gone after the rename
 
 
 def save_checkpoint(path, model: JEPA, cfg: Config, opt=None, step=0, history=None, metrics=None, train_seconds=0.0):
@@ -1313,20 +1312,17 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
 
 def collapse_warning(latent_std: float, cfg: Config) -> str | None:
     """A message with what to try when the latents have (almost) stopped varying."""
-    if latent_std >= 0.05:
-        return None
     tries = [f"a larger lam (now {cfg.lam:g})"]
     tries += ["projector_norm='batchnorm' (LeWM's; now 'layernorm')"] if cfg.projector_norm != "batchnorm" else []
     tries += [f"a smaller smooth_weight (now {cfg.smooth_weight:g})"] if cfg.smooth_weight > 0 else []
-    why = f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1). The encoder maps every image to nearly the"
-    return f"{why} same vector. Try {' or '.join(tries)}."
+    why = f"COLLAPSE: the latent std is {latent_std:.4f} (healthy is ~1): the encoder maps every image to nearly one"
+    return None if latent_std >= 0.05 else f"{why} vector. Try {' or '.join(tries)}."
 
 
 def train(
     cfg, world=None, data=None, ckpt_path=None, resume=True, on_log=None, progress=True, device=None, stop_after=None
 ) -> TrainResult:
-    """Train a JEPA with cfg (jepa_loss, AdamW, warmup + cosine). Batch k and SIGReg's directions depend on (seed, k)
-    alone, so a resumed run (``ckpt_path``, ``resume``) takes the same path; ``stop_after``: leave early."""
+    """Train a JEPA with cfg; batch k depends on (seed, k) alone, so a run resumed from ``ckpt_path`` takes one path."""
     validate_config(cfg)
     stop_after = None if stop_after is None else check_int(stop_after, "stop_after")
     if on_log is not None and not callable(on_log):
@@ -1336,12 +1332,9 @@ def train(
     if world is not None and (got := (world.grid_size, world.show_target)) != (cfg.grid_size, cfg.show_target):
         want = f"Config.grid_size={cfg.grid_size} and Config.show_target={cfg.show_target}"
         raise ValueError(f"world is {got[0]}x{got[0]} with show_target={got[1]}, but {want}: pass build_world(cfg)")
-    if data is not None and (not isinstance(data, Transitions) or data.states.shape[1] != cfg.seq_len):
+    if data is not None and not (isinstance(data, Transitions) and data.states.shape[1] == cfg.seq_len):
         got = f"{data.states.shape[1]} frames" if isinstance(data, Transitions) else type(data).__name__
-        want = f"Transitions of Config.seq_len={cfg.seq_len} frames per trajectory"
-        raise ValueError(f"data must be {want}, got {got}: make_transitions(world, num, seq_len={cfg.seq_len})")
-    if ckpt_path is not None:
-        check_writable(ckpt_path)
+        raise ValueError(f"data must be Transitions of Config.seq_len={cfg.seq_len} frames per trajectory, got {got}")
     with contextlib.nullcontext() if ckpt_path is None else output_lock(ckpt_path):
         device, world = torch.device(device or default_device()), world or build_world(cfg)
         data = data or make_transitions(world, cfg.num_transitions, cfg.seq_len, cfg.data_seed)
@@ -1363,54 +1356,45 @@ def train(
             if progress:
                 print(f"resumed from {ckpt_path} at step {start}/{cfg.num_steps}")
         steps = range(start, cfg.num_steps if stop_after is None else min(cfg.num_steps, start + stop_after))
-        t0 = time.perf_counter()  # painting the frames counts as training time
+        t0 = time.perf_counter() - earlier_seconds  # the clock of the whole run; painting the frames counts
         painted = paint_frames(world, data, device, progress, cfg.input_size, cfg.crop) if len(steps) else None
         calib = calibration_images(world, cfg.input_size, device)  # every evaluation's BatchNorm images, once
-        bar = handle = None
-        if progress and len(steps):  # a notebook's bar is displayed with a handle, to save its final text at the end
-            in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)
-            bar = tqdm(steps, desc="training", mininterval=0.5, **({"display": False} if in_notebook else {}))
-            if in_notebook:
-                from IPython.display import display
+        notebook = {"display": False} if any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__) else {}
+        bar, handle = tqdm(steps, desc="training", mininterval=0.5, disable=not progress or not steps, **notebook), None
+        if notebook and not bar.disable:  # a notebook's bar: shown with a handle, to save its final text at the end
+            from IPython.display import display
 
-                handle = display(bar.container, display_id=True)
-        for step in bar or steps:
+            handle = display(bar.container, display_id=True)
+        for step in bar:
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
             obs, actions = sample_batch(world, data, idx, device, painted)
-            done = step + 1
-            logged = done % cfg.log_every == 0 or done == cfg.num_steps
+            logged = (done := step + 1) % cfg.log_every == 0 or done == cfg.num_steps
             terms = train_step(step_model, sigreg, opt, obs, actions, cfg, step, measure=logged)
-            if logged:
+            if logged:  # to the history, the bar and on_log
                 row = {"step": done, "lr": lr_at(step, cfg)} | {name: float(t.detach()) for name, t in terms.items()}
                 for k, v in row.items():
                     history.setdefault(k, []).append(v)
-                if bar is not None:
-                    shown = {"pred": "pred_loss", "sig": "sigreg", "std": "latent_std"}
-                    bar.set_postfix({k: f"{history[v][-1]:.3g}" for k, v in shown.items()}, refresh=False)
+                bar.set_postfix(pred=row["pred_loss"], sig=row["sigreg"], std=row["latent_std"], refresh=False)
                 if on_log is not None:
                     on_log(history)
-            if done % cfg.eval_every == 0 or done == cfg.num_steps:
+            if done % cfg.eval_every == 0 or done == cfg.num_steps:  # next-state accuracy, BatchNorm calibrated
                 calibrate_batchnorm(model, world, calib)
                 history.setdefault("eval_step", []).append(done)
                 history.setdefault("next_state_acc", []).append(next_state_accuracy(model, monitor))
-                note = collapse_warning(history["latent_std"][-1], cfg) if history.get("latent_std") else None
-                if note and not notes:  # say it once per run
-                    notes.append(note)
+                if not notes and (note := collapse_warning(history.get("latent_std", [math.inf])[-1], cfg)):
+                    notes.append(note)  # said once per run
                     print(note)
             if ckpt_path is not None and (done % cfg.ckpt_every == 0 or done == cfg.num_steps):
-                seconds = earlier_seconds + time.perf_counter() - t0
-                save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=seconds)
-    seconds = time.perf_counter() - t0
+                save_checkpoint(ckpt_path, model, cfg, opt, done, history, train_seconds=time.perf_counter() - t0)
+    total = time.perf_counter() - t0
     if handle is not None:  # a saved notebook then reads "450/450", not the "0/450" the bar was first shown with
         handle.update(bar.container)
     calibrate_batchnorm(model, world, calib)
-    return TrainResult(model.eval(), history, world, data, cfg, seconds, notes, earlier_seconds + seconds, len(steps))
+    return TrainResult(model.eval(), history, world, data, cfg, total - earlier_seconds, notes, total, len(steps))
 
 
 # ══ 4. Analysis (notebook 04): probes scored honestly, PCA ════════════════════════════════════════════════════════════
-
-
 @dataclass
 class LinearProbe:
     """y = x @ weight + bias, on numpy arrays or torch tensors (the planners decode latents on the model's device)."""
@@ -1444,18 +1428,13 @@ def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
 
 
 def probe_report(emb, pos, num_splits: int = 20, holdout: int | None = None, seed: int = 0) -> dict:
-    """R^2 (mean over columns) of linear probes emb -> pos: on the cells they were fit on (proves little when D >> P),
-    on held-out cells (``num_splits`` seeded ShuffleSplits), and the same with ridge (alpha by leave-one-out)."""
+    """R^2 of linear probes emb -> pos: on the cells fit on, and held out (seeded ShuffleSplits; plain and ridge)."""
     emb, pos = np.asarray(emb, np.float64), np.asarray(pos, np.float64)
     if emb.ndim != 2 or pos.ndim != 2 or len(pos) != (P := len(emb)) or P < 4:
         raise ValueError(f"expected emb (P, D) and pos (P, k) of at least 4 points, got {emb.shape} and {pos.shape}")
     if not (np.isfinite(emb).all() and np.isfinite(pos).all()):
         raise ValueError("emb and pos must be finite (no NaN or inf)")
-    holdout = max(2, round(P * 0.3)) if holdout is None else holdout
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)):
-        raise TypeError(f"holdout must be a whole number of cells (or None), got {holdout!r}")
-    if not 2 <= holdout <= P - 2:
-        raise ValueError(f"holdout must be in [2, P - 2] = [2, {P - 2}] (R^2 needs 2 points to score), got {holdout}")
+    holdout = max(2, round(P * 0.3)) if holdout is None else check_int(holdout, "holdout", 2, P - 2)
     splits = list(ShuffleSplit(check_int(num_splits, "num_splits", 1), test_size=holdout, random_state=seed).split(emb))
     heldout = lambda fit, test, alpha=0.0: r2_score(pos[test], fit_probe(emb[fit], pos[fit], alpha)(emb[test])).mean()
     plain = [heldout(fit, test) for fit, test in splits]
@@ -1476,8 +1455,7 @@ def latent_vs_grid_distance(emb, world: World) -> dict:
     """Does latent L2 track grid distance? Over all pairs of free cells (emb (N, D)): both, and Spearman's rho."""
     emb, (i, j) = np.asarray(emb, np.float64), np.triu_indices(len(emb), k=1)
     l2 = np.linalg.norm(emb[i] - emb[j], axis=1)
-    moves = world.shortest_paths()[world.free_cells[i], world.free_cells[j]]
-    rho, pvalue = spearmanr(l2, moves)
+    rho, pvalue = spearmanr(l2, moves := world.shortest_paths()[world.free_cells[i], world.free_cells[j]])
     return {"spearman": float(rho), "pvalue": float(pvalue), "l2": l2, "grid_distance": moves, "pairs": (i, j)}
 
 
