@@ -43,6 +43,12 @@ def search_settings(world: g.World, max_depth, merge) -> tuple[int, int]:
     return g.check_int(2 * G if max_depth is None else max_depth, "max_depth", 1), 2 * G**2 + 1
 
 
+def nearest_cell_policy(model: g.JEPA, world: g.World) -> g.Policy:
+    """Probe-free greedy planner: decode each imagined latent as the cell whose real latent is nearest (L2)."""
+    emb, pos = g.encode_states(model, world).float(), torch.from_numpy(world.cell_pos(world.free_cells)).float()
+    return g.latent_greedy_policy(model, world, lambda z: pos[torch.cdist(z.float(), emb).argmin(1).cpu()])
+
+
 def shortest_distances(world: g.World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
     """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start, as run_mpc's."""
     unique, inverse = torch.unique(starts, return_inverse=True)
