@@ -1483,7 +1483,12 @@ def untrained_model(cfg: Config, world: World | None = None, seed: int = 1234) -
 # A policy maps (cells (P,), goals (P,)) to a dict: "action" (P,) and, from a planner that scores its options,
 # "scores" (P, A), the predicted cost of each first action (lower is better). run_mpc acts and repeats.
 Policy = Callable[[torch.Tensor, torch.Tensor], dict]
-PLANNERS = ("probe", "latent", "nearest", "cem", "search", "imagine", "graph", "random")  # make_policy's names
+PLANNERS = ("probe", "latent", "cem", "search", "imagine", "graph", "random")  # make_policy's names
+
+
+def cheapest(scores: torch.Tensor, **extra) -> dict:
+    """A scoring policy's answer: the action of lowest predicted cost (scores (P, A)), the scores, and any extras."""
+    return {"action": scores.argmin(1), "scores": scores} | extra
 
 
 def latent_greedy_policy(model: JEPA, world: World, decode: Callable | None = None) -> Policy:
@@ -1497,28 +1502,22 @@ def latent_greedy_policy(model: JEPA, world: World, decode: Callable | None = No
         imagined = model.predict(repeat(emb, "p d -> (p a) d", a=A), actions.to(emb.device))  # (P * A, D)
         if decode is None:
             goal_emb = encode_cells(model, world, goals)[:, None]  # (P, 1, D)
-            scores = ((imagined.view(len(cells), A, -1) - goal_emb) ** 2).sum(-1).cpu()  # (P, A)
-            return {"action": scores.argmin(1), "scores": scores}
+            return cheapest(((imagined.view(len(cells), A, -1) - goal_emb) ** 2).sum(-1).cpu())  # (P, A)
         imagined = decode(imagined).view(len(cells), A, 2).cpu()  # (P, A, 2) decoded (col, row)
-        scores = (imagined - torch.from_numpy(world.cell_pos(goals.numpy())).float()[:, None]).abs().sum(-1)
-        return {"action": scores.argmin(1), "scores": scores, "imagined": imagined}
+        goal_pos = torch.from_numpy(world.cell_pos(goals.numpy())).float()[:, None]  # (P, 1, 2)
+        return cheapest((imagined - goal_pos).abs().sum(-1), imagined=imagined)
 
     return policy
 
 
-def probe_policy(model: JEPA, world: World, probe: LinearProbe) -> Policy:
-    """The original write-up's planner: greedy, decoding the imagined latents with a linear probe."""
+def probe_policy(model: JEPA, world: World, probe: LinearProbe | None = None) -> Policy:
+    """The original write-up's planner: greedy, decoding imagined latents with a linear probe (default: fit on all)."""
+    probe = probe or fit_probe(encode_states(model, world).cpu().numpy(), world.cell_pos(world.free_cells))
     if not isinstance(probe, LinearProbe):
         raise TypeError(f"probe must be a LinearProbe (fit_probe's), got {type(probe).__name__}")
     if (got := np.shape(probe.weight)) != (D := model.cfg.latent_dim, 2):
         raise ValueError(f"probe weight must be (latent_dim, 2) = ({D}, 2), got {got}; fit it on this model's latents")
     return latent_greedy_policy(model, world, lambda z: probe(z.float().cpu()))
-
-
-def nearest_cell_policy(model: JEPA, world: World) -> Policy:
-    """Probe-free greedy planner: decode each imagined latent as the cell whose real latent is nearest (L2)."""
-    emb, pos = encode_states(model, world).float(), torch.from_numpy(world.cell_pos(world.free_cells)).float()
-    return latent_greedy_policy(model, world, lambda z: pos[torch.cdist(z.float(), emb).argmin(1).cpu()])
 
 
 def random_policy(seed: int = 0) -> Policy:
@@ -1564,33 +1563,26 @@ def imagined_costs(model: JEPA, world: World, cells, goals, horizon: int, cost: 
 def exhaustive_policy(model: JEPA, world: World, horizon: int = 4, cost: str = "steps") -> Policy:
     """Search all 4^H action sequences for every pair at once; execute the first action of the best."""
     check_search(model, world, horizon, cost, "exhaustive_policy")
-
-    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        scores = imagined_costs(model, world, cells, goals, horizon, cost).reshape(len(cells), len(ACTIONS), -1).amin(2)
-        return {"action": scores.argmin(1), "scores": scores}  # scores (P, A): the best sequence from each action
-
-    return policy
+    best = lambda costs: costs.unflatten(1, (len(ACTIONS), -1)).amin(2)  # (P, S) -> (P, A): the best from each action
+    return lambda cells, goals: cheapest(best(imagined_costs(model, world, cells, goals, horizon, cost)))
 
 
 def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoothing=0.1, seed=0, cost="steps"):
     """Cross-entropy method (LeWM's, made discrete): refit per-step categoricals to the elite sampled sequences."""
     check_search(model, world, horizon, cost, "cem_policy")
     check_int(samples, "samples", 1), check_int(iterations, "iterations", 1), check_int(seed, "seed")
-    if not 1 <= check_int(elites, "elites") <= samples:
-        raise ValueError(f"need 1 <= elites <= samples, got elites={elites}, samples={samples}")
+    check_int(elites, "elites (at most samples)", 1, samples)
     if not (isinstance(smoothing, (int, float)) and 0 <= smoothing <= 1):
         raise ValueError(f"smoothing must be a number in [0, 1], got {smoothing!r}")
-    gen, A = torch.Generator().manual_seed(seed), len(ACTIONS)
-    code = A ** torch.arange(horizon - 1, -1, -1)  # (H,) base-4 digits: a sequence's column in imagined_costs' table
+    gen, A, code = torch.Generator().manual_seed(seed), len(ACTIONS), len(ACTIONS) ** torch.arange(horizon - 1, -1, -1)
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        P, table = len(cells), imagined_costs(model, world, cells, goals, horizon, cost)  # (P, 4^H)
-        probs, scores, best = torch.full((P, horizon, A), 1 / A), torch.full((P, A), float("inf")), []
-        action = torch.zeros(P, dtype=torch.long)  # the first action of the best sequence so far
-        for _ in range(iterations):
+        P, table, best = len(cells), imagined_costs(model, world, cells, goals, horizon, cost), []  # table (P, 4^H)
+        probs, scores, action = torch.full((P, horizon, A), 1 / A), torch.full((P, A), torch.inf), torch.zeros(P).long()
+        for _ in range(iterations):  # action: the first of the best sequence so far
             seqs = torch.multinomial(probs.flatten(0, 1), samples, replacement=True, generator=gen)
             seqs = rearrange(seqs, "(p h) s -> p s h", p=P)  # (P, S, H)
-            costs = table.gather(1, (seqs * code).sum(-1))  # (P, S)
+            costs = table.gather(1, (seqs * code).sum(-1))  # (P, S): base-4 code, a sequence's column in the table
             elite = seqs.gather(1, repeat(costs.argsort(1)[:, :elites], "p e -> p e h", h=horizon))  # (P, E, H)
             action = torch.where(costs.amin(1) < scores.amin(1), elite[:, 0, 0], action)  # a new best: its first
             scores = scores.scatter_reduce(1, seqs[:, :, 0], costs, "amin")  # (P, A) the best sequence from each action
@@ -1609,35 +1601,28 @@ def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) 
     edges = torch.cdist(pred, nodes).argmin(1).view(V, A).cpu().numpy()  # (V, A) the imagined next node
     hops = shortest_path(csr_matrix((np.ones(V * A), (np.arange(V * A) // A, edges.ravel())), (V, V)), unweighted=True)
     node_of = lambda cells: torch.cdist(encode_cells(model, world, cells), nodes).argmin(1).cpu().numpy()
-
-    def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        here, there = node_of(cells), node_of(goals)
-        nxt = edges[here]  # (P, A); hops: imagined moves, inf where no path; a wall bump costs half a move more
-        scores = torch.from_numpy(hops[nxt, there[:, None]] + 0.5 * (nxt == here[:, None])).float()
-        return {"action": scores.argmin(1), "scores": scores}
-
-    return policy
+    # each action's cost (P, A): the imagined moves left after it (inf where no path), half a move more for a bump
+    costs = lambda here, there: hops[edges[here], there[:, None]] + 0.5 * (edges[here] == here[:, None])
+    return lambda cells, goals: cheapest(torch.from_numpy(costs(node_of(cells), node_of(goals))).float())
 
 
 @torch.no_grad()
 def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, merge=0.5) -> dict:
     """Breadth-first search in imagination from start latents (U, D) alone: places (U, V, D) and their count (U,),
     depth (U, V), first action of the path to each (-1 at the start) and merge radius tol (U, V)."""
-    U, D, A, dev = start.shape[0], start.shape[1], len(ACTIONS), start.device
+    (U, D), A, dev = start.shape, len(ACTIONS), start.device
     actions, opposite, slots = torch.arange(A, device=dev), OPPOSITE.to(dev), torch.arange(max_nodes, device=dev)
     nodes, tol = start.new_zeros(U, max_nodes, D), start.new_zeros(U, max_nodes)
-    depth = torch.full((U, max_nodes), -1, dtype=torch.long, device=dev)
-    first, count = torch.full_like(depth, -1), torch.ones(U, dtype=torch.long, device=dev)
-    nodes[:, 0], depth[:, 0] = start, 0
-    front_u, front_v = torch.arange(U, device=dev), torch.zeros(U, dtype=torch.long, device=dev)
+    depth, first = torch.full((U, max_nodes), -1, device=dev), torch.full((U, max_nodes), -1, device=dev)  # long
+    nodes[:, 0], depth[:, 0], count = start, 0, torch.ones(U, dtype=torch.long, device=dev)
+    front_u, front_v = torch.arange(U, device=dev), torch.zeros_like(count)  # the frontier: (search, place)
     for level in range(1, max_depth + 1):
         if not len(front_u):
             break  # the last level found no new place
         parents = repeat(nodes[front_u, front_v], "f d -> (f a) d", a=A)  # (C, D): C = F * A candidate moves
         pred = model.predict(parents, step := actions.repeat(len(front_u)))  # (C, D)
         went = (pred - parents).norm(dim=-1)  # (C,) how far each imagined move went
-        # q is one move c from c's parent when undoing it (the opposite action, imagined from q) lands nearer the
-        # parent than the move went: a test with no length scale, so it holds where the learned map is stretched
+        # q is one move c from c's parent if undoing it (from q) lands nearer the parent than c went: a scale-free test
         one_move = lambda q, c: (model.predict(q, opposite[step[c]]) - parents[c]).norm(dim=-1) < went[c]
         real = one_move(pred, torch.arange(len(pred), device=dev))  # (C,) False: a wall bump
         real_fa, went_fa = real.view(-1, A), went.view(-1, A)  # (F, A)
@@ -1647,16 +1632,12 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
             tol[:, 0] = radius
         ctol, cu, own = (repeat(x, "f -> (f a)", a=A) for x in (radius, front_u, front_v))
         cfirst = step if level == 1 else repeat(first[front_u, front_v], "f -> (f a)", a=A)
-        # the nearest place this search has, never the parent itself, and its distance: the candidates (sorted by
-        # search) against their own search's places, one batch row per search
-        searches, size = torch.unique_consecutive(cu, return_counts=True)
-        row = torch.repeat_interleave(torch.arange(len(searches), device=dev), size)  # (C,) the search's row
+        # each candidate's nearest place in its own search (never its parent), and its distance: a batch row per search
+        searches, row, size = torch.unique_consecutive(cu, return_inverse=True, return_counts=True)  # row: (C,)
         rank = torch.arange(len(cu), device=dev) - (size.cumsum(0) - size)[row]  # (C,) its place in that row
-        queries = pred.new_zeros(len(searches), int(size.max()), D)
-        queries[row, rank] = pred
+        queries = pred.new_zeros(len(searches), int(size.max()), D).index_put_((row, rank), pred)  # (rows, most, D)
         gaps = torch.cdist(queries, nodes[searches])[row, rank]  # (C, V)
-        gaps = gaps.masked_fill((slots >= count[cu][:, None]) | (slots == own[:, None]), float("inf"))
-        nearest, place = gaps.min(1)
+        nearest, place = gaps.masked_fill((slots >= count[cu][:, None]) | (slots == own[:, None]), torch.inf).min(1)
         # a real move joins the nearest place within the radius only if that place is one such move from the parent
         merging = (real & (nearest < ctol)).nonzero().squeeze(1)
         same = one_move(nodes[cu[merging], place[merging]], merging)
@@ -1679,16 +1660,15 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
 def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, merge=0.5, meet="either") -> Policy:
     """Plan from two images and the model alone: imagine the places reachable from both (imagine_map; moves are
     reversible; two half-depth searches drift less than one), act along the shortest path through a meeting place."""
-    if isinstance(merge, bool) or not isinstance(merge, (int, float)) or not 0 < merge < 1:
-        raise ValueError(f"merge must be a number in (0, 1), got {merge!r}")
+    if not (isinstance(merge, int | float) and 0 < merge < 1) or meet not in ("either", "both"):  # True/False: 1/0
+        raise ValueError(f"merge must be a number in (0, 1) and meet 'either' or 'both', got {merge=!r}, {meet=!r}")
     G = world.grid_size  # default depth 2G; room for 2G^2 + 1 places, more than the free cells
     max_depth, max_nodes = check_int(2 * G if max_depth is None else max_depth, "max_depth", 1), 2 * G**2 + 1
-    if meet not in ("either", "both"):
-        raise ValueError(f"meet must be 'either' or 'both', got {meet!r}")
     within = torch.maximum if meet == "either" else torch.minimum  # either's radius (both latents drift), or both's
     seen, unused = {}, {"nodes": 0.0, "depth": -1, "first": -1, "tol": 0.0}  # a search per image; imagine_map's pads
 
-    def searches(images: torch.Tensor) -> dict:  # (U,) -> imagine_map's dict, padded to the most places found
+    def searches(cells: torch.Tensor) -> tuple[dict, torch.Tensor]:  # (P,) -> imagine_map's dict, each cell's row
+        images, rows = torch.unique(cells, return_inverse=True)  # a row per distinct image, padded to the most places
         if todo := [int(s) for s in images if int(s) not in seen]:  # a search depends only on its image
             emb = encode_cells(model, world, torch.tensor(todo))  # (U, D), searched 256 at a time
             parts = [imagine_map(model, z, max_depth, max_nodes, merge) for z in emb.split(256)]
@@ -1697,27 +1677,23 @@ def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, 
                 seen[s] = {k: v[i, : found["count"][i]] if k in unused else v[i] for k, v in found.items()}
         kept = [seen[int(s)] for s in images]
         pad = lambda k: nn.utils.rnn.pad_sequence([s[k] for s in kept], batch_first=True, padding_value=unused[k])
-        return {k: pad(k) if k in unused else torch.stack([s[k] for s in kept]) for k in kept[0]}
+        return {k: pad(k) if k in unused else torch.stack([s[k] for s in kept]) for k in kept[0]}, rows.to(model.device)
 
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        (start_u, start_inv), (goal_u, goal_inv) = (torch.unique(x, return_inverse=True) for x in (cells, goals))
-        ahead, back = searches(start_u), searches(goal_u)
-        start_inv, goal_inv = start_inv.to(ahead["nodes"].device), goal_inv.to(ahead["nodes"].device)
+        (ahead, start_inv), (back, goal_inv) = searches(cells), searches(goals)
         scores = []
         for s, t in zip(start_inv.split(256), goal_inv.split(256)):
             depth_s, depth_t = ahead["depth"][s][:, :, None], back["depth"][t][:, None, :]  # (R, Vs, 1), (R, 1, Vg)
-            dist = torch.cdist(ahead["nodes"][s], back["nodes"][t])  # (R, Vs, Vg)
-            radius = within(ahead["tol"][s][:, :, None], back["tol"][t][:, None])  # (R, Vs, Vg)
-            length = (depth_s + depth_t).float()
-            met = (depth_s >= 0) & (depth_t >= 0) & (dist < radius)
+            dist, first = torch.cdist(ahead["nodes"][s], back["nodes"][t]), ahead["first"][s]  # (R, Vs, Vg), (R, Vs)
+            length, radius = (depth_s + depth_t).float(), within(ahead["tol"][s][:, :, None], back["tol"][t][:, None])
+            met = (depth_s >= 0) & (depth_t >= 0) & (dist < radius)  # (R, Vs, Vg)
             cost = torch.where(met, length, float("inf")).amin(2)  # (R, Vs) the shortest imagined path through each
             # no meeting: after every meeting, by the distance to the goal image's latent in merge radii
             far = 1e3 + dist[:, :, 0] / (2 * ahead["tol"][s].clamp_min(1e-6)) + length[:, :, 0]
-            cost = torch.where(torch.isinf(cost), far, cost).masked_fill(ahead["first"][s] < 0, float("inf"))
+            cost = torch.where(torch.isinf(cost), far, cost).masked_fill(first < 0, float("inf"))  # (R, Vs)
             row = torch.full((len(s), len(ACTIONS)), float("inf"), device=cost.device)
-            scores.append(row.scatter_reduce(1, ahead["first"][s].clamp_min(0), cost, reduce="amin"))  # (R, A)
-        scores = torch.cat(scores).cpu()
-        return {"action": scores.argmin(1), "scores": scores, "imagined_places": ahead["count"][start_inv].cpu()}
+            scores.append(row.scatter_reduce(1, first.clamp_min(0), cost, reduce="amin"))  # (R, A)
+        return cheapest(torch.cat(scores).cpu(), imagined_places=ahead["count"][start_inv].cpu())
 
     return policy
 
@@ -1735,12 +1711,10 @@ class PlanResult:
     trace: list = field(default_factory=list)  # per step: the policy's dict (when record=True)
     success = property(lambda self: self.steps <= self.paths.shape[1] - 1)  # (P,) bool
     optimal = property(lambda self: self.success & (self.steps == self.optimal_steps))  # (P,) bool
-
-    def _shares(self, m=slice(None)) -> dict:
-        return {"success": float(self.success[m].float().mean()), "optimal": float(self.optimal[m].float().mean())}
+    _shares = lambda self, m=slice(None): {k: getattr(self, k)[m].float().mean().item() for k in ("success", "optimal")}
 
     def summary(self) -> dict:
-        mean = float(self.steps[self.success].float().mean()) if self.success.any() else float("nan")
+        mean = self.steps[self.success].float().mean().item()  # nan if none was solved
         return {"pairs": len(self.starts)} | self._shares() | {"seconds": self.seconds, "mean_steps_solved": mean}
 
     def by_distance(self) -> dict[int, dict]:  # pairs, success and optimal share per BFS distance
@@ -1796,12 +1770,10 @@ def run_mpc(
             raise TypeError("a policy must return a dict with an 'action' tensor")
         if (action := check_actions(out["action"]).cpu()).shape != here.shape:
             raise ValueError(f"the policy returned actions of shape {tuple(action.shape)} for {len(here)} pairs")
-        if (scores := out.get("scores")) is not None and tuple(getattr(scores, "shape", ())) != (len(here), A):
-            got = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
-            raise ValueError(f"the policy returned 'scores' of shape {got}; expected ({len(here)}, {A}) numbers")
+        if (scores := out.get("scores")) is not None and (got := getattr(scores, "shape", None)) != (len(here), A):
+            raise ValueError(f"the policy returned 'scores' of shape {got}; expected {(len(here), A)}")
         if remember:  # remember_tried counts every action taken from an image, remember_bumps the wall bumps
-            past = taken[episodes, here % N]  # (n, A)
-            allowed = past == past.amin(1, keepdim=True) if remember_tried else past == 0
+            allowed = (past := taken[episodes, here % N]) == (past.amin(1, keepdim=True) if remember_tried else 0)
             scores = torch.zeros(len(here), A) if scores is None else torch.as_tensor(scores).detach().float().cpu()
             # an action the policy rules out (a score of inf) still comes before one memory rules out
             best = scores.nan_to_num(posinf=torch.finfo().max).masked_fill(~allowed, torch.inf).argmin(1)
@@ -1829,11 +1801,8 @@ def make_policy(name: str, model: JEPA, world: World, probe: LinearProbe | None 
     """A planner by name (PLANNERS); the probe planner's probe is fit on every free cell unless given."""
     if name not in PLANNERS:
         raise ValueError(f"unknown planner {name!r}; expected one of {PLANNERS}")
-    if name == "probe":
-        probe = probe or fit_probe(encode_states(model, world).cpu().numpy(), world.cell_pos(world.free_cells))
-        return probe_policy(model, world, probe)
-    makers = dict(latent=latent_greedy_policy, nearest=nearest_cell_policy, cem=cem_policy, search=exhaustive_policy)
-    makers |= dict(imagine=imagination_policy, graph=graph_policy, random=lambda model, world: random_policy())
+    makers = dict(latent=latent_greedy_policy, cem=cem_policy, search=exhaustive_policy, imagine=imagination_policy)
+    makers |= dict(probe=lambda *a: probe_policy(*a, probe), graph=graph_policy, random=lambda *_: random_policy())
     return makers[name](model, world)
 
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import baseline  # noqa: E402
+import lab  # noqa: E402
 
 import gridjepa_utils as g  # noqa: E402
 
@@ -221,7 +222,7 @@ def bench_planning(repeat: int) -> dict:
         probe = g.fit_probe(emb, world.cell_pos(world.free_cells))
         planners = {
             "probe": g.probe_policy(model, world, probe),
-            "nearest": g.nearest_cell_policy(model, world),
+            "nearest": lab.nearest_cell_policy(model, world),
             "cem": g.cem_policy(model, world),
             "search": g.exhaustive_policy(model, world),
             "graph": g.graph_policy(model, world),

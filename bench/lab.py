@@ -48,6 +48,12 @@ def member(family: g.WorldFamily, k: int) -> g.World:
     return g.World(family.grid_size, walls=family.layouts[k], image_size=family.image_size)
 
 
+def nearest_cell_policy(model: g.JEPA, world: g.World) -> g.Policy:
+    """Probe-free greedy planner: decode each imagined latent as the cell whose real latent is nearest (L2)."""
+    emb, pos = g.encode_states(model, world).float(), torch.from_numpy(world.cell_pos(world.free_cells)).float()
+    return g.latent_greedy_policy(model, world, lambda z: pos[torch.cdist(z.float(), emb).argmin(1).cpu()])
+
+
 def shortest_distances(world: g.World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
     """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start, as run_mpc's."""
     unique, inverse = torch.unique(starts, return_inverse=True)

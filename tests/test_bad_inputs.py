@@ -205,7 +205,7 @@ def test_search_planners_reject_horizon_below_one(model, open_world, horizon):
 
 def test_cem_rejects_more_elites_than_samples(model, open_world):
     """cem_policy needs 1 <= elites <= samples."""
-    with pytest.raises(ValueError, match=r"need 1 <= elites <= samples"):
+    with pytest.raises(ValueError, match=r"elites \(at most samples\) must be in \[1, 4\], got 8"):
         gj.cem_policy(model, open_world, samples=4, elites=8)
 
 

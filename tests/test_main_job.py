@@ -37,8 +37,8 @@ def test_lost_record_never_takes_an_evaluation_for_training(tmp_path):
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["metrics"]["planner"] == "probe" and record["metrics"]["plan_success"] == trained["plan_success"]
     assert [e["planner"] for e in record["evaluations"]] == ["random"] and record["command"] is None
-    assert run_cli("--out", out, "--planner", "nearest") == 0
+    assert run_cli("--out", out, "--planner", "latent") == 0
     assert [e["planner"] for e in json.loads(out.with_suffix(".json").read_text())["evaluations"]] == [
         "random",
-        "nearest",
+        "latent",
     ]

@@ -149,12 +149,12 @@ def test_rerun_appends_its_evaluation_and_keeps_the_original(tmp_path):
     ckpt = torch.load(out, weights_only=True)
     assert first["kind"] == gj.RECORD_KIND and first["checkpoint"] == out.name
     assert first["train_seconds"] == ckpt["train_seconds"] > 0 and len(first["evaluations"]) == 1
-    assert run_cli("--out", out, "--planner", "nearest") == 0
+    assert run_cli("--out", out, "--planner", "latent") == 0
     second = json.loads(out.with_suffix(".json").read_text())
     for key in ("command", "train_seconds", "metrics", "config", "device"):
         assert second[key] == first[key], key
-    assert [e["planner"] for e in second["evaluations"]] == ["probe", "nearest"]
-    assert "--planner nearest" in second["evaluations"][1]["command"]
+    assert [e["planner"] for e in second["evaluations"]] == ["probe", "latent"]
+    assert "--planner latent" in second["evaluations"][1]["command"]
     assert run_cli("--out", out, "--planner", "imagine", "--remember-bumps") == 0
     third = json.loads(out.with_suffix(".json").read_text())
     assert [e["metrics"]["remember_bumps"] for e in third["evaluations"]] == [False, False, True]

@@ -267,7 +267,7 @@ def _model_planners(run):
     probe = gj.fit_probe(emb, world.cell_pos(world.free_cells))
     return {
         "probe": lambda: gj.probe_policy(model, world, probe),
-        "nearest": lambda: gj.nearest_cell_policy(model, world),
+        "nearest": lambda: lab.nearest_cell_policy(model, world),
         "exhaustive": lambda: gj.exhaustive_policy(model, world, horizon=2),
         "cem": lambda: gj.cem_policy(model, world, horizon=2, samples=16, elites=4, iterations=2),
         "graph": lambda: gj.graph_policy(model, world),
@@ -300,7 +300,7 @@ def test_model_planners_run_end_to_end(smoke_run, some_pairs, planner):
 def test_make_policy_names(smoke_run):
     """make_policy builds every named planner; 'random' ignores the model and, scoring nothing, returns no scores."""
     model, world = smoke_run.model, smoke_run.world
-    for name in ("probe", "nearest", "graph", "random"):
+    for name in ("probe", "latent", "graph", "random"):
         out = gj.make_policy(name, model, world)(torch.tensor([0, 5]), torch.tensor([24, 7]))
         assert out["action"].shape == (2,), name
         assert "scores" not in out if name == "random" else out["scores"].shape == (2, 4), name

@@ -433,7 +433,7 @@ def test_imagination_policy_bad_arguments(open_world):
         gj.imagination_policy(model, open_world, merge=1.5)
     with pytest.raises(ValueError, match="max_depth"):
         gj.imagination_policy(model, open_world, max_depth=0)
-    with pytest.raises(ValueError, match="meet must be 'either' or 'both'"):
+    with pytest.raises(ValueError, match="meet 'either' or 'both', got merge=0.5, meet='any'"):
         gj.imagination_policy(model, open_world, meet="any")
 
 
