@@ -2127,7 +2127,7 @@ def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_b
         metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
         metrics |= {"heldout_next_state_accuracy": float(acc.mean()), "heldout_pairs": len(pairs[0])}
         runs = {"bfs": bfs_policy(new), "imagine": (search := imagination_policy(model, new)), "imagine_tried": search}
-        for name, policy in runs.items():  # imagine_tried: remembering what it tried, the same searches
+        for name, policy in runs.items():  # imagine_tried: the same policy, remembering what it tried
             shares = run_mpc(new, policy, *pairs, remember_tried=name.endswith("tried"))._shares()
             metrics |= {f"heldout_{name}_{k}": v for k, v in shares.items()}
         return metrics
