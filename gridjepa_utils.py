@@ -1864,9 +1864,8 @@ def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title:
     ax.imshow(np.where(world.walls, 0.25, 0.92), cmap="gray", vmin=0, vmax=1, extent=(-0.5, G - 0.5, G - 0.5, -0.5))
     ax.set(xticks=range(G), yticks=range(G), xlabel="col", ylabel="row", title=title or "")
     if path is not None:
-        p = world.cell_pos(np.asarray(path))
-        ax.plot(p[:, 0], p[:, 1], "-o", color="C0", ms=4)
-        ax.plot(*p[-1], "o", color="C0", ms=12, label="agent")
+        ax.plot(*(cells := world.cell_pos(np.asarray(path))).T, "-o", color="C0", ms=4)
+        ax.plot(*cells[-1], "o", color="C0", ms=12, label="agent")
     if goal is not None:
         ax.plot(*world.cell_pos(int(goal)), "*", color="C3", ms=16, label="goal")
     for a, (x, y) in enumerate(np.asarray(imagined if imagined is not None else [])):
@@ -1874,16 +1873,17 @@ def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title:
     return ax
 
 
-def _show_png(widget, images=(), png: bytes | None = None) -> None:
-    """Grayscale images side by side, x2 (or PNG bytes), in an ipywidgets.Image at natural size: else it stretches."""
-    if png is None:
+def _show_png(widget, images) -> None:
+    """Grayscale images side by side, x2, or a matplotlib figure, as a PNG in an ipywidgets.Image at its own size."""
+    if hasattr(images, "savefig"):
+        images.savefig(buf := io.BytesIO(), format="png", dpi=80)
+    else:  # scaled x2, nearest neighbour, a gap between images
         gap = np.full((images[0].shape[0], 6), 255, np.uint8)
         row = np.concatenate(sum(([np.asarray(im), gap] for im in images), [])[:-1], axis=1).repeat(2, 0).repeat(2, 1)
-        Image.fromarray(row).save(buf := io.BytesIO(), format="png")  # scaled x2, nearest neighbour
-        png = buf.getvalue()
-    w, h = Image.open(io.BytesIO(png)).size
+        Image.fromarray(row).save(buf := io.BytesIO(), format="png")
+    w, h = Image.open(io.BytesIO(png := buf.getvalue())).size
     widget.value, widget.width, widget.height = png, str(w), str(h)
-    widget.layout.width, widget.layout.height, widget.layout.display = f"{w}px", f"{h}px", None
+    widget.layout.width, widget.layout.height, widget.layout.display = f"{w}px", f"{h}px", None  # else it stretches
 
 
 def transition_explorer(world: World):
@@ -1924,11 +1924,10 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
     if not isinstance(world, World):
         raise TypeError(f"planning_player takes a World first, got {type(world).__name__}")
     if not isinstance(policies, dict) or not policies:
-        raise ValueError("policies must be a non-empty dict {name: policy}")
+        raise ValueError(f"policies must be a non-empty dict {{name: policy}}, got {policies!r}")
     free, G = [int(c) for c in world.free_cells], world.grid_size
-    for name, cell in (("start", start), ("goal", goal)):
-        if cell is not None and cell not in free:
-            raise ValueError(f"{name}={cell!r} is not a free cell of this world; expected one of {free}")
+    if bad := [f"{name}={c!r}" for name, c in (("start", start), ("goal", goal)) if c is not None and c not in free]:
+        raise ValueError(f"{bad[0]} is not a free cell of this world; expected one of {free}")
     cells, state = [(f"({c % G}, {c // G})", c) for c in free], {}
     planner = W.Dropdown(options=list(policies), description="planner")
     start_w = W.Dropdown(options=cells, value=free[0] if start is None else start, description="start")
@@ -1947,7 +1946,7 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
         args = torch.tensor([start_w.value]), torch.tensor([goal_w.value]), max_steps, True, memory.value, tried.value
         res = state["result"] = run_mpc(world, policies[planner.value], *args)  # recorded, with the boxes' memories
         step.max = play.max = int(min(res.steps[0], res.paths.shape[1] - 1))
-        step.value = play.value = 0
+        step.value = 0  # and the Play button with it
         show()
 
     def show(_=None):
@@ -1958,22 +1957,20 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
         _show_png(frame, [world.atlas()[cell].numpy()])
         fig = Figure(figsize=(3, 3), layout="constrained")  # drawn to a PNG only: not pyplot's, nothing to close
         show_grid(world, fig.subplots(), res.paths[0, : t + 1].numpy(), goal_w.value, rec.get("imagined", [None])[0])
-        fig.savefig(buf := io.BytesIO(), format="png", dpi=80)
-        _show_png(board, png=buf.getvalue())
+        _show_png(board, fig)
         solved = f"solved in {int(res.steps[0])}" if bool(res.success[0]) else "not solved"
         status = "reached the goal" if cell == goal_w.value else f"step {t}/{step.max}"
-        lines = [f"<b>{planner.value}</b>: {status} (optimal: {int(res.optimal_steps[0])} steps; {solved})"]
-        if rec:
-            chosen, scores = int(rec["action"][0]), rec["scores"][0].tolist() if "scores" in rec else []
-            costs = [f"{n}: {v:.2f}" if v < math.inf else f"{n}: ruled out" for n, v in zip(ACTIONS, scores)]  # inf
-            costs = " ".join(f"<b>{c}</b>" if a == chosen else c for a, c in enumerate(costs))  # the chosen in bold
-            head = f"predicted cost per action: {costs}" if costs else "this planner has no scores"
-            lines.append(f"{head} -> <b>{ACTIONS[chosen]}</b>")
-            if (wanted := ACTIONS[int(rec.get("policy_action", rec["action"])[0])]) != ACTIONS[chosen]:
-                note = f"back at this image: {wanted} was taken from it more often than {ACTIONS[chosen]}"
-                note = note if tried.value else f"{wanted} already went nowhere from this image: remembered"
-                lines.append(f"({note})")
-        info.value = "<br>".join(lines)
+        text = f"<b>{planner.value}</b>: {status} (optimal: {int(res.optimal_steps[0])} steps; {solved})"
+        if rec:  # the predicted costs (inf: "ruled out"), the chosen action in bold, and why a memory overrode it
+            chosen, wanted = (ACTIONS[int(rec.get(key, rec["action"])[0])] for key in ("action", "policy_action"))
+            scores = rec["scores"][0].tolist() if "scores" in rec else []
+            costs = [f"{n}: {v:.2f}" if v < math.inf else f"{n}: ruled out" for n, v in zip(ACTIONS, scores)]
+            costs = " ".join(f"<b>{c}</b>" if name == chosen else c for name, c in zip(ACTIONS, costs))
+            tried_note = f"back at this image: {wanted} was taken from it more often than {chosen}"
+            note = tried_note if tried.value else f"{wanted} already went nowhere from this image: remembered"
+            text += f"<br>predicted cost per action: {costs}" if costs else "<br>this planner has no scores"
+            text += f" -> <b>{chosen}</b>" + (f"<br>({note})" if wanted != chosen else "")
+        info.value = text
 
     for w in (planner, start_w, goal_w, memory, tried):
         w.observe(replan, names="value")
@@ -1991,9 +1988,9 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
 
 def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_bumps=False, remember_tried=False):
     """Headline metrics of a trained model on its world: next-state accuracy, latent geometry, planning with
-    ``planner`` (and run_mpc's memories) and with the latent cost alone. A layouts model, in held-out layouts: its
-    next-state accuracy (and on training layouts), and on 10 seeded pairs per layout imagination search, alone and
-    remembering what it tried, beside BFS (bench/lab.py's evaluate_unseen adds every other planner and memory)."""
+    ``planner`` (and run_mpc's memories) and with the latent cost alone. A layouts model: next-state accuracy on
+    training and held-out layouts, and on 10 seeded pairs per held-out layout imagination search, alone and remembering
+    what it tried, beside BFS (bench/lab.py's evaluate_unseen adds every other planner and memory)."""
     calibrate_batchnorm(model, world)
     if isinstance(world, WorldFamily):  # 10 seeded pairs in each held-out layout (200 of them; smoke: 20)
         seen = WorldFamily(world.layouts[:200], world.image_size)
@@ -2001,9 +1998,8 @@ def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_b
         acc, pairs = layout_next_state_accuracy(model, new), sample_pairs(new, 10)
         metrics = {"training_layouts_next_state_accuracy": next_state_accuracy(model, seen)}
         metrics |= {"heldout_next_state_accuracy": float(acc.mean()), "heldout_pairs": len(pairs[0])}
-        runs = {"bfs": bfs_policy(new), "imagine": imagination_policy(model, new)}
-        runs["imagine_tried"] = runs["imagine"]  # remembering what it tried, its searches reused
-        for name, policy in runs.items():
+        runs = {"bfs": bfs_policy(new), "imagine": (search := imagination_policy(model, new)), "imagine_tried": search}
+        for name, policy in runs.items():  # imagine_tried: the same policy, remembering what it tried
             shares = run_mpc(new, policy, *pairs, remember_tried=name.endswith("tried"))._shares()
             metrics |= {f"heldout_{name}_{k}": v for k, v in shares.items()}
         return metrics
@@ -2011,8 +2007,7 @@ def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_b
     plan = run_mpc(world, make_policy(planner, model, world), **memory).summary()
     latent = run_mpc(world, latent_greedy_policy(model, world)).summary()
     metrics = {"next_state_accuracy": next_state_accuracy(model, world), "pc1_plus_pc2": geo["pc1"] + geo["pc2"]}
-    keys = "latent_std effective_rank spearman_l2_grid probe_r2_fit probe_r2_heldout probe_r2_heldout_std"
-    metrics |= {k: geo[k] for k in [*keys.split(), "probe_r2_ridge_heldout"]} | {"planner": planner, **memory}
+    metrics |= {k: v for k, v in geo.items() if k not in ("pc1", "pc2")} | {"planner": planner, **memory}
     metrics |= {f"plan_{k}": plan[k] for k in ("seconds", "success", "optimal")}
     return metrics | {f"latent_greedy_{k}": latent[k] for k in ("success", "optimal")}
 
@@ -2023,10 +2018,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def keep_freed_memory() -> None:
-    """glibc only: keep freed memory for reuse, so a training step does not map and fault in its activations afresh
-    each time (all three settings are needed). Elsewhere, nothing."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
+    """glibc only: keep freed memory for reuse, so a training step need not map and fault in its activations afresh."""
+    with contextlib.suppress(OSError, AttributeError):  # elsewhere, nothing
+        libc = ctypes.CDLL("libc.so.6")  # all three settings are needed
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: tensors below 1 GiB come from the heap
         libc.mallopt(-1, 1 << 33)  # M_TRIM_THRESHOLD: the heap is not trimmed below 8 GiB
         libc.mallopt(-2, 1 << 26)  # M_TOP_PAD: it grows 64 MiB at a time
@@ -2035,13 +2029,14 @@ def keep_freed_memory() -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Train with a profile (or resume), evaluate, print the headline metrics, save checkpoint + run record. A rerun
     of a finished run only evaluates: its evaluation is appended to the record, whose training metrics stay."""
-    flags = {  # flag -> (Config field, type, help); the default is the profile's
-        "--lam": ("lam", float, "SIGReg weight >= 0"),
-        "--smooth": ("smooth_weight", float, "temporal-smoothness weight >= 0 (0: the original write-up's objective)"),
-        "--smooth-ramp": ("smooth_ramp", float, "fraction of training over which smoothness ramps in, in [0, 1]"),
-        "--seq-len": ("seq_len", int, "frames per training sequence (2: one transition, as the original write-up)"),
-        "--steps": ("num_steps", int, "training steps >= 1"),
-        "--batch-size": ("batch_size", int, "batch size >= 1"),
+    flags = {  # Config field -> (flag, type, help); the default is the profile's
+        "seed": ("--seed", int, "seeds the weights and the batches"),
+        "lam": ("--lam", float, "SIGReg weight >= 0"),
+        "smooth_weight": ("--smooth", float, "temporal-smoothness weight >= 0 (0: the original write-up's objective)"),
+        "smooth_ramp": ("--smooth-ramp", float, "fraction of training over which smoothness ramps in, in [0, 1]"),
+        "seq_len": ("--seq-len", int, "frames per training sequence (2: one transition, as the original write-up)"),
+        "num_steps": ("--steps", int, "training steps >= 1"),
+        "batch_size": ("--batch-size", int, "batch size >= 1"),
     }
     p = argparse.ArgumentParser(description="Train a GridJEPA world model, then analyse and plan with it.")
     p.add_argument("--profile", choices=sorted(PROFILES), help="default: $GRIDJEPA_PROFILE or by device")
@@ -2050,61 +2045,51 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--planner", choices=PLANNERS, help="default: probe")
     p.add_argument("--remember-bumps", action="store_true", help="never repeat an action that left the image as it was")
     p.add_argument("--remember-tried", action="store_true", help="back at an image, take its least-tried action")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="train through torch.compile (CUDA graphs on a GPU)")
-    for flag, (_, kind, text) in flags.items():
-        p.add_argument(flag, type=kind, help=f"{text} (default: the profile's)")
-    out_help = "checkpoint path ending in .pt; its run record is <stem>.json beside it (default: runs/<profile>_"
-    p.add_argument("--out", help=out_help + "<layout>_seed<seed>_<hash of the training settings>.pt)")
+    for name, (flag, kind, text) in flags.items():
+        p.add_argument(flag, type=kind, dest=name, help=f"{text} (default: the profile's)")
+    p.add_argument("--out", help="checkpoint path ending in .pt, its run record <stem>.json beside it (default: runs/)")
     args = p.parse_args(argv)
-    overrides = {"layout": args.layout or "open", "seed": args.seed} | ({"compile": True} if args.compile else {})
+    overrides = {"layout": args.layout or "open"} | ({"compile": True} if args.compile else {})
+    overrides |= {name: value for name in flags if (value := getattr(args, name)) is not None}
     if (layouts := args.layouts) is not None:
         if layouts != "procedural" and not (re.fullmatch(r"[0-9]+", layouts) and int(layouts) >= 1):
             p.error(f"--layouts must be 'procedural' or a whole number of layouts >= 1, got {layouts!r}")
         overrides["num_layouts"] = PROFILES["layouts"]["num_layouts"] if layouts == "procedural" else int(layouts)
         args.profile = args.profile or ("layouts_gpu" if torch.cuda.is_available() else "layouts")
-    given = {f: getattr(args, flag[2:].replace("-", "_")) for flag, (f, _, _) in flags.items()}
     try:
-        cfg = make_config(args.profile, **overrides, **{f: v for f, v in given.items() if v is not None})
-    except (TypeError, ValueError) as e:  # the flag named beside its Config field, or before a message it starts
-        fields = {f: flag for flag, (f, _, _) in flags.items()}
-        message = re.sub(r"\bConfig\.(\w+)\b", lambda m: f"{fields[m[1]]} ({m[0]})" if m[1] in fields else m[0], str(e))
-        lead = re.match(r"Config\.(seed|num_layouts|layout)\b", message)  # --seed, --layouts, --layout
-        p.error(f"--{lead[1].removeprefix('num_')}: {message}" if lead else message)
+        cfg = make_config(args.profile, **overrides)
+    except (TypeError, ValueError) as e:  # each Config field named with its flag: "--steps (Config.num_steps) ..."
+        named = {name: flag for name, (flag, *_) in flags.items()} | {"layout": "--layout", "num_layouts": "--layouts"}
+        p.error(re.sub(r"\bConfig\.(\w+)\b", lambda m: f"{named[m[1]]} ({m[0]})" if m[1] in named else m[0], str(e)))
     if cfg.num_layouts and (args.layout or args.planner or args.remember_bumps or args.remember_tried):
-        single = "--layout, --planner, --remember-bumps and --remember-tried apply to single-layout runs"
-        p.error(f"{single}: a model of generated layouts is measured in held-out layouts with a fixed set of planners")
-    if args.out is not None and not args.out.strip():
-        p.error("--out is empty: give a checkpoint path ending in .pt, or leave --out out for the default name")
-    if (out := Path(args.out).expanduser() if args.out else default_out_path(cfg)).suffix != ".pt":
+        p.error("--layout, --planner and --remember-* apply to single-layout runs (generated layouts: fixed planners)")
+    if (out := Path(args.out).expanduser() if args.out is not None else default_out_path(cfg)).suffix != ".pt":
         stem = "; the name needs a stem before .pt" if out.name == ".pt" else ""
-        p.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {str(out)!r}{stem}")
+        p.error(f"--out must end in .pt (its run record is written beside it as <stem>.json), got {args.out!r}{stem}")
     device, planner = torch.device("cuda:0" if torch.cuda.is_available() else "cpu"), args.planner or "probe"
     command = shlex.join(["python", "gridjepa_utils.py", *(sys.argv[1:] if argv is None else argv)])
     try:  # refusals: a message, exit status 1, nothing overwritten
-        check_writable(out)
-        with output_lock(out):
+        with output_lock(out):  # which first checks that a file can be made beside out
             record = read_record(out, cfg)  # refuses before any training
             result = train(cfg, ckpt_path=out, resume=True, device=device)
             metrics = evaluate(result.model.cpu(), result.world, cfg, planner, args.remember_bumps, args.remember_tried)
-            stamp = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": describe_device(device)}
-            evaluation = {"command": command, "planner": planner} | stamp | {"metrics": metrics}
+            seconds, stamp = result.total_train_seconds, time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            evaluation = {"command": command, "planner": planner, "time": stamp, "device": describe_device(device)}
             if result.steps_trained:  # training metrics are written once, by the run that trained; evaluations append
-                metrics["train_seconds"] = seconds = result.total_train_seconds
+                metrics["train_seconds"] = seconds
                 save_checkpoint(out, result.model, cfg, None, cfg.num_steps, result.history, metrics, seconds)
                 record = {"command": command, "metrics": metrics, "evaluations": (record or {}).get("evaluations", [])}
             elif record is None:  # a finished checkpoint whose record is gone: rebuilt from the checkpoint's metrics
                 record = {"command": None, "metrics": load_checkpoint(out, cfg).get("metrics") or {}, "evaluations": []}
             fresh = {"kind": RECORD_KIND, "checkpoint": out.name, "config": dataclasses.asdict(cfg)}
-            fresh |= {"train_seconds": result.total_train_seconds, "device": stamp["device"]}
-            record = fresh | record  # a rerun keeps what the record says of the training
-            record["evaluations"].append(evaluation)
+            record = fresh | {"train_seconds": seconds, "device": evaluation["device"]} | record  # its entries win
+            record["evaluations"].append(evaluation | {"metrics": metrics})
             write_record(out, record)
         where = f"{cfg.num_layouts:,} generated layouts" if cfg.num_layouts else f"layout {cfg.layout}"
         print(f"\n{cfg.profile} profile, {where}, seed {cfg.seed}: {result.steps_trained} steps trained now, ", end="")
-        print(f"{result.total_train_seconds:.1f} s of training in all")
-        for k, v in metrics.items():
-            print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
+        print(f"{seconds:.1f} s of training in all")
+        print("\n".join(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}" for k, v in metrics.items()))
         print(f"checkpoint: {out}\nrecord:     {out.with_suffix('.json')}")
     except (OSError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

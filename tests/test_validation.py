@@ -77,7 +77,7 @@ def test_every_profile_is_valid():
         (["--steps", "-5"], r"--steps \(Config\.num_steps\) must be >= 1"),
         (["--batch-size", "0"], r"--batch-size \(Config\.batch_size\) must be >= 1"),
         (["--smooth-ramp", "1.5"], r"--smooth-ramp \(Config\.smooth_ramp\) must be >= 0\.0 and <= 1\.0, got 1\.5"),
-        (["--seed", "-3"], r"Config\.seed must be >= 0"),
+        (["--seed", "-3"], r"--seed \(Config\.seed\) must be >= 0"),
     ],
 )
 def test_cli_refuses_bad_settings_before_training(args, message, capsys, tmp_path):
