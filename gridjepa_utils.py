@@ -733,19 +733,6 @@ def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device, pai
     return world.render(data.states[idx].long().to(device), device), actions
 
 
-class TransitionDataset(torch.utils.data.Dataset):
-    """(obs_t, action, obs_t+1) triples for a standard DataLoader; rendering is one atlas lookup."""
-
-    def __init__(self, world: World, data: Transitions):
-        self.world, self.data = world, data
-
-    __len__ = lambda self: len(self.data)
-
-    def __getitem__(self, i: int):
-        obs = self.world.render(self.data.states[i, :2].long())  # (2, 1, H, W)
-        return obs[0], int(self.data.actions[i, 0]), obs[1]
-
-
 # ══ 2. Model (notebook 02): encoder, predictor, SIGReg, the JEPA ══════════════════════════════════════════════════════
 class Projector(nn.Module):
     """Features -> latent: Linear -> BatchNorm (or LayerNorm) -> GELU -> Linear; BatchNorm here helps SIGReg (LeWM)."""
@@ -1205,16 +1192,12 @@ def load_checkpoint(path, cfg: Config | None = None, model: JEPA | None = None, 
     return {"train_seconds": seconds} | ckpt | {"cfg": saved, "model_obj": model.eval()}
 
 
-def config_hash(cfg: Config) -> str:
-    """A short hash of the training fields (all but BOOKKEEPING): runs differing in any get different default names."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING} | {"rollout_weight": 0.0}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]  # a retired field: names stay
-
-
 def default_out_path(cfg: Config) -> Path:
-    """runs/<profile>_<layout, or "procedural">_seed<seed>_<hash of the training fields>.pt"""
+    """runs/<profile>_<layout, or "procedural">_seed<seed>_<hash>.pt; the hash covers every field but BOOKKEEPING."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING} | {"rollout_weight": 0.0}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]  # a retired field: names stay
     layout = "procedural" if cfg.num_layouts else cfg.layout
-    return REPO_ROOT / "runs" / f"{cfg.profile}_{layout}_seed{cfg.seed}_{config_hash(cfg)}.pt"
+    return REPO_ROOT / "runs" / f"{cfg.profile}_{layout}_seed{cfg.seed}_{digest}.pt"
 
 
 def read_record(out: str | Path, cfg: Config, warn: bool = False) -> dict | None:
@@ -1250,21 +1233,17 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> tuple[JEPA
     return ckpt["model_obj"], ckpt["cfg"], info | {"metrics": dict(ckpt["metrics"]) | record.get("metrics", {})}
 
 
-def check_writable(path: str | Path) -> None:
-    """Fail now, naming ``path``, if no file can be made beside it (its lock file), rather than after training."""
+@contextlib.contextmanager
+def output_lock(path: str | Path):
+    """An OS lock on ``<path>.lock`` while a run writes ``path`` (it goes with its process: never stale). A lock file
+    that cannot be made, or a folder at ``path``, is an error now, naming ``path``, not after training."""
     try:
         (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path} (its lock file {path}.lock: {e.strerror or e})") from e
-    if path.is_dir():  # found now, not at the first checkpoint after training
+    if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder; give a checkpoint path ending in .pt")
-
-
-@contextlib.contextmanager
-def output_lock(path: str | Path):
-    """An OS lock on ``<path>.lock`` while a run writes ``path`` (it goes with its process: never stale)."""
-    check_writable(path)  # a lock file that cannot be made is an error, not a busy lock
     lock = _LOCKS.setdefault(lock_path := str(Path(f"{path}.lock").resolve()), filelock.FileLock(lock_path))
     try:
         with lock.acquire(timeout=0):  # released on leaving, whatever happens
@@ -1722,17 +1701,13 @@ class PlanResult:
         return {d: {"pairs": int(m.sum())} | self._shares(m) for d, m in masks.items()}
 
 
-def step_budget(world: World, optimal: torch.Tensor) -> int:
-    """run_mpc's default steps for pairs with these BFS distances (P,): 2 x the longest + G, room for detours."""
-    return 2 * int(optimal.max()) + world.grid_size
-
-
 def run_mpc(
     world, policy, starts=None, goals=None, max_steps=None, record=False, remember_bumps=False, remember_tried=False
 ) -> PlanResult:
     """Closed-loop control of every pair at once (default: all pairs of distinct free cells): observe, ask the policy,
-    act in the real world, repeat until each episode is at its goal or max_steps (default: step_budget) ran out. A
-    planner deciding from (image, goal image) alone loops when back at an image; a memory breaks the loop:
+    act in the real world, repeat until each episode is at its goal or max_steps (default: twice the longest BFS
+    distance + G, room for detours) ran out. A planner deciding from (image, goal image) alone loops when back at an
+    image; a memory breaks the loop:
     ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` its least-tried action."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
@@ -1754,7 +1729,7 @@ def run_mpc(
     unique, inverse = torch.unique(starts, return_inverse=True)  # one BFS per distinct start
     if ((optimal := torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]) < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")  # BFS distance -1
-    max_steps = step_budget(world, optimal) if max_steps is None else check_int(max_steps, "max_steps", 1)
+    max_steps = 2 * int(optimal.max()) + world.grid_size if max_steps is None else check_int(max_steps, "max_steps", 1)
     A, N = len(ACTIONS), world.grid_size**2  # counts per episode, image (its cell in its layout) and action:
     if remember := "remember_tried" if remember_tried else "remember_bumps" if remember_bumps else "":
         check_memory(4.0 * len(starts) * N * A, f"run_mpc({remember}=True) for {len(starts):,} pairs")

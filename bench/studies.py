@@ -453,14 +453,14 @@ def shipped_layouts_runs() -> dict:
     for path in (L.ASSETS / "gridjepa_layouts.pt", L.ASSETS / "gridjepa_layouts_gpu.pt"):
         if path.exists():
             _, shipped_cfg, shipped_record = g.load_run(path)
-            shipped[g.config_hash(shipped_cfg)] = (path, shipped_record)
+            shipped[L.config_hash(shipped_cfg)] = (path, shipped_record)
     return shipped
 
 
 def layouts_run(cfg: g.Config, shipped: dict):
     """A layouts model for cfg: the shipped run when cfg is its config, else runs/ under the CLI's name - reused when
     finished, trained (or resumed) otherwise. Returns the run and the shipped run record (None if not shipped)."""
-    path, record = shipped.get(g.config_hash(cfg), (None, None))
+    path, record = shipped.get(L.config_hash(cfg), (None, None))
     return g.train(cfg, ckpt_path=path or g.default_out_path(cfg), progress=False), record
 
 

@@ -225,7 +225,7 @@ def test_a_longer_budget_plans_the_same_episodes_step_for_step():
     for make, memory in ((manhattan_greedy_policy, {"remember_tried": True}), (lambda w: gj.random_policy(3), {})):
         short = gj.run_mpc(world, make(world), **memory)
         budget = short.paths.shape[1] - 1
-        assert budget == gj.step_budget(world, short.optimal_steps) == 2 * int(short.optimal_steps.max()) + 5
+        assert budget == lab.step_budget(world, short.optimal_steps) == 2 * int(short.optimal_steps.max()) + 5
         long = gj.run_mpc(world, make(world), max_steps=3 * budget, **memory)
         assert torch.equal(long.paths[:, : budget + 1], short.paths)
         assert torch.equal(long.steps <= budget, short.success)

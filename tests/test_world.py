@@ -307,22 +307,6 @@ def test_shortest_paths_open_grid_are_manhattan(open_world):
     assert np.array_equal(dist, manhattan)
 
 
-def test_transition_dataset_with_dataloader(open_world):
-    """TransitionDataset + DataLoader: (B,1,128,128) float, (B,) long, (B,1,128,128), consistent with the data."""
-    data = gj.make_transitions(open_world, 64, seed=7)
-    ds = gj.TransitionDataset(open_world, data)
-    assert len(ds) == 64
-    loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=False)
-    before, action, after = next(iter(loader))
-    assert before.shape == (16, 1, 128, 128) and before.dtype == torch.float32
-    assert action.shape == (16,) and action.dtype == torch.long
-    assert after.shape == (16, 1, 128, 128) and after.dtype == torch.float32
-    assert torch.equal(action, data.actions[:16, 0].long())
-    assert torch.equal(before, open_world.render(data.states[:16, 0].long()))
-    assert torch.equal(after, open_world.render(data.states[:16, 1].long()))
-    assert len(list(loader)) == 4
-
-
 def test_world_family_stacks_layouts():
     """A WorldFamily's state k*N + cell behaves as that cell of layout k: same image, same moves, walls respected."""
     layouts = [gj.random_layout(5, 0.2, seed=s) for s in range(3)]
