@@ -1701,13 +1701,17 @@ class PlanResult:
         return {d: {"pairs": int(m.sum())} | self._shares(m) for d, m in masks.items()}
 
 
+def step_budget(world: World, optimal: torch.Tensor) -> int:
+    """run_mpc's default steps for pairs with these BFS distances (P,): 2 x the longest + G, room for detours."""
+    return 2 * int(optimal.max()) + world.grid_size
+
+
 def run_mpc(
     world, policy, starts=None, goals=None, max_steps=None, record=False, remember_bumps=False, remember_tried=False
 ) -> PlanResult:
     """Closed-loop control of every pair at once (default: all pairs of distinct free cells): observe, ask the policy,
-    act in the real world, repeat until each episode is at its goal or max_steps (default: twice the longest BFS
-    distance + G, room for detours) ran out. A planner deciding from (image, goal image) alone loops when back at an
-    image; a memory breaks the loop:
+    act in the real world, repeat until each episode is at its goal or max_steps (default: step_budget) ran out. A
+    planner deciding from (image, goal image) alone loops when back at an image; a memory breaks the loop:
     ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` its least-tried action."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
@@ -1729,7 +1733,7 @@ def run_mpc(
     unique, inverse = torch.unique(starts, return_inverse=True)  # one BFS per distinct start
     if ((optimal := torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]) < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")  # BFS distance -1
-    max_steps = 2 * int(optimal.max()) + world.grid_size if max_steps is None else check_int(max_steps, "max_steps", 1)
+    max_steps = step_budget(world, optimal) if max_steps is None else check_int(max_steps, "max_steps", 1)
     A, N = len(ACTIONS), world.grid_size**2  # counts per episode, image (its cell in its layout) and action:
     if remember := "remember_tried" if remember_tried else "remember_bumps" if remember_bumps else "":
         check_memory(4.0 * len(starts) * N * A, f"run_mpc({remember}=True) for {len(starts):,} pairs")

@@ -60,9 +60,7 @@ def shortest_distances(world: g.World, starts: torch.Tensor, goals: torch.Tensor
     return torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]
 
 
-def step_budget(world: g.World, optimal: torch.Tensor) -> int:
-    """run_mpc's default steps for pairs with these BFS distances (P,): 2 x the longest + G, room for detours."""
-    return 2 * int(optimal.max()) + world.grid_size
+step_budget = g.step_budget  # run_mpc's default steps for pairs with these BFS distances
 
 
 def config_hash(cfg: g.Config) -> str:
