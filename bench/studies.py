@@ -618,13 +618,18 @@ def check_only(only: list[str] | None, known, what: str) -> None:
 NEAR_BINS = 4  # walls next to a cell, and walls two steps from it, counted 0, 1, 2, 3 or more
 
 
+def walls_beside(layouts: np.ndarray) -> np.ndarray:
+    """(K, G, G) bool -> (K, G, G) int: the walls among each cell's 4 neighbours (the board's edge is no wall)."""
+    w = np.pad(layouts, ((0, 0), (1, 1), (1, 1)))  # (K, G + 2, G + 2)
+    return w[:, :-2, 1:-1].astype(int) + w[:, 2:, 1:-1] + w[:, 1:-1, :-2] + w[:, 1:-1, 2:]
+
+
 def walls_near(walls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every cell of a layout (G, G): how many of its 4 neighbours are walls, and how many cells two steps away
     (Manhattan distance 2) are walls. Only walls count, not the border. Two (G, G) int arrays."""
     steps = np.add.outer(np.abs(np.arange(-2, 3)), np.abs(np.arange(-2, 3)))  # from the middle of a 5x5 window
-    walls = walls.astype(int)
-    adjacent, two_away = (ndimage.convolve(walls, (steps == d).astype(int), mode="constant") for d in (1, 2))
-    return adjacent, two_away
+    two_away = ndimage.convolve(walls.astype(int), (steps == 2).astype(int), mode="constant")
+    return walls_beside(walls[None])[0], two_away
 
 
 def transition_errors(model: g.JEPA, layouts: np.ndarray) -> dict:
@@ -958,13 +963,6 @@ def long_runs_study(only: list[str] | None = None, saved: list[dict] | None = No
 
 
 WALL_BIAS = 2.0  # a start cell's weight in the wall-biased data: 1 + WALL_BIAS x the walls among its 4 neighbours
-
-
-def walls_beside(layouts: np.ndarray) -> np.ndarray:
-    """(K, G, G) bool -> (K, G, G) int: the walls among each cell's 4 neighbours (the board's edge is no wall), as
-    walls_near's first count, for many layouts at once."""
-    w = np.pad(layouts, ((0, 0), (1, 1), (1, 1)))  # (K, G + 2, G + 2)
-    return w[:, :-2, 1:-1].astype(int) + w[:, 2:, 1:-1] + w[:, 1:-1, :-2] + w[:, 1:-1, 2:]
 
 
 def wall_biased_transitions(world: g.WorldFamily, num: int, seed: int, bias: float = WALL_BIAS) -> g.Transitions:
