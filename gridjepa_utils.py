@@ -44,9 +44,8 @@ from sklearn.metrics import r2_score as sklearn_r2_score
 from sklearn.model_selection import ShuffleSplit
 from tqdm.auto import tqdm
 
-ACTIONS = ("up", "down", "left", "right")
+ACTIONS = ("up", "down", "left", "right")  # a ^ 1 undoes action a (where no wall is in the way)
 ACTION_DELTAS = ((0, -1), (0, 1), (-1, 0), (1, 0))  # (dcol, drow) per action
-OPPOSITE = torch.tensor([1, 0, 3, 2])  # the action that undoes each action (where no wall is in the way)
 REPO_ROOT = Path(__file__).resolve().parent
 LAYOUTS = {  # named 5x5 layouts, '#' = wall, rows top to bottom
     "open": [".....", ".....", ".....", ".....", "....."],
@@ -495,8 +494,6 @@ class World:
         moves = shortest_path(graph, unweighted=True, indices=cells if cells is None else self._cells(cells))
         return np.where(np.isinf(moves), -1, moves).astype(np.int64)
 
-    bfs_from = shortest_paths  # from one cell: (N,), -1 where unreachable (walls too, from a free cell)
-
     def all_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every ordered (start, goal) pair of distinct free cells: two (P,) tensors; 600 on the open 5x5."""
         starts, goals = torch.meshgrid(free := torch.from_numpy(self.free_cells), free, indexing="ij")
@@ -556,20 +553,6 @@ class WorldFamily(World):
     __repr__ = lambda self: f"WorldFamily({len(self)} layouts of {self.grid_size}x{self.grid_size})"
 
 
-def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
-    """A seeded random layout of round(wall_fraction * G^2) walls whose free cells all reach each other."""
-    check_int(grid_size, "grid_size", 2, 16), check_int(seed, "seed"), check_int(max_tries, "max_tries", 1)
-    number = isinstance(wall_fraction, (int, float, np.number)) and not isinstance(wall_fraction, bool)
-    if not number or not 0 <= wall_fraction < 1 or grid_size**2 - round(wall_fraction * grid_size**2) < 2:
-        raise ValueError(f"wall_fraction must be in [0, 1) and leave two free cells, got {wall_fraction}")
-    rng, num_walls = np.random.default_rng(seed), int(round(wall_fraction * grid_size**2))
-    for _ in range(max_tries):
-        walls = np.isin(np.arange(grid_size**2), rng.choice(grid_size**2, size=num_walls, replace=False))
-        if layouts_connected(walls := walls.reshape(1, grid_size, grid_size))[0]:
-            return walls[0]
-    raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
-
-
 HELDOUT_RESERVED = 1000  # the first 1,000 layouts of the test stream (per grid size): never trained on, even turned
 _HELDOUT: dict[int, np.ndarray] = {}  # the reserved held-out layouts of each grid size, drawn once
 
@@ -621,14 +604,10 @@ def heldout_layouts(grid_size: int, num: int = 200) -> np.ndarray:
     return _HELDOUT[grid_size][:num].copy()
 
 
-def procedural_layouts(grid_size: int, num: int, split: str = "train", seed: int = 0) -> np.ndarray:
-    """``num`` distinct seeded layouts (num, G, G), connected, 1 to N/2 walls, none a named or (train) held-out one
-    turned or mirrored; split="test" is the held-out stream itself (distinct up to symmetry there)."""
+def procedural_layouts(grid_size: int, num: int, seed: int = 0) -> np.ndarray:
+    """``num`` distinct seeded training layouts (num, G, G), connected, 1 to N/2 walls, none a named or held-out one,
+    even turned or mirrored."""
     check_int(grid_size, "grid_size", 4, 16), check_int(num, "num", 1), check_int(seed, "seed")
-    if split not in ("train", "test") or (split == "test" and seed != 0):
-        raise ValueError(f"split must be 'train' or 'test' (the held-out stream: seed 0 only), got {split=}, {seed=}")
-    if split == "test":
-        return heldout_layouts(grid_size, num)
     check_memory(float(num) * grid_size**2 * 48, f"procedural_layouts(num={num:,})")
     return _draw_layouts(grid_size, num, "train", seed, skip=heldout_layouts(grid_size, HELDOUT_RESERVED))
 
@@ -679,30 +658,11 @@ def make_transitions(world: World, num: int = 50_000, seq_len: int = 2, seed: in
     return Transitions(torch.cat(kept_states)[:num].to(dtype), torch.cat(kept_actions)[:num].to(torch.uint8))
 
 
-def dataset_stats(world: World, data: Transitions) -> dict:
-    """Action balance, how often each cell is visited, and the share of moves that hit a wall."""
-    states, actions, G = data.states.long(), data.actions.long(), world.grid_size
-    cells = world.agent_cell(states) % (G * G)  # a family's cells are k * N + cell
-    return {
-        "action_counts": torch.bincount(actions.reshape(-1), minlength=len(ACTIONS)).numpy(),
-        "cell_counts": torch.bincount(cells.reshape(-1), minlength=G * G).numpy().reshape(G, G),
-        "wall_hit_share": float((cells[:, 1:] == cells[:, :-1]).float().mean()),
-        "num_transitions": len(data) * (states.shape[1] - 1),
-        "stored_bytes": data.nbytes,
-    }
-
-
-@dataclass
-class PaintedFrames:
-    """Every distinct state of a dataset painted once, and each trajectory's frame ``index``: a batch is one gather."""
-
-    index: torch.Tensor  # (B, T) long, on the frames' device
-    frames: torch.Tensor  # (U, H, W) uint8, or (U, size, size) float32 pooled; half the rows when cropped
-
-
 def paint_frames(world: World, data: Transitions, device, progress: bool = False, size: int | None = None, crop=False):
     """Every distinct state of ``data`` painted once on ``device`` as the encoder reads it (pooled to ``size``, with
-    ``crop`` the middle half of the rows); None for one layout (its atlas is one gather) or above the memory limit."""
+    ``crop`` the middle half of the rows), and each trajectory's frame index: (index (B, T) long, frames (U, H, W)
+    uint8, or float32 when pooled), so a batch is one gather; None for one layout (its atlas is one gather) or above
+    the memory limit."""
     if not isinstance(world, WorldFamily):
         return None
     image, side = world.image_size, world.image_size if size is None else size
@@ -721,14 +681,14 @@ def paint_frames(world: World, data: Transitions, device, progress: bool = False
     for i, c in tqdm(chunks, desc="painting frames", mininterval=0.5, disable=not progress or len(chunks) <= 4):
         painted = F.avg_pool2d(world.render(c, device), k)[:, 0] if k > 1 else world._paint(c, device)
         frames[4096 * i : 4096 * i + len(c)] = painted[:, rows]
-    return PaintedFrames(index.to(device), frames)
+    return index.to(device), frames
 
 
-def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device, painted: PaintedFrames | None = None):
+def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device, painted: tuple | None = None):
     """Trajectories ``idx`` on ``device``: obs (B, T, 1, H, W), actions (B, T-1) long; from ``painted`` if given."""
     actions = data.actions[idx].long().to(device)
-    if painted is not None:
-        frames = painted.frames[painted.index[idx.to(painted.index.device)]].to(device).unsqueeze(-3)
+    if painted is not None:  # paint_frames' (index, frames)
+        frames = painted[1][painted[0][idx.to(painted[0].device)]].to(device).unsqueeze(-3)
         return (frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames), actions
     return world.render(data.states[idx].long().to(device), device), actions
 
@@ -854,24 +814,6 @@ class Predictor(nn.Module):
         return self.out_proj(self.norm(x))  # (B, T, D)
 
 
-class _CharacteristicSums(torch.autograd.Function):
-    """sum_n cos(t_k x_nm), sum_n sin(t_k x_nm): x (N, M), t (K,) -> two (M, K); backward reuses the cos and sin."""
-
-    @staticmethod
-    def forward(ctx, x, t):
-        cos, sin = torch.cos(xt := x.unsqueeze(-1) * t), torch.sin(xt)  # (N, M, K) each
-        ctx.save_for_backward(cos, sin, t)
-        return cos.sum(0), sin.sum(0)
-
-    @staticmethod
-    def backward(ctx, grad_cos, grad_sin):
-        cos, sin, t = ctx.saved_tensors
-        return (cos * (grad_sin * t) - sin * (grad_cos * t)).sum(-1), None
-
-
-characteristic_sums = _CharacteristicSums.apply  # N x the empirical characteristic function: cos and sin parts
-
-
 class SIGReg(nn.Module):
     """Sketched Isotropic Gaussian Regulariser (LeJEPA, LeWM): how far latents are from N(0, I), as the mean over M
     random unit directions of the Epps-Pulley statistic N * integral exp(-t^2/2) |phi_hat(t) - exp(-t^2/2)|^2 dt."""
@@ -891,10 +833,10 @@ class SIGReg(nn.Module):
         return F.normalize(torch.randn(dim, self.num_dirs, generator=gen), dim=0).to(device)
 
     def forward(self, emb: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        n, proj = emb.shape[0], (emb.float() @ self.directions(emb.shape[1], step, emb.device)).float()  # (B, M)
-        cos_sum, sin_sum = characteristic_sums(proj, self.t)  # sums over the batch of cos(t x), sin(t x): (M, K)
-        err = (cos_sum / n - self.phi_target) ** 2 + (sin_sum / n) ** 2  # (M, K)
-        return n * (err * self.weights).sum(-1).mean()
+        proj = (emb.float() @ self.directions(emb.shape[1], step, emb.device)).float()  # (B, M)
+        xt = proj.unsqueeze(-1) * self.t  # (B, M, K): the empirical characteristic function is mean_b exp(i t x)
+        err = (torch.cos(xt).mean(0) - self.phi_target) ** 2 + torch.sin(xt).mean(0) ** 2  # (M, K)
+        return len(emb) * (err * self.weights).sum(-1).mean()
 
 
 class JEPA(nn.Module):
@@ -1049,9 +991,6 @@ def encode_states(model: JEPA, world: World, states=None) -> torch.Tensor:
     return emb[inverse.to(model.device)]
 
 
-encode_cells = encode_states  # the planners' name for it: cells (P,) -> latents (P, D)
-
-
 @torch.no_grad()
 def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
     """Per (free cell, action) pair (P,): cell, action, next, predicted (nearest cell), bump; latents (P, D), CPU."""
@@ -1065,9 +1004,9 @@ def next_state_table(model: JEPA, world: World) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def layout_next_state_accuracy(model: JEPA, family: WorldFamily) -> np.ndarray:
-    """Next-state accuracy of each layout of a family, (K,), nearest latents sought within each layout."""
-    K, N, A = len(family), family.grid_size**2, len(ACTIONS)
+def layout_next_state_accuracy(model: JEPA, family: World) -> np.ndarray:
+    """Next-state accuracy of each layout of a family (or of one world), (K,), nearest latents sought within each."""
+    K, N, A = family.num_cells // family.grid_size**2, family.grid_size**2, len(ACTIONS)
     free, emb = torch.from_numpy(family.free_cells), encode_states(model, family)  # (F,), (F, D): all layouts
     pred = model.predict(repeat(emb, "f d -> (f a) d", a=A), torch.arange(A, device=emb.device).repeat(len(free)))
     table = torch.full((K * N, emb.shape[1]), float("nan"), device=emb.device).index_copy_(0, free.to(emb.device), emb)
@@ -1079,24 +1018,9 @@ def layout_next_state_accuracy(model: JEPA, family: WorldFamily) -> np.ndarray:
 
 
 def next_state_accuracy(model: JEPA, world: World) -> float:
-    """Share of (free cell, action) pairs whose predicted latent is nearest the true next cell's own (probe-free)."""
-    if isinstance(world, WorldFamily):
-        return float(layout_next_state_accuracy(model, world).mean())
-    table = next_state_table(model, world)
-    return float((table["predicted"] == table["next"]).float().mean())
-
-
-@torch.no_grad()
-def rollout_error(model: JEPA, world: World, horizon: int = 8, num: int = 512, seed: int = 12345) -> dict:
-    """Open-loop imagination from frame 0 at h = 1..H: MSE over the latents' variance, and nearest-cell accuracy."""
-    data = make_transitions(world, num, check_int(horizon, "horizon", 1) + 1, seed)  # it checks num
-    states = data.states.long()  # (B, H+1)
-    emb = encode_states(model, world, states.reshape(-1)).view(num, horizon + 1, -1)  # (B, H+1, D)
-    pred = model.rollout(emb[:, 0], data.actions.long())  # (B, H, D)
-    nearest = torch.cdist(pred.flatten(0, 1), encode_states(model, world)).argmin(1).cpu()
-    right = torch.from_numpy(world.free_cells)[nearest].view(num, horizon) == world.agent_cell(states[:, 1:])
-    mse = ((pred - emb[:, 1:]) ** 2).sum(-1).mean(0) / emb.var(dim=(0, 1)).sum()
-    return {"h": list(range(1, horizon + 1)), "relative_mse": mse.tolist(), "accuracy": right.float().mean(0).tolist()}
+    """Share of (free cell, action) pairs whose predicted latent is nearest the true next cell's own (probe-free); in a
+    family, the mean of its layouts' shares."""
+    return float(layout_next_state_accuracy(model, world).mean())
 
 
 # ── checkpoints, run records and output locks: checked before they are trusted, written atomically ──
@@ -1477,10 +1401,10 @@ def latent_greedy_policy(model: JEPA, world: World, decode: Callable | None = No
 
     @torch.no_grad()
     def policy(cells: torch.Tensor, goals: torch.Tensor) -> dict:
-        emb, actions = encode_cells(model, world, cells), torch.arange(A).repeat(len(cells))  # (P, D), (P * A,)
+        emb, actions = encode_states(model, world, cells), torch.arange(A).repeat(len(cells))  # (P, D), (P * A,)
         imagined = model.predict(repeat(emb, "p d -> (p a) d", a=A), actions.to(emb.device))  # (P * A, D)
         if decode is None:
-            goal_emb = encode_cells(model, world, goals)[:, None]  # (P, 1, D)
+            goal_emb = encode_states(model, world, goals)[:, None]  # (P, 1, D)
             return cheapest(((imagined.view(len(cells), A, -1) - goal_emb) ** 2).sum(-1).cpu())  # (P, A)
         imagined = decode(imagined).view(len(cells), A, 2).cpu()  # (P, A, 2) decoded (col, row)
         goal_pos = torch.from_numpy(world.cell_pos(goals.numpy())).float()[:, None]  # (P, 1, 2)
@@ -1528,7 +1452,7 @@ def imagined_costs(model: JEPA, world: World, cells, goals, horizon: int, cost: 
     check_search(model, world, horizon, cost, "imagined_costs")
     seqs = torch.cartesian_prod(*[torch.arange(len(ACTIONS))] * horizon).view(-1, horizon)  # (S, H)
     (start_u, start_inv), (goal_u, goal_inv) = (torch.unique(x, return_inverse=True) for x in (cells, goals))
-    emb, goal_emb = encode_cells(model, world, start_u), encode_cells(model, world, goal_u)  # (U, D), (Ug, D)
+    emb, goal_emb = encode_states(model, world, start_u), encode_states(model, world, goal_u)  # (U, D), (Ug, D)
     S, U = len(seqs), len(start_u)  # the rollouts depend on the start and the actions only: once per start cell
     z = model.rollout(repeat(emb, "u d -> (u s) d", s=S), seqs.repeat(U, 1).to(emb.device)).view(U, S, horizon, -1)
     if cost == "final":
@@ -1572,14 +1496,14 @@ def cem_policy(model, world, horizon=4, samples=64, elites=8, iterations=3, smoo
     return policy
 
 
-def graph_policy(model: JEPA, world: World, frames: torch.Tensor | None = None) -> Policy:
+def graph_policy(model: JEPA, world: World) -> Policy:
     """Breadth-first search in the imagined graph of the free cells' latents (privileged): edges to the nearest node."""
-    nodes = encode_cells(model, world, torch.from_numpy(world.free_cells) if frames is None else frames)  # (V, D)
+    nodes = encode_states(model, world)  # (V, D): one image per free cell
     V, A = len(nodes), len(ACTIONS)
     pred = model.predict(repeat(nodes, "v d -> (v a) d", a=A), torch.arange(A, device=nodes.device).repeat(V))
     edges = torch.cdist(pred, nodes).argmin(1).view(V, A).cpu().numpy()  # (V, A) the imagined next node
     hops = shortest_path(csr_matrix((np.ones(V * A), (np.arange(V * A) // A, edges.ravel())), (V, V)), unweighted=True)
-    node_of = lambda cells: torch.cdist(encode_cells(model, world, cells), nodes).argmin(1).cpu().numpy()
+    node_of = lambda cells: torch.cdist(encode_states(model, world, cells), nodes).argmin(1).cpu().numpy()
     # each action's cost (P, A): the imagined moves left after it (inf where no path), half a move more for a bump
     costs = lambda here, there: hops[edges[here], there[:, None]] + 0.5 * (edges[here] == here[:, None])
     return lambda cells, goals: cheapest(torch.from_numpy(costs(node_of(cells), node_of(goals))).float())
@@ -1590,7 +1514,7 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
     """Breadth-first search in imagination from start latents (U, D) alone: places (U, V, D) and their count (U,),
     depth (U, V), first action of the path to each (-1 at the start) and merge radius tol (U, V)."""
     (U, D), A, dev = start.shape, len(ACTIONS), start.device
-    actions, opposite, slots = torch.arange(A, device=dev), OPPOSITE.to(dev), torch.arange(max_nodes, device=dev)
+    actions, slots = torch.arange(A, device=dev), torch.arange(max_nodes, device=dev)
     nodes, tol = start.new_zeros(U, max_nodes, D), start.new_zeros(U, max_nodes)
     depth, first = torch.full((U, max_nodes), -1, device=dev), torch.full((U, max_nodes), -1, device=dev)  # long
     nodes[:, 0], depth[:, 0], count = start, 0, torch.ones(U, dtype=torch.long, device=dev)
@@ -1602,7 +1526,7 @@ def imagine_map(model: JEPA, start: torch.Tensor, max_depth=32, max_nodes=256, m
         pred = model.predict(parents, step := actions.repeat(len(front_u)))  # (C, D)
         went = (pred - parents).norm(dim=-1)  # (C,) how far each imagined move went
         # q is one move c from c's parent if undoing it (from q) lands nearer the parent than c went: a scale-free test
-        one_move = lambda q, c: (model.predict(q, opposite[step[c]]) - parents[c]).norm(dim=-1) < went[c]
+        one_move = lambda q, c: (model.predict(q, step[c] ^ 1) - parents[c]).norm(dim=-1) < went[c]  # ^ 1: undo
         real = one_move(pred, torch.arange(len(pred), device=dev))  # (C,) False: a wall bump
         real_fa, went_fa = real.view(-1, A), went.view(-1, A)  # (F, A)
         longest = torch.where(real_fa.any(1, keepdim=True), went_fa * real_fa, went_fa).amax(1)  # (F,) of real moves
@@ -1649,7 +1573,7 @@ def imagination_policy(model: JEPA, world: World, max_depth: int | None = None, 
     def searches(cells: torch.Tensor) -> tuple[dict, torch.Tensor]:  # (P,) -> imagine_map's dict, each cell's row
         images, rows = torch.unique(cells, return_inverse=True)  # a row per distinct image, padded to the most places
         if todo := [int(s) for s in images if int(s) not in seen]:  # a search depends only on its image
-            emb = encode_cells(model, world, torch.tensor(todo))  # (U, D), searched 256 at a time
+            emb = encode_states(model, world, torch.tensor(todo))  # (U, D), searched 256 at a time
             parts = [imagine_map(model, z, max_depth, max_nodes, merge) for z in emb.split(256)]
             found = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             for i, s in enumerate(todo):  # kept trimmed to the places found: memory grows with places, not max_nodes
@@ -1709,10 +1633,9 @@ def step_budget(world: World, optimal: torch.Tensor) -> int:
 def run_mpc(
     world, policy, starts=None, goals=None, max_steps=None, record=False, remember_bumps=False, remember_tried=False
 ) -> PlanResult:
-    """Closed-loop control of every pair at once (default: all pairs of distinct free cells): observe, ask the policy,
-    act in the real world, repeat until each episode is at its goal or max_steps (default: step_budget) ran out. A
-    planner deciding from (image, goal image) alone loops when back at an image; a memory breaks the loop:
-    ``remember_bumps`` never repeats a wall bump from an image, ``remember_tried`` its least-tried action."""
+    """Closed-loop control of every pair at once (default: all pairs of free cells): observe, ask the policy, act in
+    the real world, until each episode is at its goal or max_steps (default: step_budget) ran out. A planner may loop
+    back to an image; ``remember_bumps`` never repeats a bump from it, ``remember_tried`` its least-tried move."""
     if (starts is None) != (goals is None):
         raise ValueError("pass both starts and goals (one goal per start), or neither for every pair")
     if not isinstance(world, World):
@@ -1731,7 +1654,7 @@ def run_mpc(
         if (on_wall := world.walls.reshape(-1)[cells.numpy()]).any():
             raise ValueError(f"{name} cell {tuple(int(v) for v in world.cell_pos(int(cells[on_wall][0])))} is a wall")
     unique, inverse = torch.unique(starts, return_inverse=True)  # one BFS per distinct start
-    if ((optimal := torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]) < 0).any():
+    if ((optimal := torch.from_numpy(world.shortest_paths(unique.numpy()))[inverse, goals]) < 0).any():
         raise ValueError("some goals cannot be reached from their start in this layout")  # BFS distance -1
     max_steps = step_budget(world, optimal) if max_steps is None else check_int(max_steps, "max_steps", 1)
     A, N = len(ACTIONS), world.grid_size**2  # counts per episode, image (its cell in its layout) and action:
@@ -1797,42 +1720,32 @@ def show_source(obj) -> str:
     return src
 
 
-def plot_history(history: dict, axes=None):
-    """Loss, SIGReg, latent std, effective rank, next-state accuracy vs step: a collapse shows as std and rank fall."""
-    import matplotlib.pyplot as plt
-
-    axes = plt.subplots(1, 5, figsize=(17, 3))[1] if axes is None else axes
-    keys, colors = "pred_loss sigreg latent_std eff_rank next_state_acc".split(), "C0 C1 C2 C4 C3".split()
-    titles = ["prediction MSE", "SIGReg", "latent std per dim (~1 healthy)", "effective rank of a batch"]
-    for i, (ax, key, title, color) in enumerate(zip(axes, keys, [*titles, "next-state accuracy"], colors)):
-        ax.clear()
-        ax.set(xlabel="step", title=title)
-        x = history.get("eval_step" if i == 4 else "step", [])  # losses on a log scale; accuracy per evaluation
-        (ax.semilogy if i < 3 else ax.plot)(x, history.get(key, []), "o-" if i == 4 else "-", color=color, ms=3)
-    axes[4].set_ylim(-0.05, 1.05)
-    axes[0].figure.tight_layout()
-    return axes
-
-
 class LivePlot:
-    """Loss and latent-health curves redrawn in place in a notebook while training runs: train(on_log=plot.update)."""
+    """Loss and latent-health curves vs step, redrawn in place in a notebook: train(on_log=plot.update) while training
+    runs, plot.update(history, every_seconds=0) to draw one now. A collapse shows as latent std and rank fall."""
 
     def __init__(self):
         import matplotlib.pyplot as plt
         from IPython.display import display
 
         self.fig, self.axes = plt.subplots(1, 5, figsize=(17, 3))
-        self.handle, self.last, self.history = display(self.fig, display_id=True), 0.0, None
+        self.handle, self.last = display(self.fig, display_id=True), 0.0
         plt.close(self.fig)  # shown through the display handle only
 
     def update(self, history: dict, every_seconds: float = 3.0) -> None:
-        self.history = history  # redrawn at most every few seconds: drawing costs more than a CPU training step
-        if time.perf_counter() - self.last >= every_seconds:
-            self.handle.update(plot_history(history, self.axes)[0].figure)
-            self.last = time.perf_counter()
-
-    def close(self) -> None:
-        self.update(self.history, every_seconds=0) if self.history is not None else None  # the final state
+        if time.perf_counter() - self.last < every_seconds:  # drawing costs more than a CPU training step
+            return
+        keys, colors = "pred_loss sigreg latent_std eff_rank next_state_acc".split(), "C0 C1 C2 C4 C3".split()
+        titles = ["prediction MSE", "SIGReg", "latent std per dim (~1 healthy)", "effective rank of a batch"]
+        for i, (ax, key, title, color) in enumerate(zip(self.axes, keys, [*titles, "next-state accuracy"], colors)):
+            ax.clear()
+            ax.set(xlabel="step", title=title)
+            x = history.get("eval_step" if i == 4 else "step", [])  # losses on a log scale; accuracy per evaluation
+            (ax.semilogy if i < 3 else ax.plot)(x, history.get(key, []), "o-" if i == 4 else "-", color=color, ms=3)
+        self.axes[4].set_ylim(-0.05, 1.05)
+        self.fig.tight_layout()
+        self.handle.update(self.fig)
+        self.last = time.perf_counter()
 
 
 def show_grid(world: World, ax=None, path=None, goal=None, imagined=None, title: str | None = None):
@@ -1968,8 +1881,7 @@ def planning_player(world, policies, start=None, goal=None, max_steps=None, reme
 def evaluate(model: JEPA, world: World, cfg: Config, planner="probe", remember_bumps=False, remember_tried=False):
     """Headline metrics of a trained model on its world: next-state accuracy, latent geometry, planning with
     ``planner`` (and run_mpc's memories) and with the latent cost alone. A layouts model: next-state accuracy on
-    training and held-out layouts, and on 10 seeded pairs per held-out layout imagination search, alone and remembering
-    what it tried, beside BFS (bench/lab.py's evaluate_unseen adds every other planner and memory)."""
+    training and held-out layouts, and imagination search (alone, and remembering what it tried) beside BFS."""
     calibrate_batchnorm(model, world)
     if isinstance(world, WorldFamily):  # 10 seeded pairs in each held-out layout (200 of them; smoke: 20)
         seen = WorldFamily(world.layouts[:200], world.image_size)
@@ -1999,10 +1911,9 @@ def describe_device(device: torch.device) -> str:
 def keep_freed_memory() -> None:
     """glibc only: keep freed memory for reuse, so a training step need not map and fault in its activations afresh."""
     with contextlib.suppress(OSError, AttributeError):  # elsewhere, nothing
-        libc = ctypes.CDLL("libc.so.6")  # all three settings are needed
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: tensors below 1 GiB come from the heap
-        libc.mallopt(-1, 1 << 33)  # M_TRIM_THRESHOLD: the heap is not trimmed below 8 GiB
-        libc.mallopt(-2, 1 << 26)  # M_TOP_PAD: it grows 64 MiB at a time
+        # all needed: M_MMAP_THRESHOLD 1 GiB (smaller tensors from the heap), M_TRIM_THRESHOLD 8 GiB, M_TOP_PAD 64 MiB
+        for option, value in ((-3, 1 << 30), (-1, 1 << 33), (-2, 1 << 26)):
+            ctypes.CDLL("libc.so.6").mallopt(option, value)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -2072,7 +1983,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"checkpoint: {out}\nrecord:     {out.with_suffix('.json')}")
     except (OSError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if args.out and ("another config" in str(e) or "other training fields" in str(e)):
+        if args.out and "another config" in str(e):
             print("hint: pick another --out, or leave --out out to get a name of this config's own", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C: the last checkpoint is whole (atomic writes); the same command resumes

@@ -81,7 +81,7 @@ def bench_data(devices: list[torch.device], repeat: int) -> dict:
         print(
             f"5,000 layouts on {device.type}: painted on demand {2 * len(idx) / on_demand:,.0f} images/s, gathered "
             f"from frames painted once {2 * len(idx) / gather:,.0f} images/s, pooled to {size}x{size} "
-            f"{2 * len(idx) / gather_pooled:,.0f} images/s (painting its {len(painted.frames):,} frames took "
+            f"{2 * len(idx) / gather_pooled:,.0f} images/s (painting its {len(painted[1]):,} frames took "
             f"{paint_s:.1f} s)"
         )
     return out

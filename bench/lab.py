@@ -43,6 +43,20 @@ def search_settings(world: g.World, max_depth, merge) -> tuple[int, int]:
     return g.check_int(2 * G if max_depth is None else max_depth, "max_depth", 1), 2 * G**2 + 1
 
 
+def random_layout(grid_size: int, wall_fraction: float = 0.2, seed: int = 0, max_tries: int = 1000) -> np.ndarray:
+    """A seeded random layout of round(wall_fraction * G^2) walls whose free cells all reach each other."""
+    g.check_int(grid_size, "grid_size", 2, 16), g.check_int(seed, "seed"), g.check_int(max_tries, "max_tries", 1)
+    number = isinstance(wall_fraction, (int, float, np.number)) and not isinstance(wall_fraction, bool)
+    if not number or not 0 <= wall_fraction < 1 or grid_size**2 - round(wall_fraction * grid_size**2) < 2:
+        raise ValueError(f"wall_fraction must be in [0, 1) and leave two free cells, got {wall_fraction}")
+    rng, num_walls = np.random.default_rng(seed), int(round(wall_fraction * grid_size**2))
+    for _ in range(max_tries):
+        walls = np.isin(np.arange(grid_size**2), rng.choice(grid_size**2, size=num_walls, replace=False))
+        if g.layouts_connected(walls := walls.reshape(1, grid_size, grid_size))[0]:
+            return walls[0]
+    raise RuntimeError(f"no connected layout with {num_walls} walls found in {max_tries} tries; lower wall_fraction")
+
+
 def member(family: g.WorldFamily, k: int) -> g.World:
     """Layout k of a family as a World of its own (its states are cells 0..N-1)."""
     return g.World(family.grid_size, walls=family.layouts[k], image_size=family.image_size)
@@ -57,7 +71,7 @@ def nearest_cell_policy(model: g.JEPA, world: g.World) -> g.Policy:
 def shortest_distances(world: g.World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
     """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start, as run_mpc's."""
     unique, inverse = torch.unique(starts, return_inverse=True)
-    return torch.from_numpy(np.stack([world.bfs_from(int(s)) for s in unique]))[inverse, goals]
+    return torch.from_numpy(np.stack([world.shortest_paths(int(s)) for s in unique]))[inverse, goals]
 
 
 step_budget = g.step_budget  # run_mpc's default steps for pairs with these BFS distances
@@ -87,12 +101,12 @@ def imagined_map_fidelity(model: g.JEPA, world: g.World, max_depth: int | None =
         family = isinstance(world, g.WorldFamily)
         for single in (member(world, k) for k in range(len(world))) if family else [world]:
             free = torch.from_numpy(single.free_cells)
-            frames = g.encode_cells(model, single, free)  # the searches start from these, and are read by them
+            frames = g.encode_states(model, single, free)  # the searches start from these, and are read by them
             found = g.imagine_map(model, frames, max_depth, max_nodes, merge)
             for u, cell in enumerate(free.tolist()):
                 n = int(found["count"][u])
                 place = free[torch.cdist(found["nodes"][u, :n], frames).argmin(1).cpu()].numpy()  # (n,) as cells
-                depth, true = found["depth"][u, :n].cpu().numpy(), single.bfs_from(cell)
+                depth, true = found["depth"][u, :n].cpu().numpy(), single.shortest_paths(cell)
                 found_at_true = {int(c) for c, k in zip(place, depth) if true[c] == k}  # cells found at their distance
                 complete.append([all(f in found_at_true for f in free.tolist() if true[f] <= d) for d in depths])
                 right = true[place] == depth  # (n,) each place at its cell's true distance

@@ -348,7 +348,7 @@ def scaling_study(
     rows = []
     for size in sizes:
         for layout in layouts:
-            walls = None if layout == "open" else g.random_layout(size, 0.1, seed=size)
+            walls = None if layout == "open" else L.random_layout(size, 0.1, seed=size)
             num_steps = steps or SCALING_STEPS.get(size, 1500)
             input_size = 32 if size <= 5 else 64
             over = {} if smooth is None else {"smooth_weight": smooth}
@@ -981,8 +981,9 @@ def wall_biased_transitions(world: g.WorldFamily, num: int, seed: int, bias: flo
 def data_card(world: g.WorldFamily, data: g.Transitions) -> dict:
     """What a dataset visits: the mean number of walls next to its start cells, and the share of moves that bump."""
     adjacent = walls_beside(world.layouts).reshape(-1)
-    starts = data.states[:, 0].long().numpy()
-    return {"start_walls_adjacent": float(adjacent[starts].mean()), **g.dataset_stats(world, data)}
+    states = data.states.long()  # (B, T): a move that bumps leaves the state as it was
+    wall_hits = float((states[:, 1:] == states[:, :-1]).float().mean())
+    return {"start_walls_adjacent": float(adjacent[states[:, 0].numpy()].mean()), "wall_hit_share": wall_hits}
 
 
 def wall_data_study(seeds: list[int], steps: int = 20_000, bias: float = WALL_BIAS, save=None) -> list[dict]:

@@ -20,7 +20,7 @@ def main(out: Path = g.REPO_ROOT / "assets" / "world.png") -> Path:
     mosaic = images.reshape(5, 5, 128, 128).transpose(0, 2, 1, 3).reshape(5 * 128, 5 * 128)
     trap = g.World(5, walls="u_trap")
     start, goal = trap.cell_index(2, 2), trap.cell_index(2, 0)  # inside the U; the goal just beyond its wall
-    dist = trap.bfs_from(goal)
+    dist = trap.shortest_paths(goal)
     path = [start]  # walk down the BFS distance to the goal
     while path[-1] != goal:
         path.append(min(trap.next_cell[path[-1]].tolist(), key=lambda c: dist[c]))

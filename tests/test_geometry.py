@@ -65,7 +65,7 @@ def perfect_map_policy(world, kind, **kwargs):
         def device(self):
             return torch.device("cpu")
 
-        def encode(self, obs):  # not used: encode_cells is patched below
+        def encode(self, obs):  # not used: encode_states is patched below
             raise AssertionError
 
         def predict(self, emb, action):
@@ -80,8 +80,8 @@ def perfect_map_policy(world, kind, **kwargs):
             return torch.stack(out, 1)
 
     model = Ideal()
-    original = gj.encode_cells
-    gj.encode_cells = lambda m, w, cells: m.pos[cells]
+    original = gj.encode_states
+    gj.encode_states = lambda m, w, cells: m.pos[cells]
     try:
         if kind == "latent":
             policy = gj.latent_greedy_policy(model, world)
@@ -91,7 +91,7 @@ def perfect_map_policy(world, kind, **kwargs):
             policy = gj.exhaustive_policy(model, world, **kwargs)
         return gj.run_mpc(world, policy)
     finally:
-        gj.encode_cells = original
+        gj.encode_states = original
 
 
 @pytest.mark.parametrize("kind", ["latent", "cem", "search"])

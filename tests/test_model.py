@@ -57,25 +57,6 @@ def test_sigreg_directions_are_a_function_of_step():
     assert torch.allclose(dirs.norm(dim=0), torch.ones(256), atol=1e-5)
 
 
-def test_characteristic_sums_match_autograd_of_the_plain_expressions():
-    """The hand-written backward of characteristic_sums gives autograd's gradient of sum_n cos(t x), sum_n sin(t x)
-    (for an arbitrary upstream gradient on both), and the same values; in float64 to 1e-9 of the largest entry."""
-    x = gaussian(300, 7, seed=2).double().requires_grad_()
-    t = torch.linspace(0, 3, 17, dtype=torch.float64)
-    up_cos, up_sin = gaussian(7, 17, seed=3).double(), gaussian(7, 17, seed=4).double()
-    xt = x.unsqueeze(-1) * t
-    ref_cos, ref_sin = torch.cos(xt).sum(0), torch.sin(xt).sum(0)
-    (ref_grad,) = torch.autograd.grad((ref_cos * up_cos).sum() + (ref_sin * up_sin).sum(), x)
-    cos, sin = gj._CharacteristicSums.apply(x, t)
-    (grad,) = torch.autograd.grad((cos * up_cos).sum() + (sin * up_sin).sum(), x)
-    torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-9)
-    torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-9)
-    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-9 * float(ref_grad.abs().max()))
-    assert torch.autograd.gradcheck(
-        lambda x: gj._CharacteristicSums.apply(x, t), (x[:20, :3].detach().requires_grad_(),)
-    )
-
-
 def test_sigreg_has_gradients():
     """SIGReg is differentiable with respect to the latents (it is a loss term)."""
     x = gaussian(256, 16, seed=0, scale=2.0).requires_grad_()

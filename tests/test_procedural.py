@@ -103,12 +103,12 @@ def test_layouts_connected_matches_bfs():
     for w, ok in zip(walls, fast):
         world = gj.World(5, walls=w, check_connected=False)
         free = world.free_cells
-        assert ok == bool(len(free) and (world.bfs_from(free[0])[free] >= 0).all())
+        assert ok == bool(len(free) and (world.shortest_paths(free[0])[free] >= 0).all())
 
 
-@pytest.mark.parametrize("bad", [dict(split="valid"), dict(num=0), dict(grid_size=2), dict(num=1.5)])
+@pytest.mark.parametrize("bad", [dict(seed=-1), dict(num=0), dict(grid_size=2), dict(num=1.5)])
 def test_procedural_layouts_bad_arguments(bad):
-    args = dict(grid_size=5, num=10, split="train") | bad
+    args = dict(grid_size=5, num=10) | bad
     with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
         gj.procedural_layouts(**args)
 
@@ -135,7 +135,7 @@ def test_validation_layouts_are_neither_trained_on_nor_tested():
 @pytest.mark.parametrize("grid_size", [5, 8])
 def test_painter_equals_atlas(grid_size):
     """Painting (walls, agent cell) on demand gives exactly the atlas' pixels, for named and random layouts."""
-    layouts = list(gj.procedural_layouts(grid_size, 3, split="test"))
+    layouts = list(gj.heldout_layouts(grid_size, 3))
     if grid_size == 5:
         layouts += [gj.layout_walls(n) for n in ("open", "maze", "u_trap")]
     family = gj.WorldFamily(layouts)
@@ -164,7 +164,7 @@ def test_painted_frames_are_the_images_painted_on_demand(monkeypatch, capsys):
     family = gj.WorldFamily(gj.procedural_layouts(5, 300, seed=2))
     data = gj.make_transitions(family, 400, seq_len=3, seed=1)
     painted = gj.paint_frames(family, data, "cpu")
-    assert painted.frames.dtype == torch.uint8 and len(painted.frames) == len(torch.unique(data.states))
+    assert painted[1].dtype == torch.uint8 and len(painted[1]) == len(torch.unique(data.states))
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:50]
     obs, actions = gj.sample_batch(family, data, idx, "cpu")
     obs2, actions2 = gj.sample_batch(family, data, idx, "cpu", painted)
@@ -185,13 +185,13 @@ def test_frames_painted_pooled_are_what_the_encoder_pools():
     family = gj.WorldFamily(gj.procedural_layouts(5, 300, seed=3))
     data = gj.make_transitions(family, 300, seq_len=3, seed=2)
     painted = gj.paint_frames(family, data, "cpu", size=32)
-    assert painted.frames.dtype == torch.float32 and painted.frames.shape[1:] == (32, 32)
+    assert painted[1].dtype == torch.float32 and painted[1].shape[1:] == (32, 32)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:40]
     obs, _ = gj.sample_batch(family, data, idx, "cpu")
     pooled, _ = gj.sample_batch(family, data, idx, "cpu", painted)
     assert pooled.shape == (40, 3, 1, 32, 32)
     assert torch.equal(pooled, torch.nn.functional.avg_pool2d(obs.flatten(0, 1), 4).view(40, 3, 1, 32, 32))
-    assert gj.paint_frames(family, data, "cpu", size=128).frames.dtype == torch.uint8  # no pooling: bytes
+    assert gj.paint_frames(family, data, "cpu", size=128)[1].dtype == torch.uint8  # no pooling: bytes
     cfg = gj.make_config("smoke")
     torch.manual_seed(0)
     encoder = gj.JEPA(cfg).encoder.eval()
@@ -209,9 +209,9 @@ def test_frames_painted_cropped_keep_the_rows_a_cropping_encoder_reads():
     data = gj.make_transitions(family, 200, seq_len=3, seed=3)
     full = gj.paint_frames(family, data, "cpu", size=64)
     cropped = gj.paint_frames(family, data, "cpu", size=64, crop=True)
-    assert cropped.frames.shape[1:] == (32, 64) and torch.equal(cropped.frames, full.frames[:, 16:48])
+    assert cropped[1].shape[1:] == (32, 64) and torch.equal(cropped[1], full[1][:, 16:48])
     assert torch.equal(
-        gj.paint_frames(family, data, "cpu", crop=True).frames, gj.paint_frames(family, data, "cpu").frames[:, 32:96]
+        gj.paint_frames(family, data, "cpu", crop=True)[1], gj.paint_frames(family, data, "cpu")[1][:, 32:96]
     )
     idx = torch.arange(30)
     obs, _ = gj.sample_batch(family, data, idx, "cpu", full)
@@ -326,7 +326,7 @@ def test_imagine_map_finds_every_reachable_place_once():
     assert count == len(world.free_cells)
     cells = found["nodes"][0, :count].argmax(1).numpy()
     assert sorted(cells) == sorted(world.free_cells)
-    np.testing.assert_array_equal(found["depth"][0, :count].numpy(), world.bfs_from(0)[cells])
+    np.testing.assert_array_equal(found["depth"][0, :count].numpy(), world.shortest_paths(0)[cells])
 
 
 class BlurryBumpModel(OracleModel):
@@ -369,7 +369,9 @@ def test_undoing_a_move_tells_a_blurry_bump_from_a_move(name):
         places = free[torch.cdist(found["nodes"][u, :count], model.place(free)).argmin(1)]  # nearest free cell
         assert set(places.tolist()) == set(world.free_cells.tolist())
         depth = torch.full((world.num_cells,), 99).scatter_reduce(0, places, found["depth"][u, :count], "amin")
-        np.testing.assert_array_equal(depth[world.free_cells].numpy(), world.bfs_from(int(cell))[world.free_cells])
+        np.testing.assert_array_equal(
+            depth[world.free_cells].numpy(), world.shortest_paths(int(cell))[world.free_cells]
+        )
     assert bool(gj.run_mpc(world, gj.imagination_policy(model, world)).optimal.all())
 
 
@@ -402,7 +404,9 @@ def test_consistent_merge_keeps_a_door_near_a_corner():
         assert count == len(free)
         places = free[torch.cdist(found["nodes"][u, :count], model.place(free)).argmin(1)]
         assert sorted(places.tolist()) == free.tolist()
-        np.testing.assert_array_equal(found["depth"][u, :count].numpy(), world.bfs_from(int(cell))[places.numpy()])
+        np.testing.assert_array_equal(
+            found["depth"][u, :count].numpy(), world.shortest_paths(int(cell))[places.numpy()]
+        )
 
 
 def test_imagined_map_fidelity_tells_a_true_map():

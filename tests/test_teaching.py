@@ -215,7 +215,7 @@ def test_cem_best_cost_improves_over_iterations(smoke_run):
 def test_show_source_returns_the_module_code(capsys):
     """show_source gives the module's own code (printed outside IPython), dedented for methods."""
     src = gj.show_source(gj.SIGReg.forward)
-    assert src.startswith("def forward(self, emb") and "characteristic_sums" in src
+    assert src.startswith("def forward(self, emb") and "torch.cos(xt)" in src
     assert "def forward" in capsys.readouterr().out
     assert gj.show_source(gj.modulate).strip().endswith("return x * (1 + scale) + shift")
 
@@ -303,3 +303,16 @@ def test_gpu_check_plans_runs_by_time():
     assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert gpu_check.peak_flops("Tesla T4") == 65e12 and gpu_check.peak_flops("NVIDIA L4") == 121e12
     assert gpu_check.peak_flops("NVIDIA L40S") is None and gpu_check.peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+
+
+def test_the_course_keeps_its_size():
+    """The shape the series promises its readers: a module of at most 2,000 lines, notebook 05 of at most 35 cells
+    and 4,000 words of markdown, a README of at most 8,000 characters."""
+    import json
+
+    root = gj.REPO_ROOT
+    assert len((root / "gridjepa_utils.py").read_text().splitlines()) <= 2000
+    cells = json.loads((root / "notebooks" / "05_planning.ipynb").read_text())["cells"]
+    words = sum(len("".join(c["source"]).split()) for c in cells if c["cell_type"] == "markdown")
+    assert len(cells) <= 35 and words <= 4000
+    assert len((root / "README.md").read_text()) <= 8000

@@ -147,16 +147,6 @@ def test_resume_refuses_changed_training_fields(tmp_path, smoke_cfg):
     assert run.history["step"] == [5, 6, 7, 8, 9, 10]
 
 
-def test_rollout_error_report(smoke_run):
-    """rollout_error reports one relative MSE and one accuracy in [0, 1] per horizon step."""
-    report = gj.rollout_error(smoke_run.model, smoke_run.world, horizon=3, num=32)
-    assert report["h"] == [1, 2, 3]
-    assert len(report["relative_mse"]) == 3 and all(np.isfinite(v) and v >= 0 for v in report["relative_mse"])
-    assert len(report["accuracy"]) == 3 and all(0.0 <= a <= 1.0 for a in report["accuracy"])
-    with pytest.raises(ValueError, match=r"horizon must be >= 1"):
-        gj.rollout_error(smoke_run.model, smoke_run.world, horizon=0)
-
-
 @pytest.mark.slow
 def test_compiled_training_follows_eager():
     """Config.compile trains the same weights through torch.compile (inductor on the CPU): over 8 steps of the smoke

@@ -2,12 +2,17 @@
 
 import dataclasses
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import gridjepa_utils as gj
+
+sys.path.insert(0, str(Path(gj.__file__).resolve().parent / "bench"))
+import lab  # noqa: E402  (study-only code: bench/lab.py)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +243,7 @@ def test_world_fuzz_inputs(open_world):
     with pytest.raises(TypeError, match=r"two integers"):
         open_world.render_pos(1.5, 2)
     with pytest.raises(ValueError, match=r"wall_fraction must be in \[0, 1\)"):
-        gj.random_layout(5, 1.0)
+        lab.random_layout(5, 1.0)
     with pytest.raises(ValueError, match=r"at least two free cells"):
         gj.World(5, walls=np.ones((5, 5), dtype=bool))
 
@@ -270,4 +275,4 @@ def test_world_arguments_name_their_range():
     with pytest.raises(ValueError, match=r"on a wall"):
         gj.World(5, walls="u_trap", show_target=True).render(torch.tensor([25 * wall]))
     with pytest.raises(ValueError, match=r"seed must be >= 0, got -1"):
-        gj.random_layout(5, 0.25, -1)
+        lab.random_layout(5, 0.25, -1)
