@@ -808,17 +808,19 @@ def ensemble_section(fig: Figures) -> str:
     keys = ("imagine_success", "imagine_optimal", "imagine_tried_success")
     out = [[f"`{r['id']}`", r["layouts"], name(r), r["pairs"], *(pct(r[k]) for k in keys)] for r in rows]
     text = table(["id", "layouts", "planner", "pairs", "imagine", "optimal", "remembering all it tried"], out)
-    best = []  # the join chosen on the validation layouts for each memory, then its held-out figure
-    for key in ("imagine_success", "imagine_tried_success"):
-        joined = [r for r in rows if len(r["members"]) > 1]
-        pick = max((r for r in joined if r["layouts"] == "validation"), key=lambda r: r[key])
-        held = next(r for r in joined if r["layouts"] == "heldout" and r["combine"] == pick["combine"])
-        alone = [r[key] for r in rows if r["layouts"] == "heldout" and len(r["members"]) == 1]
-        best.append(
-            f"{'alone' if key == 'imagine_success' else 'remembering all it tried'}: the validation layouts choose"
-            f" {pick['combine']!r};"
-            f" on the held-out layouts it solves {pct(held[key])} against {' / '.join(pct(a) for a in alone)} alone"
-        )
+    best = []  # per pair of members, the join chosen on the validation layouts for each memory, then held out
+    for members in dict.fromkeys(tuple(r["members"]) for r in rows if len(r["members"]) > 1):
+        joined = [r for r in rows if tuple(r["members"]) == members]
+        for key in ("imagine_success", "imagine_tried_success"):
+            pick = max((r for r in joined if r["layouts"] == "validation"), key=lambda r: r[key])
+            held = next(r for r in joined if r["layouts"] == "heldout" and r["combine"] == pick["combine"])
+            alone = [next(r[key] for r in rows if r["layouts"] == "heldout" and r["members"] == [m]) for m in members]
+            memory = "alone" if key == "imagine_success" else "remembering all it tried"
+            best.append(
+                f"seeds {' + '.join(map(str, members))}, {memory}:"
+                f" the validation layouts choose {pick['combine']!r}; on the held-out layouts it solves"
+                f" {pct(held[key])} against {' / '.join(pct(a) for a in alone)} alone"
+            )
     return text + "\n\n" + "<br>".join(best) + "\n\n" + provenance(rows)
 
 
