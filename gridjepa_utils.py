@@ -687,8 +687,9 @@ def paint_frames(world: World, data: Transitions, device, progress: bool = False
 def sample_batch(world: World, data: Transitions, idx: torch.Tensor, device, painted: tuple | None = None):
     """Trajectories ``idx`` on ``device``: obs (B, T, 1, H, W), actions (B, T-1) long; from ``painted`` if given."""
     actions = data.actions[idx].long().to(device)
-    if painted is not None:  # paint_frames' (index, frames)
-        frames = painted[1][painted[0][idx.to(painted[0].device)]].to(device).unsqueeze(-3)
+    if painted is not None:
+        index, frames = painted  # paint_frames'
+        frames = frames[index[idx.to(index.device)]].to(device).unsqueeze(-3)
         return (frames.float().div_(255.0) if frames.dtype == torch.uint8 else frames), actions
     return world.render(data.states[idx].long().to(device), device), actions
 
@@ -1911,9 +1912,10 @@ def describe_device(device: torch.device) -> str:
 def keep_freed_memory() -> None:
     """glibc only: keep freed memory for reuse, so a training step need not map and fault in its activations afresh."""
     with contextlib.suppress(OSError, AttributeError):  # elsewhere, nothing
-        # all needed: M_MMAP_THRESHOLD 1 GiB (smaller tensors from the heap), M_TRIM_THRESHOLD 8 GiB, M_TOP_PAD 64 MiB
-        for option, value in ((-3, 1 << 30), (-1, 1 << 33), (-2, 1 << 26)):
-            ctypes.CDLL("libc.so.6").mallopt(option, value)
+        libc = ctypes.CDLL("libc.so.6")  # all three settings are needed
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: tensors below 1 GiB come from the heap
+        libc.mallopt(-1, 1 << 33)  # M_TRIM_THRESHOLD: the heap is not trimmed below 8 GiB
+        libc.mallopt(-2, 1 << 26)  # M_TOP_PAD: it grows 64 MiB at a time
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -71,7 +71,7 @@ def nearest_cell_policy(model: g.JEPA, world: g.World) -> g.Policy:
 def shortest_distances(world: g.World, starts: torch.Tensor, goals: torch.Tensor) -> torch.Tensor:
     """BFS distance of each (start, goal) pair, -1 where unreachable: one BFS per distinct start, as run_mpc's."""
     unique, inverse = torch.unique(starts, return_inverse=True)
-    return torch.from_numpy(np.stack([world.shortest_paths(int(s)) for s in unique]))[inverse, goals]
+    return torch.from_numpy(world.shortest_paths(unique.numpy()))[inverse, goals]
 
 
 step_budget = g.step_budget  # run_mpc's default steps for pairs with these BFS distances
